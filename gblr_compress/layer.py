@@ -1,0 +1,301 @@
+"""GBLRLinear (trainable structure) and FrozenGBLR (static windows, fast forward).
+
+A GBLRLinear holds ``K`` component groups; group ``k`` is a rank-``r`` block
+``(U_k * a_k) @ (V_k * b_k)`` whose row mask ``a_k`` and column mask ``b_k`` are Gaudi
+masks (see :mod:`gblr_compress.gaudi`). All ``r`` components of a group share one pair of
+windows, so a layer can be a few large blocks, which is what runs fast after export.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gblr_compress.gaudi import (
+    boxcar_mask,
+    component_cost,
+    gaudi_mask,
+    round_start,
+    round_width,
+    window_indices,
+    window_slices,
+)
+from gblr_compress.structure import Block, LayerStructure, merge_blocks
+
+__all__ = ["GBLRLayerConfig", "GBLRLinear", "FrozenGBLR"]
+
+
+@dataclass(frozen=True)
+class GBLRLayerConfig:
+    """Shape of the GBLR family for one layer.
+
+    Attributes:
+        num_groups: ``K``, the number of component groups (blocks with their own
+            windows). Few, large blocks run fast in onnxruntime; keep this small.
+        rank: ``r``, rank of each group (components sharing one pair of windows).
+        sigma: initial Gaudi smoothing; ``None`` means the exact boxcar.
+    """
+
+    num_groups: int = 4
+    rank: int = 1
+    sigma: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {self.num_groups}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.sigma is not None and not self.sigma > 0:
+            raise ValueError(f"sigma must be > 0 or None, got {self.sigma}")
+
+
+class GBLRLinear(nn.Module):
+    """Linear layer whose weight is a sum of ``K`` rank-``r`` masked blocks.
+
+    Parameters (all trainable):
+        U: ``(K, m, r)`` left factors.  V: ``(K, r, n)`` right factors.
+        widths: ``(2, K)`` fractional widths, row 0 over outputs, row 1 over inputs.
+        locations: ``(2, K)`` fractional starts, same layout; cyclic.
+        bias: ``(m,)`` or None.
+
+    ``sigma`` is a buffer (``inf`` = exact boxcar) that distillation anneals. In training
+    mode the forward pass uses smooth Gaudi masks at ``sigma`` (straight-through rounded
+    when ``round_ste`` is set); in eval mode it uses the exact rounded boxcars, i.e. the
+    structure that freezing would deploy.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: GBLRLayerConfig = GBLRLayerConfig(),
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        K, r = config.num_groups, config.rank
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_groups = K
+        self.rank = r
+        self.U = nn.Parameter(torch.zeros(K, out_features, r, **kw))  # (K, m, r)
+        self.V = nn.Parameter(torch.zeros(K, r, in_features, **kw))  # (K, r, n)
+        self.widths = nn.Parameter(torch.ones(2, K, **kw))  # (2, K): rows, cols
+        self.locations = nn.Parameter(torch.zeros(2, K, **kw))  # (2, K)
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        sigma = math.inf if config.sigma is None else float(config.sigma)
+        self.register_buffer("sigma", torch.tensor(sigma, dtype=torch.float64))
+        self.round_ste = False
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, config: GBLRLayerConfig = GBLRLayerConfig()
+    ) -> "GBLRLinear":
+        """Full-width truncated-SVD start: group ``k`` takes singular triplets
+        ``k*r .. (k+1)*r - 1`` of the dense weight, split as ``P sqrt(S)`` and
+        ``sqrt(S) Q^T``. With ``K*r = min(m, n)`` the layer reproduces the weight;
+        with ``K`` rank-1 groups it equals the rank-``K`` truncated SVD.
+
+        Window search and budgets are :mod:`gblr_compress.init`'s job; this constructor
+        only gives an exact, structure-agnostic starting point.
+        """
+        weight = linear.weight.detach()
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            config,
+            bias=linear.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        P, S, Qh = torch.linalg.svd(weight.double(), full_matrices=False)
+        K, r = config.num_groups, config.rank
+        take = min(K * r, S.numel())
+        root = S[:take].sqrt()
+        U = torch.zeros(K * r, linear.out_features, dtype=torch.float64)
+        V = torch.zeros(K * r, linear.in_features, dtype=torch.float64)
+        U[:take] = (P[:, :take] * root).T
+        V[:take] = root[:, None] * Qh[:take]
+        with torch.no_grad():
+            layer.U.copy_(U.reshape(K, r, -1).transpose(1, 2))
+            layer.V.copy_(V.reshape(K, r, -1))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    # -------------------------------------------------------------------- structure
+    def integer_windows(self) -> dict[str, torch.Tensor]:
+        """Rounded windows of every group as int64 ``(K,)`` tensors.
+
+        Keys: ``row_start``, ``row_width``, ``col_start``, ``col_width``.
+        """
+        m, n = self.out_features, self.in_features
+        return {
+            "row_start": round_start(self.locations[0], m),
+            "row_width": round_width(self.widths[0], m),
+            "col_start": round_start(self.locations[1], n),
+            "col_width": round_width(self.widths[1], n),
+        }
+
+    def group_costs(self) -> list[int]:
+        """Exact cost of each group under the rounded structure (0 for dead groups)."""
+        win = self.integer_windows()
+        return [
+            component_cost(int(rw), int(cw), self.rank)
+            for rw, cw in zip(win["row_width"].tolist(), win["col_width"].tolist())
+        ]
+
+    def exact_cost(self) -> int:
+        """Exact multiply-adds per input vector of the rounded structure (GBLR.md s.2)."""
+        return sum(self.group_costs())
+
+    @property
+    def dense_cost(self) -> int:
+        """``m * n``: the cost of the dense layer this one replaces."""
+        return self.out_features * self.in_features
+
+    def masks(self, hard: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row masks ``(K, m)`` and column masks ``(K, n)``.
+
+        Args:
+            hard: exact 0/1 boxcars of the rounded windows (no gradient to the
+                structure); otherwise Gaudi masks at the current ``sigma``.
+        """
+        m, n = self.out_features, self.in_features
+        if hard:
+            win = self.integer_windows()
+            dt = self.U.dtype
+            rows = boxcar_mask(win["row_start"], win["row_width"], m).to(self.U.device, dt)
+            cols = boxcar_mask(win["col_start"], win["col_width"], n).to(self.U.device, dt)
+            return rows, cols
+        sigma = None if math.isinf(float(self.sigma)) else float(self.sigma)
+        rows = gaudi_mask(self.widths[0], self.locations[0], m, sigma, self.round_ste)
+        cols = gaudi_mask(self.widths[1], self.locations[1], n, sigma, self.round_ste)
+        return rows, cols
+
+    def factors(self, hard: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked factors as one low-rank pair: ``A (m, K*r)`` and ``B (K*r, n)``,
+        so that the layer's weight is ``A @ B``."""
+        rows, cols = self.masks(hard)
+        K, m, r = self.U.shape
+        A = (self.U * rows[:, :, None]).permute(1, 0, 2).reshape(m, K * r)  # (m, K*r)
+        B = (self.V * cols[:, None, :]).reshape(K * r, self.in_features)  # (K*r, n)
+        return A, B
+
+    def weight(self, hard: bool | None = None) -> torch.Tensor:
+        """The ``(m, n)`` weight ``sum_k (U_k a_k)(V_k b_k)``; ``hard`` defaults to eval mode."""
+        A, B = self.factors(not self.training if hard is None else hard)
+        return A @ B
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., n)
+        A, B = self.factors(hard=not self.training)
+        m, n = self.out_features, self.in_features
+        if A.shape[1] * (m + n) < m * n:
+            y = (x @ B.T) @ A.T  # (..., K*r) -> (..., m)
+        else:
+            y = x @ (A @ B).T  # materializing is cheaper than the two-matmul path
+        return y if self.bias is None else y + self.bias
+
+    @torch.no_grad()
+    def clamp_structure_(self) -> None:
+        """Keep widths in [0, 1] and locations in [0, 1) (cyclic) after an update."""
+        self.widths.clamp_(0.0, 1.0)
+        self.locations.sub_(torch.floor(self.locations))
+
+    # ----------------------------------------------------------------------- freeze
+    @torch.no_grad()
+    def to_structure(self, name: str = "") -> LayerStructure:
+        """Freeze: round windows, drop dead groups, crop factors, merge identical windows."""
+        m, n = self.out_features, self.in_features
+        win = self.integer_windows()
+        blocks = []
+        for k in range(self.num_groups):
+            rs, rw = int(win["row_start"][k]), int(win["row_width"][k])
+            cs, cw = int(win["col_start"][k]), int(win["col_width"][k])
+            if component_cost(rw, cw, self.rank) == 0:
+                continue
+            rows = torch.tensor(window_indices(rs, rw, m), device=self.U.device)
+            cols = torch.tensor(window_indices(cs, cw, n), device=self.V.device)
+            blocks.append(
+                Block(rs, rw, cs, cw, self.U[k][rows].clone(), self.V[k][:, cols].clone())
+            )
+        bias = None if self.bias is None else self.bias.detach().clone()
+        return LayerStructure(n, m, merge_blocks(blocks), bias, name=name)
+
+    def to_frozen(self, name: str = "") -> "FrozenGBLR":
+        """A :class:`FrozenGBLR` computing the same eval-mode function."""
+        return FrozenGBLR(self.to_structure(name))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"groups={self.num_groups}, rank={self.rank}, bias={self.bias is not None}"
+        )
+
+
+class FrozenGBLR(nn.Module):
+    """Static-window GBLR layer: ``y[rows] += U @ (V @ x[cols])`` per block, plus bias.
+
+    Never materializes the ``(m, n)`` weight. The factors are parameters, so a
+    content-only recovery can fine-tune them with the windows fixed.
+    """
+
+    def __init__(self, structure: LayerStructure) -> None:
+        super().__init__()
+        self.in_features = structure.in_features
+        self.out_features = structure.out_features
+        self.name = structure.name
+        self.info = dict(structure.info)
+        self.windows = [b.window_key() for b in structure.blocks]
+        self.U = nn.ParameterList([nn.Parameter(b.U.detach().clone()) for b in structure.blocks])
+        self.V = nn.ParameterList([nn.Parameter(b.V.detach().clone()) for b in structure.blocks])
+        self.bias = (
+            None if structure.bias is None else nn.Parameter(structure.bias.detach().clone())
+        )
+        # Slices are fixed at freeze time; computing them once keeps forward lean.
+        self._col_slices = [window_slices(cs, cw, self.in_features) for _, _, cs, cw in self.windows]
+        self._row_slices = [window_slices(rs, rw, self.out_features) for rs, rw, _, _ in self.windows]
+
+    def structure(self) -> LayerStructure:
+        """The current record (windows plus the possibly fine-tuned factors)."""
+        blocks = [
+            Block(*key, U.detach().clone(), V.detach().clone())
+            for key, U, V in zip(self.windows, self.U, self.V)
+        ]
+        bias = None if self.bias is None else self.bias.detach().clone()
+        return LayerStructure(
+            self.in_features, self.out_features, blocks, bias, name=self.name, info=dict(self.info)
+        )
+
+    @property
+    def cost(self) -> int:
+        """Exact multiply-adds per input vector (bias excluded)."""
+        return sum(component_cost(rw, cw, V.shape[0]) for (_, rw, _, cw), V in zip(self.windows, self.V))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., n)
+        lead = x.shape[:-1]
+        if self.bias is None:
+            y = x.new_zeros(*lead, self.out_features)
+        else:
+            y = self.bias.expand(*lead, self.out_features).clone()
+        for U, V, cols, rows in zip(self.U, self.V, self._col_slices, self._row_slices):
+            parts = [x[..., lo:hi] for lo, hi in cols]
+            xs = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (..., cw)
+            out = (xs @ V.T) @ U.T  # (..., rw)
+            off = 0
+            for lo, hi in rows:
+                y[..., lo:hi] += out[..., off : off + hi - lo]
+                off += hi - lo
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"blocks={len(self.windows)}, cost={self.cost}, bias={self.bias is not None}"
+        )

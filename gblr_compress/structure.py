@@ -1,0 +1,212 @@
+"""The frozen per-layer record: integer windows, cropped factors, exact cost.
+
+One ``LayerStructure`` is what freezing produces and what the frozen layer, the ONNX
+export, the report and reloading all consume, so each figure (cost, block count) is
+computed here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gblr_compress.gaudi import component_cost, window_indices
+
+__all__ = ["Block", "LayerStructure", "merge_blocks", "STRUCTURE_VERSION"]
+
+STRUCTURE_VERSION = 1
+
+
+@dataclass
+class Block:
+    """One rank-``rank`` block: ``y[rows] += U @ (V @ x[cols])``.
+
+    Attributes:
+        row_start, row_width: output window (cyclic) over ``out_features``.
+        col_start, col_width: input window (cyclic) over ``in_features``.
+        U: ``(row_width, rank)`` cropped left factor, rows in window order.
+        V: ``(rank, col_width)`` cropped right factor, columns in window order.
+    """
+
+    row_start: int
+    row_width: int
+    col_start: int
+    col_width: int
+    U: torch.Tensor
+    V: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.U.dim() != 2 or self.V.dim() != 2:
+            raise ValueError("Block factors must be 2-D")
+        if self.U.shape != (self.row_width, self.V.shape[0]):
+            raise ValueError(
+                f"U has shape {tuple(self.U.shape)}, expected ({self.row_width}, rank)"
+            )
+        if self.V.shape[1] != self.col_width:
+            raise ValueError(
+                f"V has shape {tuple(self.V.shape)}, expected (rank, {self.col_width})"
+            )
+
+    @property
+    def rank(self) -> int:
+        """Rank of the block (number of merged rank-1 or rank-r components, summed)."""
+        return int(self.V.shape[0])
+
+    @property
+    def cost(self) -> int:
+        """Exact multiply-adds per input vector (GBLR.md section 2)."""
+        return component_cost(self.row_width, self.col_width, self.rank)
+
+    def window_key(self) -> tuple[int, int, int, int]:
+        """Identity of the block's windows; blocks with equal keys merge."""
+        return (self.row_start, self.row_width, self.col_start, self.col_width)
+
+
+@dataclass
+class LayerStructure:
+    """A frozen GBLR layer: shape, blocks and bias.
+
+    Attributes:
+        in_features: ``n``, length of the input axis.
+        out_features: ``m``, length of the output axis.
+        blocks: live blocks (no dead ones; identical windows already merged).
+        bias: ``(m,)`` or ``None``.
+        name: dotted module name in the model, if known.
+        info: free-form JSON-able facts recorded by the stage that built it
+            (e.g. the init method chosen), carried into reports.
+    """
+
+    in_features: int
+    out_features: int
+    blocks: list[Block]
+    bias: torch.Tensor | None = None
+    name: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for b in self.blocks:
+            if not (0 <= b.row_start < self.out_features and 0 <= b.col_start < self.in_features):
+                raise ValueError(f"block window start out of range: {b.window_key()}")
+            if not (0 < b.row_width <= self.out_features and 0 < b.col_width <= self.in_features):
+                raise ValueError(f"block window width out of range: {b.window_key()}")
+        if self.bias is not None and self.bias.shape != (self.out_features,):
+            raise ValueError(f"bias shape {tuple(self.bias.shape)} != ({self.out_features},)")
+
+    @property
+    def cost(self) -> int:
+        """Exact multiply-adds per input vector of all blocks (bias excluded)."""
+        return sum(b.cost for b in self.blocks)
+
+    @property
+    def dense_cost(self) -> int:
+        """Multiply-adds of the dense layer it replaces: ``m * n``."""
+        return self.out_features * self.in_features
+
+    @property
+    def rank(self) -> int:
+        """Total rank over all blocks."""
+        return sum(b.rank for b in self.blocks)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(m, n)`` matrix the blocks represent (for checks and reports only)."""
+        dtype = self.blocks[0].U.dtype if self.blocks else torch.float32
+        w = torch.zeros(self.out_features, self.in_features, dtype=dtype)
+        for b in self.blocks:
+            rows = torch.tensor(window_indices(b.row_start, b.row_width, self.out_features))
+            cols = torch.tensor(window_indices(b.col_start, b.col_width, self.in_features))
+            w[rows[:, None], cols[None, :]] += b.U.detach() @ b.V.detach()
+        return w
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able description (no tensors): shape, windows, ranks and exact costs."""
+        return {
+            "version": STRUCTURE_VERSION,
+            "name": self.name,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "has_bias": self.bias is not None,
+            "cost": self.cost,
+            "dense_cost": self.dense_cost,
+            "blocks": [
+                {
+                    "rows": [b.row_start, b.row_width],
+                    "cols": [b.col_start, b.col_width],
+                    "rank": b.rank,
+                    "cost": b.cost,
+                }
+                for b in self.blocks
+            ],
+            "info": dict(self.info),
+        }
+
+    def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The structure's tensors by name, for saving next to :meth:`to_dict`."""
+        out: dict[str, torch.Tensor] = {}
+        for i, b in enumerate(self.blocks):
+            out[f"{prefix}blocks.{i}.U"] = b.U.detach().contiguous()
+            out[f"{prefix}blocks.{i}.V"] = b.V.detach().contiguous()
+        if self.bias is not None:
+            out[f"{prefix}bias"] = self.bias.detach().contiguous()
+        return out
+
+    @classmethod
+    def from_dict(
+        cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str = ""
+    ) -> "LayerStructure":
+        """Rebuild from :meth:`to_dict` output and :meth:`tensors` output.
+
+        Raises:
+            ValueError: on an unknown version or tensors that do not match the windows.
+        """
+        if meta.get("version") != STRUCTURE_VERSION:
+            raise ValueError(f"unsupported structure version {meta.get('version')!r}")
+        blocks = []
+        for i, bm in enumerate(meta["blocks"]):
+            blocks.append(
+                Block(
+                    row_start=int(bm["rows"][0]),
+                    row_width=int(bm["rows"][1]),
+                    col_start=int(bm["cols"][0]),
+                    col_width=int(bm["cols"][1]),
+                    U=tensors[f"{prefix}blocks.{i}.U"],
+                    V=tensors[f"{prefix}blocks.{i}.V"],
+                )
+            )
+        bias = tensors.get(f"{prefix}bias") if meta.get("has_bias") else None
+        return cls(
+            in_features=int(meta["in_features"]),
+            out_features=int(meta["out_features"]),
+            blocks=blocks,
+            bias=bias,
+            name=str(meta.get("name", "")),
+            info=dict(meta.get("info", {})),
+        )
+
+
+def merge_blocks(blocks: list[Block]) -> list[Block]:
+    """Merge blocks with identical windows into one block of summed rank.
+
+    Components sharing both windows are one sliced GEMM pair of higher rank; order of
+    first appearance is kept so results are deterministic.
+    """
+    groups: dict[tuple[int, int, int, int], list[Block]] = {}
+    for b in blocks:
+        groups.setdefault(b.window_key(), []).append(b)
+    merged = []
+    for key, group in groups.items():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        merged.append(
+            Block(
+                row_start=key[0],
+                row_width=key[1],
+                col_start=key[2],
+                col_width=key[3],
+                U=torch.cat([g.U for g in group], dim=1),
+                V=torch.cat([g.V for g in group], dim=0),
+            )
+        )
+    return merged

@@ -1,0 +1,52 @@
+"""The frozen record: exact cost, JSON/tensor round-trip, merging."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gblr_compress.structure import Block, LayerStructure, merge_blocks
+from tests.conftest import random_gblr
+
+
+def test_json_and_tensor_roundtrip_is_exact() -> None:
+    gen = torch.Generator().manual_seed(0)
+    s = random_gblr(21, 13, 4, 2, gen, dead=1).to_structure(name="enc.0.fc1")
+    s.info["init"] = "svd"
+    meta = json.loads(json.dumps(s.to_dict()))
+    back = LayerStructure.from_dict(meta, s.tensors())
+    assert back.to_dict() == s.to_dict()
+    assert torch.equal(back.dense_weight(), s.dense_weight())
+    assert back.cost == s.cost == meta["cost"]
+    assert meta["dense_cost"] == 21 * 13
+    assert sum(b["cost"] for b in meta["blocks"]) == meta["cost"]
+
+
+def test_cost_is_rank_times_widths() -> None:
+    b1 = Block(0, 4, 2, 6, torch.zeros(4, 3), torch.zeros(3, 6))
+    b2 = Block(5, 3, 0, 10, torch.zeros(3, 1), torch.zeros(1, 10))
+    s = LayerStructure(10, 8, [b1, b2])
+    assert s.cost == 3 * (4 + 6) + 1 * (3 + 10)
+    assert s.rank == 4
+
+
+def test_merge_identical_windows_sums_rank_and_keeps_weight() -> None:
+    a = Block(1, 3, 2, 4, torch.randn(3, 1), torch.randn(1, 4))
+    b = Block(1, 3, 2, 4, torch.randn(3, 2), torch.randn(2, 4))
+    c = Block(0, 2, 0, 4, torch.randn(2, 1), torch.randn(1, 4))
+    merged = merge_blocks([a, b, c])
+    assert [x.rank for x in merged] == [3, 1]
+    before = LayerStructure(8, 6, [a, b, c]).dense_weight()
+    after = LayerStructure(8, 6, merged).dense_weight()
+    assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_invalid_records_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        Block(0, 3, 0, 4, torch.zeros(2, 1), torch.zeros(1, 4))
+    with pytest.raises(ValueError):
+        LayerStructure(4, 4, [Block(5, 1, 0, 1, torch.zeros(1, 1), torch.zeros(1, 1))])
+    with pytest.raises(ValueError):
+        LayerStructure.from_dict({"version": 999, "blocks": []}, {})
