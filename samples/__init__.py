@@ -1,0 +1,1 @@
+"""Small real models for tests, samples and benchmarks (trained in seconds)."""
