@@ -1,0 +1,87 @@
+"""Find the layers to compress by dotted module name, and replace modules in place.
+
+Module names are the dotted paths of ``model.named_modules()`` (``encoder.0.fc1``);
+``--include`` / ``--exclude`` patterns are shell globs on those names.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["is_linear_like", "as_linear", "find_linears", "get_module", "replace_module"]
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and HuggingFace GPT-2 style ``Conv1D`` (a transposed Linear)."""
+    if isinstance(module, nn.Linear):
+        return True
+    # Conv1D is matched by shape, not import, so transformers stays optional.
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
+
+
+@torch.no_grad()
+def as_linear(module: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing the same function as a linear-like module."""
+    if isinstance(module, nn.Linear):
+        return module
+    weight = module.weight  # Conv1D: (in, out), y = x @ W + b
+    out = nn.Linear(weight.shape[0], weight.shape[1], bias=module.bias is not None)
+    out = out.to(device=weight.device, dtype=weight.dtype)
+    out.weight.copy_(weight.T)
+    if module.bias is not None:
+        out.bias.copy_(module.bias)
+    return out
+
+
+def find_linears(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[str]:
+    """Dotted names of the linear-like modules selected by the glob patterns.
+
+    Args:
+        model: the model to search.
+        include: keep only names matching one of these globs (default: all).
+        exclude: drop names matching one of these globs.
+
+    Returns:
+        Names in ``named_modules`` order.
+
+    Example:
+        >>> find_linears(model, include=["encoder.*"], exclude=["*.o"])
+    """
+    names = []
+    for name, module in model.named_modules():
+        if not name or not is_linear_like(module):
+            continue
+        if include and not any(fnmatchcase(name, p) for p in include):
+            continue
+        if exclude and any(fnmatchcase(name, p) for p in exclude):
+            continue
+        names.append(name)
+    return names
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule at a dotted name."""
+    return model.get_submodule(name)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at dotted ``name`` inside ``model``; returns the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)  # works for Sequential/ModuleList children too ("0", "1")
+    return old
