@@ -1,0 +1,389 @@
+"""Distill a GBLR student against its dense teacher, with proximal width updates.
+
+The student is the model after :func:`gblr_compress.init.initialize_`: its target layers
+are :class:`~gblr_compress.layer.GBLRLinear`. Each step:
+
+1. loss = distance(student outputs, teacher outputs) [+ layer-wise matching of each
+   compressed layer's output to the teacher's dense layer at the same name];
+2. AdamW step, content (U, V, bias) and structure (widths, locations) in separate groups;
+3. proximal step: locations wrapped, widths clamped and projected onto the global budget
+   with one shared shift (:func:`gblr_compress.budget.project_widths_`), so every state of
+   the student, not only the last, has exact cost ``<= max_cost``.
+
+Sigma is annealed from smooth masks (useful width gradients) to the exact boxcar, and the
+last phase runs with straight-through rounding, so training ends on the function that
+freezing deploys. Held-out calibration batches are scored on the hard (eval-mode)
+structure every ``eval_every`` steps; the best held-out state is kept, because with a few
+hundred calibration samples more steps mostly fit the calibration set (GBLR design notes).
+The library prints nothing: progress goes through a callback.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gblr_compress.budget import project_widths_, total_cost
+from gblr_compress.calib import Batch, flatten_outputs, run_model
+from gblr_compress.layer import GBLRLinear
+
+__all__ = [
+    "DistillConfig",
+    "DistillProgress",
+    "DistillResult",
+    "gblr_layers",
+    "output_loss",
+    "agreement",
+    "distill_",
+]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Settings of the distillation loop.
+
+    Attributes:
+        steps: optimizer steps (one calibration batch each); 0 skips training.
+        lr: peak learning rate of the content (U, V, bias).
+        structure_lr: peak learning rate of widths and locations (fractions of the axis).
+        weight_decay: AdamW decay of the content toward 0.
+        loss: ``"auto"`` (KL on a single 2-D logits output, normalized MSE otherwise),
+            ``"mse"`` or ``"kl"``.
+        temperature: KL temperature.
+        layer_weight: weight of the layer-wise term (each compressed layer's output vs the
+            teacher's dense layer, normalized MSE averaged over layers); 0 disables it.
+        blur_start: mask edge blur at the start, as a fraction of the longer axis.
+        ste_fraction: final fraction of the steps run on exact boxcars with
+            straight-through rounding.
+        warmup_fraction: linear warm-up share of the cosine schedule.
+        eval_every: held-out evaluation period in steps (also the history period).
+        seed: makes batch order and every random choice reproducible.
+    """
+
+    steps: int = 200
+    lr: float = 1e-3
+    structure_lr: float = 2e-3
+    weight_decay: float = 0.0
+    loss: str = "auto"
+    temperature: float = 2.0
+    layer_weight: float = 1.0
+    blur_start: float = 0.03
+    ste_fraction: float = 0.3
+    warmup_fraction: float = 0.05
+    eval_every: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if not (self.lr >= 0 and self.structure_lr >= 0):
+            raise ValueError("learning rates must be >= 0")
+        if self.loss not in ("auto", "mse", "kl"):
+            raise ValueError(f"loss must be auto, mse or kl, got {self.loss!r}")
+        if not 0.0 <= self.ste_fraction <= 1.0 or not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError("ste_fraction must be in [0, 1] and warmup_fraction in [0, 1)")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+
+
+@dataclass
+class DistillProgress:
+    """What the progress callback receives after each step."""
+
+    step: int
+    steps: int
+    loss: float
+    cost: int
+    max_cost: int
+    heldout: float | None = None
+
+
+@dataclass
+class DistillResult:
+    """Outcome of :func:`distill_`.
+
+    ``history`` holds one entry per evaluation: step, train loss, held-out loss, exact
+    cost per layer and the widths of every layer, so the structure's path can be replayed.
+    """
+
+    steps: int
+    best_step: int
+    heldout_before: float | None
+    heldout_after: float | None
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def gblr_layers(model: nn.Module) -> dict[str, GBLRLinear]:
+    """The GBLRLinear layers of a model by dotted name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, GBLRLinear)}
+
+
+def _is_logits(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and t.shape[1] > 1
+
+
+def output_loss(student_out: object, teacher_out: object, loss: str = "auto", temperature: float = 2.0) -> torch.Tensor:
+    """Distance between student and teacher outputs (any nesting of tensors).
+
+    Normalized MSE ``mean((s - t)^2) / mean(t^2)`` per tensor, averaged; with ``"kl"`` (or
+    ``"auto"`` on a single 2-D output, i.e. classifier logits) the KL divergence of the
+    tempered softmaxes, scaled by ``T^2``.
+    """
+    s_list, t_list = flatten_outputs(student_out), flatten_outputs(teacher_out)
+    if len(s_list) != len(t_list) or not s_list:
+        raise ValueError("student and teacher outputs do not match")
+    use_kl = loss == "kl" or (loss == "auto" and len(t_list) == 1 and _is_logits(t_list[0]))
+    if use_kl:
+        T = temperature
+        s, t = s_list[0], t_list[0]
+        return F.kl_div(
+            F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean"
+        ) * (T * T)
+    terms = [(s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12) for s, t in zip(s_list, t_list)]
+    return torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def agreement(student: nn.Module, teacher: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
+    """Teacher-vs-student agreement on batches: relative error, cosine and top-1 agreement.
+
+    ``rel_error`` = ||s - t|| / ||t|| over all output tensors; ``cosine`` = mean cosine of
+    the last-axis vectors; ``top1`` (only for a single 2-D logits output) = share of rows
+    whose argmax agrees.
+    """
+    diff2 = ref2 = 0.0
+    cos_sum, cos_n, agree, rows = 0.0, 0, 0, 0
+    logits = True
+    for batch in batches:
+        s_list = flatten_outputs(run_model(student, batch))
+        t_list = flatten_outputs(run_model(teacher, batch))
+        logits = logits and len(t_list) == 1 and _is_logits(t_list[0])
+        for s, t in zip(s_list, t_list):
+            s, t = s.double(), t.double()
+            diff2 += float((s - t).pow(2).sum())
+            ref2 += float(t.pow(2).sum())
+            cos = F.cosine_similarity(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), dim=-1)
+            cos_sum += float(cos.sum())
+            cos_n += cos.numel()
+        if logits:
+            agree += int((s_list[0].argmax(-1) == t_list[0].argmax(-1)).sum())
+            rows += t_list[0].shape[0]
+    out = {
+        "rel_error": math.sqrt(diff2 / max(ref2, 1e-30)),
+        "cosine": cos_sum / max(cos_n, 1),
+    }
+    if logits and rows:
+        out["top1"] = agree / rows
+    return out
+
+
+class _LayerTaps:
+    """Forward hooks that record the outputs of named layers on each forward pass."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = [
+            model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names
+        ]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(_module: nn.Module, _inp: object, out: torch.Tensor) -> None:
+            self.outputs[name] = out
+
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _sigma_for(layer: GBLRLinear, blur: float) -> float:
+    """Gaudi sigma (frequency bins) whose edge blur is ``blur`` elements of the longer
+    axis: a Gaussian low-pass of width sigma smears an edge over ~ n / (2 pi sigma)."""
+    n = max(layer.in_features, layer.out_features)
+    return n / (2.0 * math.pi * max(blur, 1e-6))
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _heldout_loss(student: nn.Module, teacher: nn.Module, batches: Sequence[Batch], config: DistillConfig) -> float:
+    was_training = student.training
+    student.eval()  # eval mode = exact rounded boxcars = what freezing deploys
+    with torch.no_grad():
+        losses = [
+            float(output_loss(run_model(student, b), run_model(teacher, b), config.loss, config.temperature))
+            for b in batches
+        ]
+    student.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def distill_(
+    student: nn.Module,
+    teacher: nn.Module,
+    calib: Sequence[Batch],
+    max_cost: int,
+    config: DistillConfig = DistillConfig(),
+    holdout: Sequence[Batch] = (),
+    progress: Callable[[DistillProgress], None] | None = None,
+) -> DistillResult:
+    """Train the student's GBLR layers in place to match the teacher within ``max_cost``.
+
+    Args:
+        student: model whose target layers are GBLRLinear (trained in place).
+        teacher: the dense model (kept in eval mode, never updated).
+        calib: training batches (tensor, tuple or dict of tensors each).
+        max_cost: exact cost the GBLR layers may share (e.g. ``InitResult.max_cost``).
+        config: loop settings.
+        holdout: batches never trained on; they pick the best state.
+        progress: called after every step with a :class:`DistillProgress`.
+
+    Returns:
+        A :class:`DistillResult`; the student holds the best held-out state (or the last
+        one when there is no held-out data), always within ``max_cost``.
+
+    Example:
+        >>> result = distill_(student, teacher, fit_batches, init.max_cost,
+        ...                   DistillConfig(steps=200), holdout=held_batches)
+    """
+    start = time.perf_counter()
+    layers = gblr_layers(student)
+    if not layers:
+        raise ValueError("the student has no GBLRLinear layers to distill")
+    if not calib:
+        raise ValueError("distillation needs at least one calibration batch")
+    layer_list = list(layers.values())
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    project_widths_(layer_list, max_cost)
+
+    heldout_before = _heldout_loss(student, teacher, holdout, config) if holdout else None
+    result = DistillResult(config.steps, 0, heldout_before, heldout_before, 0.0)
+    result.history.append(_snapshot(0, None, heldout_before, layers))
+    if config.steps == 0:
+        result.seconds = time.perf_counter() - start
+        return result
+
+    gen = torch.Generator().manual_seed(config.seed)
+    content = [p for l in layer_list for p in (l.U, l.V, l.bias) if p is not None]
+    structure = [p for l in layer_list for p in (l.widths, l.locations)]
+    trainable = {id(p) for p in content + structure}
+    for p in student.parameters():  # only the compressed layers learn
+        if id(p) not in trainable:
+            p.requires_grad_(False)
+    opt = torch.optim.AdamW(
+        [
+            {"params": content, "lr": config.lr, "weight_decay": config.weight_decay, "base_lr": config.lr},
+            {"params": structure, "lr": config.structure_lr, "weight_decay": 0.0, "base_lr": config.structure_lr},
+        ]
+    )
+    use_taps = config.layer_weight > 0
+    names = list(layers)
+    s_taps = _LayerTaps(student, names) if use_taps else None
+    t_taps = _LayerTaps(teacher, names) if use_taps else None
+    warmup = max(1, int(config.warmup_fraction * config.steps))
+    ste_start = int(round((1.0 - config.ste_fraction) * config.steps))
+    best = heldout_before if heldout_before is not None else math.inf
+    best_state = _gblr_state(layers) if holdout else None
+    order: list[int] = []
+    student.train()
+    try:
+        for step in range(config.steps):
+            if not order:
+                order = torch.randperm(len(calib), generator=gen).tolist()
+            batch = calib[order.pop()]
+            _set_mask_schedule(layer_list, step, ste_start, config)
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * _lr_factor(step, config.steps, warmup)
+            with torch.no_grad():
+                t_out = run_model(teacher, batch)
+            s_out = run_model(student, batch)
+            loss = output_loss(s_out, t_out, config.loss, config.temperature)
+            if use_taps:
+                terms = [
+                    (s_taps.outputs[n] - t_taps.outputs[n]).pow(2).mean()
+                    / t_taps.outputs[n].pow(2).mean().clamp_min(1e-12)
+                    for n in names
+                ]
+                loss = loss + config.layer_weight * torch.stack(terms).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():  # proximal step: cyclic locations, widths onto the budget
+                for layer in layer_list:
+                    layer.clamp_structure_()
+                project_widths_(layer_list, max_cost)
+            done = step + 1
+            held = None
+            if done % config.eval_every == 0 or done == config.steps:
+                held = _heldout_loss(student, teacher, holdout, config) if holdout else None
+                result.history.append(_snapshot(done, loss.item(), held, layers))
+                if held is not None and held < best:
+                    best, best_state, result.best_step = held, _gblr_state(layers), done
+            if progress is not None:
+                progress(DistillProgress(done, config.steps, loss.item(), total_cost(layer_list), max_cost, held))
+    finally:
+        for taps in (s_taps, t_taps):
+            if taps is not None:
+                taps.close()
+        for layer in layer_list:  # leave the student on exact boxcars
+            layer.sigma.fill_(math.inf)
+            layer.round_ste = False
+    if best_state is not None:
+        _load_gblr_state(layers, best_state)
+        result.heldout_after = best
+        for layer in layer_list:  # the saved state may carry a soft-phase sigma
+            layer.sigma.fill_(math.inf)
+    else:
+        result.best_step = config.steps
+    student.eval()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _set_mask_schedule(layers: Sequence[GBLRLinear], step: int, ste_start: int, config: DistillConfig) -> None:
+    """Anneal the edge blur geometrically to ~0.25 element, then exact boxcars + STE."""
+    if step >= ste_start:
+        for layer in layers:
+            layer.sigma.fill_(math.inf)
+            layer.round_ste = True
+        return
+    frac = step / max(1, ste_start)
+    for layer in layers:
+        longest = max(layer.in_features, layer.out_features)
+        b0 = max(1.0, config.blur_start * longest)
+        blur = b0 * (0.25 / b0) ** frac
+        layer.sigma.fill_(_sigma_for(layer, blur))
+        layer.round_ste = False
+
+
+def _gblr_state(layers: dict[str, GBLRLinear]) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: {k: v.detach().clone() for k, v in l.state_dict().items()} for n, l in layers.items()}
+
+
+def _load_gblr_state(layers: dict[str, GBLRLinear], state: dict[str, dict[str, torch.Tensor]]) -> None:
+    for n, l in layers.items():
+        l.load_state_dict(state[n])
+
+
+def _snapshot(step: int, loss: float | None, held: float | None, layers: dict[str, GBLRLinear]) -> dict:
+    return {
+        "step": step,
+        "loss": loss,
+        "heldout": held,
+        "costs": {n: l.exact_cost() for n, l in layers.items()},
+        "widths": {n: l.widths.detach().clone() for n, l in layers.items()},
+    }

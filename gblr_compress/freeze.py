@@ -1,0 +1,61 @@
+"""Freezing: fix the learned structure, recover the content, swap in FrozenGBLR.
+
+The eval-mode forward of a GBLRLinear already uses the exact rounded boxcars, so fixing
+the structure changes nothing numerically; the content-only recovery then lets U, V and
+bias settle after the last structure change, and :func:`freeze_` swaps every GBLRLinear
+for a :class:`~gblr_compress.layer.FrozenGBLR` (dead groups dropped, factors cropped,
+identical windows merged) that computes the same function without a dense weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Callable, Sequence
+
+from torch import nn
+
+from gblr_compress.calib import Batch
+from gblr_compress.distill import DistillConfig, DistillProgress, DistillResult, distill_, gblr_layers
+from gblr_compress.layer import FrozenGBLR
+from gblr_compress.structure import LayerStructure
+from gblr_compress.swap import replace_module
+
+__all__ = ["recover_", "freeze_"]
+
+
+def recover_(
+    student: nn.Module,
+    teacher: nn.Module,
+    calib: Sequence[Batch],
+    max_cost: int,
+    config: DistillConfig = DistillConfig(steps=50, lr=3e-4),
+    holdout: Sequence[Batch] = (),
+    progress: Callable[[DistillProgress], None] | None = None,
+) -> DistillResult:
+    """Content-only fine-tune with the structure fixed at its rounded windows.
+
+    Runs :func:`~gblr_compress.distill.distill_` on exact boxcars with the structure
+    learning rate at 0, so widths and locations cannot move and the budget holds as is.
+    With held-out batches the best held-out state is kept (possibly the starting one).
+    """
+    for layer in gblr_layers(student).values():
+        layer.sigma.fill_(math.inf)
+    fixed = replace(config, structure_lr=0.0, ste_fraction=1.0)
+    return distill_(student, teacher, calib, max_cost, fixed, holdout=holdout, progress=progress)
+
+
+def freeze_(model: nn.Module) -> dict[str, LayerStructure]:
+    """Replace every GBLRLinear in ``model`` by its FrozenGBLR, in place.
+
+    Returns:
+        The frozen records by dotted layer name (the one record that export, the report
+        and reload consume).
+    """
+    records = {}
+    for name, layer in list(gblr_layers(model).items()):
+        frozen = FrozenGBLR(layer.to_structure(name))
+        frozen.train(layer.training)
+        replace_module(model, name, frozen)
+        records[name] = frozen.structure()
+    return records
