@@ -68,7 +68,7 @@ class DistillConfig:
 
     steps: int = 200
     lr: float = 1e-3
-    structure_lr: float = 2e-3
+    structure_lr: float = 1e-2
     weight_decay: float = 0.0
     loss: str = "auto"
     temperature: float = 2.0
@@ -285,11 +285,13 @@ def distill_(
         if id(p) not in trainable:
             p.requires_grad_(False)
     opt = torch.optim.AdamW(
-        [
-            {"params": content, "lr": config.lr, "weight_decay": config.weight_decay, "base_lr": config.lr},
-            {"params": structure, "lr": config.structure_lr, "weight_decay": 0.0, "base_lr": config.structure_lr},
-        ]
+        [{"params": content, "lr": config.lr, "weight_decay": config.weight_decay, "base_lr": config.lr}]
     )
+    # Structure moves by SGD on globally normalized gradients, not Adam: Adam's per-
+    # parameter scaling moves every width at the same speed, so the shared proximal
+    # shrink could not tell important groups from idle ones and none would die.
+    sopt = torch.optim.SGD(structure, lr=config.structure_lr, momentum=0.9)
+    sopt.param_groups[0]["base_lr"] = config.structure_lr
     use_taps = config.layer_weight > 0
     names = list(layers)
     s_taps = _LayerTaps(student, names) if use_taps else None
@@ -306,7 +308,7 @@ def distill_(
                 order = torch.randperm(len(calib), generator=gen).tolist()
             batch = calib[order.pop()]
             _set_mask_schedule(layer_list, step, ste_start, config)
-            for group in opt.param_groups:
+            for group in opt.param_groups + sopt.param_groups:
                 group["lr"] = group["base_lr"] * _lr_factor(step, config.steps, warmup)
             with torch.no_grad():
                 t_out = run_model(teacher, batch)
@@ -320,8 +322,11 @@ def distill_(
                 ]
                 loss = loss + config.layer_weight * torch.stack(terms).mean()
             opt.zero_grad(set_to_none=True)
+            sopt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            _normalize_grads(structure)
+            sopt.step()
             with torch.no_grad():  # proximal step: cyclic locations, widths onto the budget
                 for layer in layer_list:
                     layer.clamp_structure_()
@@ -352,6 +357,17 @@ def distill_(
     student.eval()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _normalize_grads(params: Sequence[torch.Tensor]) -> None:
+    """Scale the structure gradients so the largest entry is 1 (relative sizes kept)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    top = max(float(g.abs().max()) for g in grads)
+    if top > 0 and math.isfinite(top):
+        for g in grads:
+            g.div_(top)
 
 
 def _set_mask_schedule(layers: Sequence[GBLRLinear], step: int, ste_start: int, config: DistillConfig) -> None:

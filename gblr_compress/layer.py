@@ -129,6 +129,34 @@ class GBLRLinear(nn.Module):
                 layer.bias.copy_(linear.bias.detach())
         return layer
 
+    @torch.no_grad()
+    def split_groups(self, num_groups: int) -> "GBLRLinear":
+        """A layer with ``num_groups`` groups made by splitting each group's rank.
+
+        Each group's ``r`` components are cut into consecutive runs of rank
+        ``r' = K * r // num_groups`` that keep the group's windows, so the new groups can
+        shrink and die independently under the proximal step. Components past the last
+        full run are dropped (for SVD-ordered content, the weakest ones); when every
+        component is kept the function is unchanged.
+        """
+        K, m, r = self.U.shape
+        if num_groups % K or num_groups < K or (num_groups // K) > r:
+            raise ValueError(f"cannot split {K} groups of rank {r} into {num_groups}")
+        per = num_groups // K  # new groups per old group
+        r_new = r // per
+        cfg = GBLRLayerConfig(num_groups=num_groups, rank=r_new)
+        out = GBLRLinear(self.in_features, self.out_features, cfg, bias=self.bias is not None,
+                         device=self.U.device, dtype=self.U.dtype)
+        keep = per * r_new
+        out.U.copy_(self.U[:, :, :keep].reshape(K, m, per, r_new).permute(0, 2, 1, 3).reshape(num_groups, m, r_new))
+        out.V.copy_(self.V[:, :keep].reshape(K, per, r_new, -1).reshape(num_groups, r_new, -1))
+        out.widths.copy_(self.widths.repeat_interleave(per, dim=1))
+        out.locations.copy_(self.locations.repeat_interleave(per, dim=1))
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        out.sigma.copy_(self.sigma)
+        return out
+
     # -------------------------------------------------------------------- structure
     def integer_windows(self) -> dict[str, torch.Tensor]:
         """Rounded windows of every group as int64 ``(K,)`` tensors.

@@ -165,3 +165,16 @@ def test_config_validation() -> None:
         GBLRLayerConfig(rank=0)
     with pytest.raises(ValueError):
         GBLRLayerConfig(sigma=-1.0)
+
+
+def test_split_groups_keeps_the_function_when_rank_divides() -> None:
+    gen = torch.Generator().manual_seed(5)
+    layer = random_gblr(20, 30, K=2, r=6, gen=gen)
+    split = layer.split_groups(6)
+    assert split.num_groups == 6 and split.rank == 2
+    assert split.exact_cost() == layer.exact_cost()
+    torch.testing.assert_close(split.weight(hard=True), layer.weight(hard=True))
+    x = torch.randn(4, 30, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(split.eval()(x), layer.eval()(x))
+    with pytest.raises(ValueError):
+        layer.split_groups(3)

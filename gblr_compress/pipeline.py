@@ -1,0 +1,282 @@
+"""The compression pipeline as one library call: init -> distill -> recover -> freeze.
+
+``compress`` takes a dense model and calibration batches and returns a frozen student
+(every compressed layer a :class:`~gblr_compress.layer.FrozenGBLR`) plus everything the
+report needs. It never modifies the model it is given and prints nothing; the CLI draws
+progress from the ``progress`` callback.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from gblr_compress.calib import Batch, move_batch
+from gblr_compress.budget import project_widths_
+from gblr_compress.distill import (
+    DistillConfig,
+    DistillProgress,
+    DistillResult,
+    agreement,
+    distill_,
+    gblr_layers,
+)
+from gblr_compress.errors import InputError
+from gblr_compress.freeze import freeze_, recover_
+from gblr_compress.init import InitConfig, InitResult, initialize_
+from gblr_compress.structure import LayerStructure
+from gblr_compress.swap import find_linears, replace_module
+
+__all__ = ["CompressConfig", "CompressResult", "Progress", "split_batches", "compress"]
+
+# progress(phase, done, total, info): phases "moments", "holdout", "spectra", "layers"
+# (init), "distill", "recover" (info: loss, cost, max_cost, heldout).
+Progress = Callable[[str, int, int, Mapping[str, float]], None]
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """What to compress and how hard to try.
+
+    Attributes:
+        budget: global fraction of the target layers' dense multiply-adds, in (0, 1].
+        steps: distillation steps (0: init + freeze only).
+        lr: peak learning rate of the distilled content (U, V, bias).
+        structure_lr: peak learning rate of block widths and locations.
+        seed: makes the whole run reproducible.
+        data_free: initialize from the weights alone (calibration data, when given, is
+            still used for distillation and held-out figures).
+        max_blocks: most component groups (blocks) per layer; few run fast.
+        include: glob patterns of layer names to compress (default: every Linear).
+        exclude: glob patterns of layer names to leave dense.
+        holdout_fraction: share of the calibration batches held out (never trained on)
+            to pick the best state and report agreement.
+        recovery_steps: content-only steps after the structure is fixed
+            (default: a quarter of ``steps``).
+        overcomplete: with distillation, initialize at ``overcomplete * budget`` with each
+            layer's rank split over up to ``max_blocks`` groups, and let the proximal
+            projection prune to the budget (the structure then has room to move).
+        device: where init and distillation run (``cpu`` or ``cuda``).
+    """
+
+    budget: float = 0.3
+    steps: int = 200
+    lr: float = 1e-3
+    structure_lr: float = 1e-2
+    seed: int = 0
+    data_free: bool = False
+    max_blocks: int = 4
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    holdout_fraction: float = 0.2
+    recovery_steps: int | None = None
+    overcomplete: float = 1.0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not 0.0 < float(self.budget) <= 1.0:
+            raise InputError(f"--budget must be in (0, 1], got {self.budget}")
+        if self.steps < 0:
+            raise InputError(f"--steps must be >= 0, got {self.steps}")
+        if not (self.lr > 0 and self.structure_lr >= 0):
+            raise InputError(f"--lr must be > 0, got {self.lr}")
+        if self.max_blocks < 1:
+            raise InputError(f"--max-blocks must be >= 1, got {self.max_blocks}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise InputError(f"holdout fraction must be in [0, 1), got {self.holdout_fraction}")
+        if not self.overcomplete >= 1.0:
+            raise InputError(f"overcomplete must be >= 1, got {self.overcomplete}")
+        if self.recovery_steps is not None and self.recovery_steps < 0:
+            raise InputError(f"recovery steps must be >= 0, got {self.recovery_steps}")
+
+
+@dataclass
+class CompressResult:
+    """Everything a compression run produced.
+
+    Attributes:
+        model: the frozen student (compressed layers are FrozenGBLR), eval mode.
+        records: the frozen structure of each compressed layer, by dotted name.
+        targets: names of all target layers (compressed and skipped).
+        init: the initialization record (allocation, per-layer status and errors).
+        distill: the distillation record (None when ``steps == 0``).
+        recovery: the content-only recovery record (None when skipped).
+        quality: held-out teacher-vs-student agreement after each phase
+            (``"init"``, ``"distilled"``, ``"frozen"``), see
+            :func:`~gblr_compress.distill.agreement`; empty without held-out data.
+        seconds: wall time per phase.
+        max_cost: exact cost the compressed layers were allowed (skipped layers excluded).
+    """
+
+    model: nn.Module
+    records: dict[str, LayerStructure]
+    targets: list[str]
+    init: InitResult
+    distill: DistillResult | None
+    recovery: DistillResult | None
+    quality: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    max_cost: int = 0
+
+
+def _leading_size(batch: Batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    values = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
+    sizes = {v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim()}
+    return sizes.pop() if len(sizes) == 1 else 1
+
+
+def _chunk(batch: Batch, lo: int, hi: int) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch[lo:hi]
+    if isinstance(batch, Mapping):
+        return {k: (v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() else v) for k, v in batch.items()}
+    return type(batch)(v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() else v for v in batch)
+
+
+def split_batches(
+    batches: Sequence[Batch], fraction: float, min_batches: int = 8
+) -> tuple[list[Batch], list[Batch]]:
+    """Split calibration batches into (fit, holdout).
+
+    Few large batches (e.g. one tensor of 1000 samples) are first cut along their
+    leading axis into at least ``min_batches`` pieces, so both parts get data and the
+    distillation gets several steps' worth of distinct batches. The held-out part is the
+    last ``ceil(fraction * count)`` batches (none when ``fraction`` is 0 or only one
+    batch exists).
+    """
+    batches = list(batches)
+    if 0 < len(batches) < min_batches:
+        pieces: list[Batch] = []
+        per = math.ceil(min_batches / len(batches))
+        for b in batches:
+            size = _leading_size(b)
+            step = max(1, math.ceil(size / per))
+            pieces.extend(_chunk(b, lo, min(lo + step, size)) for lo in range(0, size, step))
+        batches = pieces
+    held = math.ceil(fraction * len(batches)) if fraction > 0 and len(batches) > 1 else 0
+    return batches[: len(batches) - held], batches[len(batches) - held :]
+
+
+def compress(
+    model: nn.Module,
+    config: CompressConfig = CompressConfig(),
+    calib: Sequence[Batch] | None = None,
+    progress: Progress | None = None,
+) -> CompressResult:
+    """Compress the Linear layers of ``model`` to the global budget (the model is not modified).
+
+    Args:
+        model: the dense model; its forward takes a tensor, a tuple or a dict of tensors.
+        config: budget, steps, layers and the rest (:class:`CompressConfig`).
+        calib: calibration batches (each one forward call's input). Without them the
+            init is data-free and there is no distillation.
+        progress: ``progress(phase, done, total, info)`` callback.
+
+    Returns:
+        A :class:`CompressResult` whose ``model`` is the frozen student.
+
+    Example:
+        >>> result = compress(model, CompressConfig(budget=0.3, steps=200), calib=batches)
+        >>> sum(r.cost for r in result.records.values()) <= result.max_cost
+        True
+    """
+    seconds: dict[str, float] = {}
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    teacher = copy.deepcopy(model).to(device).eval()
+    student = copy.deepcopy(model).to(device).eval()
+    targets = find_linears(student, config.include or None, config.exclude or None)
+    if not targets:
+        raise InputError("the model has no Linear layers to compress (check --include/--exclude)")
+
+    fit: list[Batch] = []
+    held: list[Batch] = []
+    if calib:
+        fit, held = split_batches([move_batch(b, device) for b in calib], config.holdout_fraction)
+
+    init_progress = None if progress is None else (lambda stage, i, n: progress(stage, i, n, {}))
+    distilling = config.steps > 0 and bool(fit)
+    t0 = time.perf_counter()
+    init_cfg = InitConfig(
+        budget=min(1.0, config.budget * config.overcomplete) if distilling else config.budget,
+        max_groups=config.max_blocks,
+        data_free=config.data_free or not fit,
+        seed=config.seed,
+    )
+    init = initialize_(student, init_cfg, calib=fit or None, holdout=held or None,
+                       names=targets, progress=init_progress)
+    dense_total = sum(rec.dense_cost for rec in init.layers.values())
+    skipped_dense = sum(r.dense_cost for r in init.layers.values() if r.status == "skipped")
+    max_cost = math.floor(config.budget * dense_total) - skipped_dense
+    if max_cost < 0:  # only possible when over-complete init kept too many layers dense
+        raise InputError(f"budget {config.budget} is too small for the layers left dense")
+    if distilling and config.overcomplete > 1.0:
+        _split_for_pruning(student, config.max_blocks)
+    project_widths_(list(gblr_layers(student).values()), max_cost)
+    seconds["init"] = time.perf_counter() - t0
+    quality: dict[str, dict[str, float]] = {}
+    if held:
+        quality["init"] = agreement(student.eval(), teacher, held)
+
+    distilled = recovery = None
+    compressed = [n for n, rec in init.layers.items() if rec.status != "skipped"]
+    if distilling and compressed:
+        t0 = time.perf_counter()
+        dcfg = DistillConfig(steps=config.steps, lr=config.lr, structure_lr=config.structure_lr,
+                             seed=config.seed)
+        distilled = distill_(student, teacher, fit, max_cost, dcfg, holdout=held,
+                             progress=_relay_steps("distill", progress))
+        seconds["distill"] = time.perf_counter() - t0
+        if held:
+            quality["distilled"] = agreement(student.eval(), teacher, held)
+        rsteps = config.steps // 4 if config.recovery_steps is None else config.recovery_steps
+        if rsteps > 0:
+            t0 = time.perf_counter()
+            rcfg = DistillConfig(steps=rsteps, lr=config.lr * 0.3, seed=config.seed + 1,
+                                 eval_every=max(1, min(20, rsteps)))
+            recovery = recover_(student, teacher, fit, max_cost, rcfg, holdout=held,
+                                progress=_relay_steps("recover", progress))
+            seconds["recover"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    records = freeze_(student)
+    student.eval()
+    seconds["freeze"] = time.perf_counter() - t0
+    if held:
+        quality["frozen"] = agreement(student, teacher, held)
+    cost = sum(r.cost for r in records.values())
+    if cost > max_cost:  # the projection guarantees this; a breach is a bug, not bad input
+        raise RuntimeError(f"frozen cost {cost} exceeds the budget's {max_cost}")
+    return CompressResult(student, records, targets, init, distilled, recovery, quality,
+                          seconds, max_cost)
+
+
+def _split_for_pruning(model: nn.Module, max_blocks: int) -> None:
+    """Split each GBLR layer's groups into up to ``max_blocks`` lower-rank groups."""
+    for name, layer in list(gblr_layers(model).items()):
+        per = max_blocks // layer.num_groups
+        while per > 1 and layer.rank // per < 1:
+            per -= 1
+        if per > 1:
+            replace_module(model, name, layer.split_groups(layer.num_groups * per))
+
+
+def _relay_steps(phase: str, progress: Progress | None) -> Callable[[DistillProgress], None] | None:
+    if progress is None:
+        return None
+
+    def relay(p: DistillProgress) -> None:
+        info = {"loss": p.loss, "cost": p.cost, "max_cost": p.max_cost}
+        if p.heldout is not None:
+            info["heldout"] = p.heldout
+        progress(phase, p.step, p.steps, info)
+
+    return relay
