@@ -18,7 +18,7 @@ from gblr_compress.structure import Block, LayerStructure
 from samples.models import TinyEncoder
 from tests.conftest import random_gblr
 
-FORMS = ["segments", "vpad", "lowrank", "auto"]
+FORMS = ["segments", "grid", "vpad", "lowrank", "auto"]
 
 
 def _block(m: int, n: int, rows: tuple[int, int], cols: tuple[int, int], r: int, gen) -> Block:
@@ -68,7 +68,7 @@ def test_layer_parity_and_params(tmp_path, case: str, form: str) -> None:
     bias = 0 if s.bias is None else s.out_features
     assert params == lay.params + bias
     assert lay.exact_cost == s.cost
-    if lay.form == "segments" or not s.blocks:
+    if lay.form in ("segments", "grid") or not s.blocks:
         assert lay.params == s.cost and not lay.zero_padded
     assert lay.zero_padded == (lay.params > s.cost)
     # never a dense (m, n) weight for a compressed layer
