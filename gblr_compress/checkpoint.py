@@ -130,7 +130,7 @@ def _zip_kind(path: Path) -> str | None:
     except (zipfile.BadZipFile, OSError):
         return None
     if any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in names):
-        return "torchscript"
+        return "TorchScript"
     if any(n.endswith("/archive_format") or n.endswith("/models/model.json") for n in names):
         return "torch.export"
     return None
