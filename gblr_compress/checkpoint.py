@@ -202,7 +202,11 @@ def load_factory(spec: str) -> nn.Module:
 
 
 def _load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, factory: str) -> None:
-    result = model.load_state_dict(dict(state), strict=False)
+    try:
+        result = model.load_state_dict(dict(state), strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise InputError(f"{path} does not match the model built by {factory!r}: {detail[:160]}") from exc
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
         parts = []
