@@ -129,7 +129,9 @@ def test_metrics_on_known_embeddings() -> None:
     emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.1], [0.9, 0.1, 0.0], [0.0, 1.0, 0.0], [0.1, 1.0, 0.1]]), dim=1)
     assert paraphrase_top1(emb, [(0, 1), (2, 3)]) == 1.0
     assert paraphrase_top1(emb, [(0, 2), (1, 3)]) == 0.0
+    # Removing the true neighbours from the pool turns misses into hits.
+    assert paraphrase_top1(emb, [(0, 2)], exclude=[1, 3]) == 1.0
     a = torch.tensor([0.1, 0.5, 0.3, 0.9])
     assert spearman(a, a * 2 + 1) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
-    fid = fidelity(emb, emb, [(0, 1), (2, 3)])
+    fid = fidelity(emb, emb, [(0, 1), (2, 3)], negatives=[3])
     assert fid.mean_cos == pytest.approx(1.0) and fid.spearman == pytest.approx(1.0) and fid.top1 == 1.0
