@@ -210,10 +210,13 @@ def collect_activation_stats(
     handles = [mod.register_forward_hook(hook(name)) for name, mod in linears.items()]
     try:
         model.eval()
-        for b in batches:
-            current["keep"] = b["attention_mask"].bool()  # (B, T)
-            model(b["input_ids"], b["attention_mask"])
-            stats.tokens += int(current["keep"].sum())
+        # One thread: the float64 Gram updates thrash with 2 threads on a busy 2-core
+        # box (measured 41 s vs 14 s for the 256 calibration sentences).
+        with _single_thread():
+            for b in batches:
+                current["keep"] = b["attention_mask"].bool()  # (B, T)
+                model(b["input_ids"], b["attention_mask"])
+                stats.tokens += int(current["keep"].sum())
     finally:
         for h in handles:
             h.remove()
