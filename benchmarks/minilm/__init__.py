@@ -1,0 +1,15 @@
+"""The all-MiniLM-L6-v2 benchmark: real model, hand-written data, contenders, ORT speed.
+
+Modules, bottom up:
+
+- ``data``: the evaluation and calibration sentences under ``data/``.
+- ``model``: load the packaged pretrained model offline; mean-pooled, L2-normalized
+  sentence embeddings; calibration batches.
+- ``baselines``: low-rank layer and the SVD family (plain, ASVD-style, whitened).
+- ``metrics``: embedding fidelity against the dense model.
+- ``contenders``: the registry of ``(dense_model, calib_batches, budget) -> nn.Module``.
+- ``speed``: ONNX export and interleaved ONNX Runtime latency.
+
+The entry point is ``benchmarks/minilm_bench.py``. Needs the ``bench`` extra (see
+``benchmarks/README.md`` for the install line).
+"""

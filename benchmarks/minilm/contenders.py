@@ -1,0 +1,116 @@
+"""The contenders: each is ``(dense_model, calib_batches, budget) -> compressed nn.Module``.
+
+A contender must not modify ``dense_model`` (deep-copy it) and must return a model with
+the same call signature, ``model(input_ids, attention_mask) -> (B, H)`` embeddings, whose
+summed cost over the 36 encoder Linears is at most ``budget`` times the dense cost.
+The benchmark prints one row per entry of :data:`CONTENDERS`, in insertion order.
+
+Plugging in gblr-compress later is a few lines, e.g.::
+
+    def gblr_calibrated(dense, calib, budget):
+        student = copy.deepcopy(dense)
+        ...  # gblr_compress's pipeline on student.bert's encoder Linears
+        return student
+    CONTENDERS["gblr-calibrated"] = gblr_calibrated
+    PENDING.pop("gblr-calibrated")
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+from torch import nn
+
+from .baselines import (
+    asvd_layer,
+    collect_activation_stats,
+    compress_linears,
+    truncated_svd_layer,
+    whitened_svd_layer,
+)
+from .model import Batch, encoder_linears
+
+__all__ = [
+    "CONTENDERS",
+    "PENDING",
+    "Contender",
+    "DistillHook",
+    "asvd",
+    "plain_svd",
+    "register",
+    "set_distill_hook",
+    "whitened_svd",
+]
+
+Contender = Callable[[nn.Module, list[Batch], float], nn.Module]
+# (student, dense teacher, calib batches) -> the fine-tuned student.
+DistillHook = Callable[[nn.Module, nn.Module, list[Batch]], nn.Module]
+
+CONTENDERS: dict[str, Contender] = {}
+# Slots announced in the table until something fills them: name -> what it waits for.
+PENDING: dict[str, str] = {
+    "whitened-svd+distill": "waits for a distillation hook (set_distill_hook)",
+    "gblr-data-free": "waits for gblr_compress init/freeze/export (CLI path, no calib)",
+    "gblr-calibrated": "waits for gblr_compress init/distill/freeze/export (CLI path)",
+}
+
+ASVD_ALPHA = 0.5
+WHITEN_DAMPING = 1e-2
+
+
+def register(name: str) -> Callable[[Contender], Contender]:
+    """Decorator: add a contender to :data:`CONTENDERS` (and fill its pending slot)."""
+
+    def deco(fn: Contender) -> Contender:
+        CONTENDERS[name] = fn
+        PENDING.pop(name, None)
+        return fn
+
+    return deco
+
+
+@register("svd")
+def plain_svd(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
+    """Truncated SVD of every encoder Linear; data-free (``calib`` is unused)."""
+    student = copy.deepcopy(dense)
+    return compress_linears(student, encoder_linears(student), budget, lambda _n, lin, r: truncated_svd_layer(lin, r))
+
+
+@register("asvd")
+def asvd(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
+    """ASVD-style activation-scaled SVD, scale = mean|x|^0.5 per input column."""
+    student = copy.deepcopy(dense)
+    linears = encoder_linears(student)
+    stats = collect_activation_stats(student, linears, calib)
+    return compress_linears(
+        student, linears, budget, lambda n, lin, r: asvd_layer(lin, r, stats.mean_abs[n], ASVD_ALPHA)
+    )
+
+
+@register("whitened-svd")
+def whitened_svd(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
+    """SVD-LLM-style whitened SVD (Cholesky of the damped input Gram matrix)."""
+    student = copy.deepcopy(dense)
+    linears = encoder_linears(student)
+    # Statistics of the dense model's own activations at every layer (not sequentially
+    # updated after earlier layers are compressed), as in SVD-LLM's basic variant.
+    stats = collect_activation_stats(student, linears, calib)
+    return compress_linears(
+        student, linears, budget, lambda n, lin, r: whitened_svd_layer(lin, r, stats.gram[n], WHITEN_DAMPING)
+    )
+
+
+def set_distill_hook(hook: DistillHook, name: str = "whitened-svd+distill") -> None:
+    """Register ``whitened SVD -> hook(student, dense, calib)`` as the contender ``name``.
+
+    Args:
+        hook: fine-tunes the compressed student against the dense teacher on the
+            calibration batches and returns it (the lead provides the distillation).
+        name: the row label.
+    """
+
+    def contender(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
+        return hook(whitened_svd(dense, calib, budget), dense, calib)
+
+    register(name)(contender)

@@ -1,0 +1,179 @@
+"""Benchmark compressors on the real all-MiniLM-L6-v2 sentence encoder.
+
+For each budget and each registered contender (``minilm.contenders.CONTENDERS``) this
+compresses the 36 encoder Linears at an exact cost, then reports embedding fidelity vs
+the dense model on the hand-written eval set (mean/min cosine, paraphrase top-1,
+Spearman of pairwise similarities) and ONNX Runtime CPU latency as interleaved
+per-round ratios vs dense (batch 8 x seq 128, 2 intra-op threads, no spinning).
+
+Run from the repository root (the ``bench`` extra installed, see benchmarks/README.md)::
+
+    PYTHONPATH=. python benchmarks/minilm_bench.py --budgets 0.5 0.3
+    PYTHONPATH=. python benchmarks/minilm_bench.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minilm.contenders import CONTENDERS, PENDING, set_distill_hook
+from minilm.data import load_calib, load_eval
+from minilm.metrics import fidelity
+from minilm.model import embed, encoder_linears, load_dense, make_batches
+from minilm.speed import export_encoder, make_session, measure_speed, ort_embed
+
+from gblr_compress.errors import InputError
+
+
+def encoder_cost(model: nn.Module, names: list[str]) -> int:
+    """Exact summed multiply-adds per token of the modules at ``names`` in ``model``.
+
+    A plain Linear costs ``m*n``; a replacement must say its own cost via
+    ``exact_cost()`` (LowRankLinear, FrozenGBLR and GBLRLinear all do).
+    """
+    total = 0
+    for name in names:
+        mod = model.get_submodule(name)
+        if hasattr(mod, "exact_cost"):
+            total += int(mod.exact_cost())
+        elif isinstance(mod, nn.Linear):
+            total += mod.in_features * mod.out_features
+        else:
+            raise TypeError(f"{name}: {type(mod).__name__} has no exact_cost()")
+    return total
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3], help="cost ratios B")
+    p.add_argument("--contenders", nargs="+", default=None, help="subset of registered contenders")
+    p.add_argument("--quick", action="store_true", help="fewer calibration sentences and timing rounds")
+    p.add_argument("--no-speed", action="store_true", help="skip ONNX export and timing")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 15, quick 4)")
+    p.add_argument("--calib", type=int, default=None, help="calibration sentences (default all, quick 64)")
+    p.add_argument("--distill-hook", default=None, help="module:function, (student, dense, calib) -> student")
+    p.add_argument("--json", type=Path, default=None, help="write all figures to this file")
+    p.add_argument("--onnx-dir", type=Path, default=None, help="keep the ONNX files here")
+    return p.parse_args(argv)
+
+
+def load_hook(spec: str):
+    mod_name, _, fn_name = spec.partition(":")
+    if not fn_name:
+        raise InputError(f"--distill-hook must be module:function, got {spec!r}")
+    return getattr(importlib.import_module(mod_name), fn_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    if args.distill_hook:
+        set_distill_hook(load_hook(args.distill_hook))
+    names = args.contenders or list(CONTENDERS)
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        raise InputError(f"unknown contender(s) {unknown}; registered: {list(CONTENDERS)}")
+    rounds = args.rounds or (4 if args.quick else 15)
+
+    t_start = time.perf_counter()
+    dense, tokenizer = load_dense()
+    evalset = load_eval()
+    calib_sentences = load_calib()
+    n_calib = args.calib or (64 if args.quick else len(calib_sentences))
+    calib = make_batches(tokenizer, calib_sentences[:n_calib], batch_size=32)
+    eval_batches = make_batches(tokenizer, evalset.sentences, batch_size=64)
+    dense_emb = embed(dense, eval_batches)  # (N, 384)
+    lin_names = list(encoder_linears(dense))
+    dense_cost = encoder_cost(dense, lin_names)
+    print(
+        f"all-MiniLM-L6-v2: {len(lin_names)} encoder Linears, dense cost {dense_cost:,} MAC/token; "
+        f"eval {len(evalset.sentences)} sentences ({len(evalset.pairs)} paraphrase pairs, "
+        f"{len(evalset.negatives)} hard negatives); calib {n_calib} sentences "
+        f"({sum(int(b['attention_mask'].sum()) for b in calib)} tokens)"
+    )
+
+    rows: list[dict] = []
+    negs = [k for _, k in evalset.negatives]
+    ref = fidelity(dense_emb, dense_emb, evalset.pairs, negs)
+    rows.append({"name": "dense", "budget": 1.0, "cost": dense_cost, **asdict(ref), "build_s": 0.0})
+    models: dict[str, nn.Module] = {"dense": dense}
+    for budget in args.budgets:
+        for name in names:
+            t0 = time.perf_counter()
+            student = CONTENDERS[name](dense, calib, budget).eval()
+            build_s = time.perf_counter() - t0
+            cost = encoder_cost(student, lin_names)
+            if cost > budget * dense_cost:
+                raise RuntimeError(f"{name} at B={budget}: cost {cost} exceeds the budget {budget * dense_cost:.0f}")
+            fid = fidelity(embed(student, eval_batches), dense_emb, evalset.pairs, negs)
+            rows.append({"name": name, "budget": budget, "cost": cost, **asdict(fid), "build_s": build_s})
+            models[f"{name}@{budget}"] = student
+            print(f"  {name} @ B={budget}: mean cos {fid.mean_cos:.3f}, top-1 {fid.top1:.3f} ({build_s:.1f} s)", flush=True)
+
+    if not args.no_speed:
+        onnx_dir = args.onnx_dir or Path(tempfile.mkdtemp(prefix="minilm_onnx_"))
+        onnx_dir.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        probe = eval_batches[0]
+        for key, model in models.items():
+            paths[key] = export_encoder(model, onnx_dir / f"{key.replace('@', '_b')}.onnx")
+            # Parity: the exported graph computes what the torch model computes.
+            got = ort_embed(make_session(paths[key]), probe["input_ids"], probe["attention_mask"])
+            with torch.no_grad():
+                want = model(probe["input_ids"], probe["attention_mask"])
+            rows_by_key(rows)[key]["ort_max_err"] = float((got - want).abs().max())
+        print(f"timing {len(paths)} ONNX models, {rounds} interleaved rounds ...", flush=True)
+        speed = measure_speed(paths, batch=8, seq=128, rounds=rounds, calls=1 if args.quick else 3)
+        for key, res in speed.items():
+            rows_by_key(rows)[key].update(asdict(res))
+
+    elapsed = time.perf_counter() - t_start
+    print()
+    print(render_table(rows, dense_cost))
+    for slot, why in PENDING.items():
+        print(f"  (pending) {slot}: {why}")
+    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} torch threads; {date.today()}; total {elapsed:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "pending": PENDING, "elapsed_s": elapsed}, indent=2))
+    return 0
+
+
+def rows_by_key(rows: list[dict]) -> dict[str, dict]:
+    return {("dense" if r["name"] == "dense" else f"{r['name']}@{r['budget']}"): r for r in rows}
+
+
+def render_table(rows: list[dict], dense_cost: int) -> str:
+    """Markdown table: one line per (contender, budget), dense first."""
+    head = "| contender | budget | exact cost (ratio) | mean cos | min cos | top-1 | top-1 w/o hard neg | Spearman | ORT speedup vs dense [min, max] | ORT err |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        speed = (
+            f"{r['speedup']:.2f}x [{r['speedup_lo']:.2f}, {r['speedup_hi']:.2f}]" if "speedup" in r else "-"
+        )
+        err = f"{r['ort_max_err']:.1e}" if "ort_max_err" in r else "-"
+        lines.append(
+            f"| {r['name']} | {r['budget']:g} | {r['cost']:,} ({r['cost'] / dense_cost:.3f}) | "
+            f"{r['mean_cos']:.3f} | {r['min_cos']:.3f} | {r['top1']:.3f} | {r['top1_no_neg']:.3f} | {r['spearman']:.3f} | {speed} | {err} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
