@@ -13,6 +13,7 @@ finds the smallest shift that meets the budget exactly.
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Sequence
 
@@ -24,6 +25,8 @@ from gblr_compress.layer import GBLRLinear
 
 __all__ = [
     "budget_cost",
+    "dense_budget",
+    "greedy_allocation",
     "total_cost",
     "width_prices",
     "shrink_widths_",
@@ -36,6 +39,100 @@ def budget_cost(layers: Sequence[GBLRLinear], budget: float) -> int:
     if not 0.0 < budget <= 1.0:
         raise InputError(f"budget must be in (0, 1], got {budget}")
     return math.floor(budget * sum(layer.dense_cost for layer in layers))
+
+
+def dense_budget(dense_costs: Sequence[int], budget: float) -> int:
+    """``floor(budget * sum(dense_costs))``: :func:`budget_cost` for layers not built yet."""
+    if not 0.0 < budget <= 1.0:
+        raise InputError(f"budget must be in (0, 1], got {budget}")
+    return math.floor(budget * sum(int(c) for c in dense_costs))
+
+
+def greedy_allocation(
+    energies: Sequence[torch.Tensor],
+    shapes: Sequence[tuple[int, int]],
+    max_cost: int,
+) -> list[int]:
+    """Split an exact cost across layers by error reduction per unit cost.
+
+    Each layer ``i`` of shape ``(m, n)`` is modelled as a truncated (whitened) SVD: its
+    ``k``-th rank-1 full-width component costs ``m + n`` and removes ``energies[i][k]``
+    of its error. Energies are normalized per layer (the caller divides the squared
+    singular values by the layer's total output energy), so the objective is the sum of
+    the layers' squared *relative* output errors and layers of different scale compete
+    fairly. Components are bought greedily, best ratio first, while they fit the budget.
+    When a layer's next component would bring it to its dense cost, the step offered is
+    "go dense" (cost up to ``m * n``, removing all its remaining error). Budget left over
+    at the end, too small for any whole component, goes to the layer with the best next
+    ratio (the window search can spend a partial component).
+
+    Args:
+        energies: per layer, ``(R,)`` nonnegative squared singular values in descending
+            order, normalized to the layer's output energy (sum <= 1).
+        shapes: per layer, ``(out_features, in_features)``.
+        max_cost: the exact cost all layers may share.
+
+    Returns:
+        Allocated exact cost per layer; an allocation equal to ``m * n`` means the layer
+        should stay dense.
+
+    Example:
+        >>> greedy_allocation([torch.tensor([0.9, 0.1])], [(8, 8)], 16)
+        [16]
+    """
+    if len(energies) != len(shapes):
+        raise ValueError("energies and shapes must have the same length")
+    if max_cost < 0:
+        raise ValueError(f"max_cost must be >= 0, got {max_cost}")
+    e = [torch.as_tensor(x, dtype=torch.float64).clamp_min(0.0).cpu() for x in energies]
+    tails = [torch.flip(torch.cumsum(torch.flip(x, (0,)), 0), (0,)).tolist() + [0.0] for x in e]
+    alloc = [0] * len(shapes)
+    ranks = [0] * len(shapes)
+    dense = [False] * len(shapes)
+
+    def step(i: int) -> tuple[float, int, bool]:
+        """(gain, cost, goes_dense) of layer i's next purchase."""
+        m, n = shapes[i]
+        k = ranks[i]
+        if (k + 1) * (m + n) >= m * n:
+            return tails[i][min(k, len(tails[i]) - 1)], m * n - alloc[i], True
+        gain = float(e[i][k]) if k < e[i].numel() else 0.0
+        return gain, m + n, False
+
+    heap: list[tuple[float, int]] = []
+
+    def push(i: int) -> None:
+        gain, cost, _ = step(i)
+        if gain > 0.0 and cost > 0:
+            heapq.heappush(heap, (-gain / cost, i))
+
+    for i in range(len(shapes)):
+        push(i)
+    left = max_cost
+    pending: list[tuple[float, int]] = []  # unaffordable steps, for the leftover
+    while heap:
+        neg_ratio, i = heapq.heappop(heap)
+        gain, cost, goes_dense = step(i)
+        if cost > left:
+            pending.append((neg_ratio, i))
+            continue
+        left -= cost
+        alloc[i] += cost
+        if goes_dense:
+            dense[i] = True
+            continue
+        ranks[i] += 1
+        push(i)
+    for neg_ratio, i in sorted(pending):
+        if dense[i] or left <= 0:
+            continue
+        m, n = shapes[i]
+        extra = min(left, m * n - 1 - alloc[i])  # partial: never reaches dense
+        if extra > 0:
+            alloc[i] += extra
+            left -= extra
+        break
+    return alloc
 
 
 def total_cost(layers: Sequence[GBLRLinear]) -> int:

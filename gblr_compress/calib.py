@@ -7,12 +7,13 @@ a tuple/list, a dict or a HuggingFace ``ModelOutput`` (a dict subclass).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["Batch", "run_model", "flatten_outputs", "move_batch"]
+__all__ = ["Batch", "Moment", "collect_moments", "run_model", "flatten_outputs", "move_batch"]
 
 Batch = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
@@ -52,3 +53,122 @@ def move_batch(batch: Batch, device: torch.device | str) -> Batch:
     if isinstance(batch, (tuple, list)):
         return type(batch)(move_batch(v, device) for v in batch)
     return batch
+
+
+@dataclass
+class Moment:
+    """Streamed second moment of one layer's inputs.
+
+    Attributes:
+        xtx: ``(n, n)`` float64 sum of ``x x^T`` over every input vector seen.
+        count: number of input vectors summed (all leading dims flattened).
+    """
+
+    xtx: torch.Tensor
+    count: int
+
+    @property
+    def in_features(self) -> int:
+        """``n``, the input width of the layer."""
+        return int(self.xtx.shape[0])
+
+    def mean(self) -> torch.Tensor:
+        """``(n, n)`` float64 mean second moment ``X^T X / count`` (zeros when empty)."""
+        return self.xtx / max(self.count, 1)
+
+
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args:
+        return args[0]
+    return kwargs.get("input", kwargs.get("x"))
+
+
+@torch.no_grad()
+def collect_moments(
+    model: nn.Module,
+    names: Sequence[str],
+    batches: Iterable[Batch],
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Moment]:
+    """Stream ``X^T X`` of each named layer's input over calibration batches.
+
+    Forward pre-hooks flatten every leading dim (batch, sequence, ...) and add the
+    batch's ``x^T x`` to a float64 accumulator, so no activation is kept. Layers fed the
+    same tensor in one forward (q/k/v projections) share one product, which is the
+    dominant cost on transformer encoders.
+
+    Args:
+        model: the model; it runs in eval mode under ``no_grad`` (its mode is restored).
+        names: dotted names of the layers (e.g. from ``swap.find_linears``).
+        batches: calibration batches, anything :func:`run_model` accepts.
+        progress: called as ``progress(i, total)`` after each batch (``total`` is 0
+            when ``batches`` has no length).
+
+    Returns:
+        ``{name: Moment}`` for every name.
+
+    Example:
+        >>> moments = collect_moments(model, ["fc1", "fc2"], [x0, x1])
+        >>> moments["fc1"].xtx.shape
+        torch.Size([64, 64])
+    """
+    modules = {name: model.get_submodule(name) for name in names}
+    sums: dict[str, torch.Tensor | None] = {name: None for name in names}
+    counts = {name: 0 for name in names}
+    # Per-batch cache of products keyed by the input tensor's identity: q, k and v read
+    # the same tensor, so its x^T x is computed once.
+    # The cache holds the tensor itself so its memory cannot be reused by another tensor
+    # with the same address during the batch.
+    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _layer_input(args, kwargs)
+            if not isinstance(x, torch.Tensor):
+                return
+            x2 = x.detach().reshape(-1, x.shape[-1])  # (N, n)
+            key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version)
+            hit = cache.get(key)
+            prod = None if hit is None else hit[1]
+            if prod is None:
+                # The batch product in the input's precision (float32 GEMMs are ~2x
+                # faster); the cross-batch sum, where error accumulates, is float64.
+                xf = x2 if x2.is_floating_point() else x2.double()
+                prod = (xf.T @ xf).double()  # (n, n)
+                cache[key] = (x, prod)
+            acc = sums[name]
+            sums[name] = prod.clone() if acc is None else acc.add_(prod.to(acc.device))
+            counts[name] += x2.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    total = len(batches) if hasattr(batches, "__len__") else 0  # type: ignore[arg-type]
+    try:
+        for i, batch in enumerate(batches):
+            cache.clear()
+            run_model(model, batch)
+            if progress is not None:
+                progress(i + 1, total)
+    finally:
+        cache.clear()
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    out = {}
+    for name, module in modules.items():
+        acc = sums[name]
+        if acc is None:
+            n = _in_features(module)
+            acc = torch.zeros(n, n, dtype=torch.float64)
+        out[name] = Moment(acc, counts[name])
+    return out
+
+
+def _in_features(module: nn.Module) -> int:
+    n = getattr(module, "in_features", None)
+    if n is None:  # Conv1D keeps its weight as (in, out)
+        n = module.weight.shape[0]
+    return int(n)

@@ -1,0 +1,213 @@
+"""Initialization within a FLOP budget: exact recovery, block-sparse structure,
+activation-aware quality on a trained digits MLP, exact costs, singular moments."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gblr_compress.budget import greedy_allocation
+from gblr_compress.calib import Moment, collect_moments
+from gblr_compress.errors import InputError
+from gblr_compress.init import (
+    InitConfig,
+    init_layer,
+    initialize_,
+    relative_error,
+    truncated_svd_layer,
+    whitened_svd_layer,
+)
+from gblr_compress.layer import GBLRLinear
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The per-layer search is many small factorizations: one thread avoids OpenMP
+    # barrier overhead on a shared 2-core machine.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    if isinstance(module, GBLRLinear):
+        return module.weight(hard=True).detach().double()
+    return module.weight.detach().double()
+
+
+def _linear(W: torch.Tensor) -> nn.Linear:
+    lin = nn.Linear(W.shape[1], W.shape[0])
+    lin.weight.data = W.float().clone()
+    return lin
+
+
+def test_random_low_rank_matrices_are_recovered_at_their_rank_cost() -> None:
+    gen = torch.Generator().manual_seed(0)
+    shapes, ranks = [(48, 40), (30, 70)], [3, 6]
+    model = nn.Sequential(*[nn.Linear(n, m) for m, n in shapes])
+    for lin, (m, n), k in zip(model, shapes, ranks):
+        lin.weight.data = torch.randn(m, k, generator=gen) @ torch.randn(k, n, generator=gen)
+    ref = [lin.weight.detach().double().clone() for lin in model]
+    cost = sum(k * (m + n) for (m, n), k in zip(shapes, ranks))
+    dense = sum(m * n for m, n in shapes)
+    cfg = InitConfig(budget=(cost + 0.5) / dense, data_free=True, refine_steps=2)
+    result = initialize_(model, cfg)
+    for (name, rec), W, k in zip(result.layers.items(), ref, ranks):
+        assert rec.allocated_cost == k * (rec.in_features + rec.out_features)
+        assert relative_error(W, _weight(model.get_submodule(name)), None) < 1e-4
+    assert result.exact_cost <= result.budget_cost == cost
+
+
+def test_block_sparse_matrix_beats_truncated_svd_at_equal_cost() -> None:
+    gen = torch.Generator().manual_seed(1)
+    m = n = 64
+    W = torch.zeros(m, n)
+    for b, (r0, c0) in enumerate([(0, 8), (16, 40), (32, 56), (48, 24)]):
+        cols = [(c0 + j) % n for j in range(16)]  # one block wraps past the end
+        W[r0 : r0 + 16, cols] = torch.randn(16, 16, generator=gen)
+    cost = 4 * 16 * (16 + 16)  # block-sparse cost: 4 dense 16x16 blocks
+    module, rec = init_layer(_linear(W), cost, InitConfig(data_free=True, refine_steps=5))
+    svd = truncated_svd_layer(_linear(W), cost // (m + n))
+    err = relative_error(W.double(), _weight(module), None)
+    err_svd = relative_error(W.double(), _weight(svd), None)
+    assert rec.status == "gblr" and rec.exact_cost <= cost and svd.exact_cost() == cost
+    assert err < 0.1 and err_svd > 0.5
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X, dtype=torch.float32) / 16.0
+    y = torch.tensor(y)
+    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
+    X, y = X[perm], y[perm]
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(4):
+        for i in range(0, 1200, 64):
+            loss = F.cross_entropy(model(X[i : i + 64]), y[i : i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    acc = (model(X[1500:]).argmax(1) == y[1500:]).float().mean()
+    assert acc > 0.9
+    fit = [X[i : i + 200] for i in range(0, 1000, 200)]
+    held = [X[1000:1500]]
+    test = [X[1500:]]
+    return model, fit, held, test
+
+
+def test_activation_aware_init_on_a_trained_digits_mlp(digits) -> None:
+    model, fit, held, test = digits
+    names = ["0", "2", "4"]
+    dense = {n: model.get_submodule(n) for n in names}
+    test_m = collect_moments(model, names, test)
+    fit_m = collect_moments(model, names, fit)
+    student = copy.deepcopy(model)
+    cfg = InitConfig(budget=0.15, refine_steps=5)
+    result = initialize_(student, cfg, calib=fit, holdout=held)
+    assert result.exact_cost <= result.budget_cost
+    assert sum(r.dense_cost for r in result.layers.values() if r.status == "skipped") == (
+        result.budget_cost - result.max_cost
+    )
+    C_in = test_m["0"].mean()
+    eig = torch.linalg.eigvalsh(C_in)
+    assert eig[-1] > 100 * eig.clamp_min(0)[eig.numel() // 2]  # anisotropic inputs
+    for name in names:
+        rec = result.layers[name]
+        if rec.status == "skipped":
+            continue
+        W = dense[name].weight.detach().double()
+        C = test_m[name].mean()
+        err = relative_error(W, _weight(student.get_submodule(name)), C)
+        rank = rec.allocated_cost // (rec.in_features + rec.out_features)
+        ws = whitened_svd_layer(dense[name], rank, fit_m[name], damping=cfg.damping)
+        assert ws.exact_cost() <= rec.allocated_cost
+        err_ws = relative_error(W, _weight(ws), C)
+        free, _ = init_layer(
+            dense[name], rec.allocated_cost, InitConfig(budget=0.15, data_free=True, refine_steps=5)
+        )
+        err_free = relative_error(W, _weight(free), C)
+        assert err <= err_ws + 1e-9, (name, err, err_ws)
+        assert err < err_free, (name, err, err_free)
+        assert rec.exact_cost <= rec.allocated_cost
+
+
+class _Bag(nn.Module):
+    """Unchained layers of random shapes; forward runs only the first."""
+
+    def __init__(self, shapes: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(n, m) for m, n in shapes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[0](x)
+
+
+def test_exact_costs_within_allocation_for_random_shapes_and_budgets() -> None:
+    gen = torch.Generator().manual_seed(2)
+    for trial in range(4):
+        shapes = [tuple(int(v) for v in torch.randint(2, 40, (2,), generator=gen)) for _ in range(3)]
+        model = _Bag(shapes)
+        budget = [1.0, 0.02, 0.4, 0.77][trial]
+        x = torch.randn(64, shapes[0][1], generator=gen)
+        names = ["layers.0"]  # the layer the bag's forward runs
+        cfg = InitConfig(budget=budget, refine_steps=3, width_fractions=(0.5,))
+        calib = [x] if trial % 2 else None
+        result = initialize_(model, cfg, calib=calib, names=None if calib is None else names)
+        for name, rec in result.layers.items():
+            module = model.get_submodule(name)
+            assert rec.exact_cost <= max(rec.allocated_cost, 0) or rec.status == "skipped"
+            if rec.status == "skipped":
+                assert isinstance(module, nn.Linear) and rec.exact_cost == rec.dense_cost
+            else:
+                assert module.exact_cost() == rec.exact_cost <= rec.allocated_cost
+        assert sum(r.allocated_cost for r in result.layers.values()) <= result.budget_cost
+        assert result.exact_cost <= result.budget_cost
+
+
+def test_singular_moments_do_not_crash_or_nan() -> None:
+    gen = torch.Generator().manual_seed(3)
+    lin = nn.Linear(32, 24)
+    X = torch.randn(5, 32, generator=gen, dtype=torch.float64)  # fewer samples than features
+    X[:, 7] = 0.0  # a dead input feature
+    moment = Moment(X.T @ X, 5)
+    for damping in (0.0, 0.1):
+        cfg = InitConfig(damping=damping, refine_steps=3)
+        module, rec = init_layer(lin, 300, cfg, moment=moment, holdout=moment)
+        w = _weight(module)
+        assert torch.isfinite(w).all() and rec.exact_cost <= 300
+        assert math.isfinite(rec.calib_error) and math.isfinite(rec.heldout_error)
+    zero = Moment(torch.zeros(32, 32, dtype=torch.float64), 10)  # all-dead inputs
+    module, rec = init_layer(lin, 300, InitConfig(refine_steps=0), moment=zero, holdout=zero)
+    assert torch.isfinite(_weight(module)).all() and rec.heldout_error == 0.0
+
+
+def test_greedy_allocation_favours_slow_spectra_and_goes_dense() -> None:
+    fast = torch.tensor([0.99] + [0.01 / 63] * 63)
+    slow = torch.full((64,), 1.0 / 64)
+    alloc = greedy_allocation([fast, slow], [(64, 64), (64, 64)], 40 * 128)
+    assert alloc[1] > alloc[0] >= 128 and sum(alloc) <= 40 * 128
+    # a tiny layer whose next component reaches its dense cost goes dense
+    alloc = greedy_allocation([torch.tensor([0.5, 0.5])], [(2, 2)], 4)
+    assert alloc == [4]
+
+
+def test_config_validation() -> None:
+    with pytest.raises(InputError):
+        InitConfig(budget=0.0)
+    with pytest.raises(InputError):
+        InitConfig(max_groups=0)
+    with pytest.raises(InputError):
+        InitConfig(damping=-1.0)
+    with pytest.raises(InputError):
+        initialize_(nn.Sequential(nn.Linear(4, 4)), InitConfig(), names=["nope"])
