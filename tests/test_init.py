@@ -81,7 +81,7 @@ def test_block_sparse_matrix_beats_truncated_svd_at_equal_cost() -> None:
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits_small():
     from sklearn.datasets import load_digits
 
     torch.manual_seed(0)
@@ -106,8 +106,8 @@ def digits():
     return model, fit, held, test
 
 
-def test_activation_aware_init_on_a_trained_digits_mlp(digits) -> None:
-    model, fit, held, test = digits
+def test_activation_aware_init_on_a_trained_digits_mlp(digits_small) -> None:
+    model, fit, held, test = digits_small
     names = ["0", "2", "4"]
     dense = {n: model.get_submodule(n) for n in names}
     test_m = collect_moments(model, names, test)
