@@ -533,7 +533,7 @@ def render_inspect(report: CompressionReport, console: Console, heatmaps: bool =
     t = _table(
         console,
         "Layers (windows: rows x cols per block)", "layer", "m x n", "status", "blocks", "ranks", "windows",
-        "cost", "dense", "share", "init err", "baseline", "form",
+        "cost", "share", "init err", "baseline", "form",
     )
     for l in report.layers:
         ranks, windows = _block_cols(l)
@@ -545,7 +545,6 @@ def render_inspect(report: CompressionReport, console: Console, heatmaps: bool =
             ranks,
             windows,
             _int(l.cost),
-            _int(l.dense_cost),
             _pct(report.budget_share(l)),
             _num(l.heldout_error),
             _num(l.baseline_heldout_error),
@@ -553,7 +552,7 @@ def render_inspect(report: CompressionReport, console: Console, heatmaps: bool =
         )
     t.add_row(
         "total", "", f"{report.compressed_count}/{len(report.layers)}", "", "", "",
-        _int(report.linear_cost), _int(report.linear_dense_cost),
+        _int(report.linear_cost),
         _pct(report.linear_cost / report.budget_cost if report.budget_cost else None), "", "", "",
         end_section=False,
     )
