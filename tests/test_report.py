@@ -122,6 +122,16 @@ def test_file_round_trip_and_atomic_write(tmp_path: Path) -> None:
         write_report(rep, tmp_path / "missing" / "r.json")
 
 
+def test_failed_replace_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_report(make_report(), tmp_path / "r.json")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
