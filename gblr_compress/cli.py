@@ -127,11 +127,12 @@ def inspect(path: Path, png_dir: Path | None, no_heatmap: bool) -> None:
     from gblr_compress.report import load_report, render_inspect, write_pngs
 
     report = load_report(path)
+    # PNGs first, so a missing matplotlib fails before any output.
+    written = write_pngs(report, png_dir) if png_dir is not None else []
     console = _console()
     render_inspect(report, console, heatmaps=not no_heatmap)
-    if png_dir is not None:
-        for written in write_pngs(report, png_dir):
-            console.print(f"wrote {written}")
+    for p in written:
+        console.print(f"wrote {p}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -440,13 +440,25 @@ def _ratio(a: int | None, b: int | None) -> str:
     return "-" if not a or not b else f"{a / b:.2f}x"
 
 
+_WRAPPING = {"layer": 16, "ranks": 8, "windows": 12}
+
+
 def _table(console: Console, title: str, *columns: str) -> Table:
     # The title is printed as its own line: a table title wraps to the table's width.
     console.print(Text(title, style="bold"))
-    t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for c in columns:
         left = c in ("", "layer", "phase", "status", "form", "windows")
-        t.add_column(c, justify="left" if left else "right", no_wrap=c in ("m x n", "status", "cost", "dense"))
+        # Figures never wrap; long dotted names fold and the per-block lists (ranks,
+        # windows) wrap at ", ", each keeping a readable minimum width.
+        t.add_column(
+            c,
+            justify="left" if left else "right",
+            no_wrap=c not in _WRAPPING,
+            overflow="fold",
+            min_width=_WRAPPING.get(c),
+            max_width=12 if c == "ranks" else None,
+        )
     return t
 
 
@@ -514,7 +526,7 @@ def render_summary(report: CompressionReport, console: Console) -> None:
 
 def _block_cols(layer: LayerReport) -> tuple[str, str]:
     blocks = _live_blocks(layer.structure) if layer.compressed else []
-    ranks = ",".join(str(b[4]) for b in blocks) or "-"
+    ranks = ", ".join(str(b[4]) for b in blocks) or "-"
     windows = ", ".join(f"{b[1]}x{b[3]}" for b in blocks) or "-"
     return ranks, windows
 
@@ -532,8 +544,8 @@ def render_inspect(report: CompressionReport, console: Console, heatmaps: bool =
     console.print(f"gblr-compress report v{report.version} (tool {report.tool_version}, {report.created}) for {src}")
     t = _table(
         console,
-        "Layers (windows: rows x cols per block)", "layer", "m x n", "status", "blocks", "ranks", "windows",
-        "cost", "share", "init err", "baseline", "form",
+        "Layers (windows: rows x cols per block; err / svd: init held-out error / whitened SVD at equal cost)", "layer", "m x n", "status", "blocks", "ranks", "windows",
+        "cost", "share", "err / svd", "form",
     )
     for l in report.layers:
         ranks, windows = _block_cols(l)
@@ -546,14 +558,13 @@ def render_inspect(report: CompressionReport, console: Console, heatmaps: bool =
             windows,
             _int(l.cost),
             _pct(report.budget_share(l)),
-            _num(l.heldout_error),
-            _num(l.baseline_heldout_error),
+            f"{_num(l.heldout_error, '.3f')} / {_num(l.baseline_heldout_error, '.3f')}",
             l.export_form or "-",
         )
     t.add_row(
         "total", "", f"{report.compressed_count}/{len(report.layers)}", "", "", "",
         _int(report.linear_cost),
-        _pct(report.linear_cost / report.budget_cost if report.budget_cost else None), "", "", "",
+        _pct(report.linear_cost / report.budget_cost if report.budget_cost else None), "", "",
         end_section=False,
     )
     console.print(t)

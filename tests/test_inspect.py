@@ -19,7 +19,7 @@ def test_inspect_json(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["inspect", str(path)])
     assert res.exit_code == 0, res.output
     assert "\x1b[" not in res.output  # not a terminal: no colour codes
-    assert "enc.fc1" in res.output and "2,2,2" in res.output and "220" in res.output
+    assert "enc.fc1" in res.output and "2, 2, 2" in res.output and "220" in res.output
     assert "|++++@@@@@@@@                    ++++++++|" in res.output
     res = CliRunner().invoke(main, ["inspect", str(path), "--no-heatmap"])
     assert res.exit_code == 0 and "enc.fc1" in res.output and "@@@@" not in res.output
@@ -65,5 +65,6 @@ def test_inspect_png_needs_matplotlib(tmp_path: Path) -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         assert _error_line(res) == "error: --png needs matplotlib: pip install matplotlib"
+        assert "enc.fc1" not in res.stdout  # failed before printing anything
         return
     assert res.exit_code == 0 and (tmp_path / "png" / "enc.fc1.png").is_file()
