@@ -8,7 +8,9 @@ stderr and exits 2, click usage errors exit 2, anything else prints one
 
 from __future__ import annotations
 
+import os
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -101,6 +103,36 @@ def main() -> None:
     from the file, so only use files you trust; a state_dict or .safetensors file with
     --factory package.module:function is the safe path.
     """
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    # Logs and pipes get rich's 80-column default, too narrow for the layer table.
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=120)
+    return console
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--png", "png_dir", type=click.Path(path_type=Path), default=None,
+              help="Also write one block-layout PNG per compressed layer into DIR (needs matplotlib).")
+@click.option("--no-heatmap", is_flag=True, help="Only the per-layer table, no text heatmaps.")
+@verbose_option
+def inspect(path: Path, png_dir: Path | None, no_heatmap: bool) -> None:
+    """Show the compression report in PATH (a report .json or an exported .onnx)."""
+    # Lazy: rich and the report module are not needed by other commands' startup.
+    from gblr_compress.report import load_report, render_inspect, write_pngs
+
+    report = load_report(path)
+    # PNGs first, so a missing matplotlib fails before any output.
+    written = write_pngs(report, png_dir) if png_dir is not None else []
+    console = _console()
+    render_inspect(report, console, heatmaps=not no_heatmap)
+    for p in written:
+        console.print(f"wrote {p}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,7 @@ Example:
 """
 
 from gblr_compress.export.forms import FORMS, LayerPlan, plan_layer
+from gblr_compress.export.metadata import read_metadata
 from gblr_compress.export.onnx_export import (
     ExportResult,
     LayerExport,
@@ -25,5 +26,6 @@ __all__ = [
     "VerificationError",
     "export_onnx",
     "plan_layer",
+    "read_metadata",
     "verify_onnx",
 ]
