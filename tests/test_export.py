@@ -13,7 +13,7 @@ from torch import nn
 
 from gblr_compress.errors import InputError
 from gblr_compress.export import VerificationError, export_onnx, plan_layer, verify_onnx
-from gblr_compress.layer import FrozenGBLR
+from gblr_compress.layer import FrozenGBLR, GBLRLayerConfig, GBLRLinear
 from gblr_compress.structure import Block, LayerStructure
 from samples.models import TinyEncoder
 from tests.conftest import random_gblr
@@ -211,3 +211,18 @@ def test_auto_prefers_plain_pair_for_full_width_and_segments_for_windows() -> No
     blocks = [_block(m, n, (k * 384, 768), (k * 96, 192), 46, gen) for k in range(4)]
     windowed = LayerStructure(n, m, blocks, None)
     assert plan_layer(windowed).form in ("segments", "vpad")
+
+
+def test_metadata_after_sees_the_verified_result(tmp_path) -> None:
+    from gblr_compress.export.metadata import read_metadata
+
+    layer = GBLRLinear.from_linear(nn.Linear(12, 10), GBLRLayerConfig(2, 2)).eval().to_frozen("fc")
+    seen = []
+
+    def late(result):
+        seen.append(result)
+        return {"gblr.report": f"diff={result.max_abs_diff is not None}:{len(result.layers)}"}
+
+    out = export_onnx(layer, torch.randn(3, 12), tmp_path / "m.onnx", metadata_after=late)
+    assert seen and seen[0].ort_ok
+    assert read_metadata(out.path)["gblr.report"] == "diff=True:1"

@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -275,6 +275,7 @@ def export_onnx(
     form: str = "auto",
     verify: bool = True,
     verify_inputs: Any = None,
+    metadata_after: Callable[[ExportResult], dict[str, str]] | None = None,
 ) -> ExportResult:
     """Export ``model`` to a standard ONNX file; each FrozenGBLR becomes a sliced-GEMM subgraph.
 
@@ -291,6 +292,9 @@ def export_onnx(
         form: ``"auto"`` (cost model per layer) or ``"sliced"``/``"segments"``,
             ``"vpad"``, ``"lowrank"`` for every layer.
         verify: run the file in onnxruntime and compare with the PyTorch model.
+        metadata_after: called with the finished result (parity, forms) before the file
+            is renamed into place; the metadata it returns is stored too (e.g. a report
+            that includes the verification figures).
         verify_inputs: inputs for verification (same kind as ``example_inputs``);
             default: ``example_inputs``.
 
@@ -390,13 +394,26 @@ def export_onnx(
                     v_ref, _ = _run_torch(model, v_tensors, names, as_kwargs)
                 diff, tol = _compare(tmp_path, v_tensors, names, v_ref)
                 result.max_abs_diff, result.tolerance, result.ort_ok = diff, tol, True
+            result.layers = _layer_exports(structures, plans, order)
+            if metadata_after is not None:
+                # Figures only known now (parity, forms) go into the file before it
+                # becomes visible under its final name.
+                for k, v in metadata_after(result).items():
+                    _set_prop(proto, k, v)
+                onnx.save_model(proto, str(tmp_path))
             os.replace(tmp_path, path)
         finally:
             tmp_path.unlink(missing_ok=True)
     finally:
         model.train(was_training)
 
-    result.layers = [
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _layer_exports(structures: list, plans: list, order: list[int]) -> list[LayerExport]:
+    """Per-layer export records in graph order."""
+    return [
         LayerExport(
             name=structures[i].name,
             form=plans[i].form,
@@ -408,8 +425,15 @@ def export_onnx(
         )
         for i in order
     ]
-    result.seconds = time.perf_counter() - t0
-    return result
+
+
+def _set_prop(proto: onnx.ModelProto, key: str, value: str) -> None:
+    """Set one metadata_props entry, replacing an existing one with the same key."""
+    for prop in proto.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    proto.metadata_props.add(key=key, value=value)
 
 
 # ------------------------------------------------------------------- verification
