@@ -105,13 +105,13 @@ def main() -> None:
     """
 
 
-def _console() -> Any:
+def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    console = Console()
+    console = Console(stderr=stderr)
     # Logs and pipes get rich's 80-column default, too narrow for the layer table.
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=120)
+        console = Console(width=120, stderr=stderr)
     return console
 
 
@@ -134,6 +134,137 @@ def inspect(path: Path, png_dir: Path | None, no_heatmap: bool) -> None:
     for p in written:
         console.print(f"wrote {p}")
 
+
+
+def _budget(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
+    try:
+        b = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number") from None
+    if not 0.0 < b <= 1.0:
+        raise click.BadParameter(f"must be in (0, 1], got {value}")
+    return b
+
+
+class _Bars:
+    """rich progress bars on a terminal; one line per finished phase elsewhere (CI logs)."""
+
+    LABELS = {
+        "moments": "activation statistics", "holdout": "held-out statistics",
+        "spectra": "spectra", "layers": "init (per layer)", "distill": "distillation",
+        "recover": "recovery (content only)", "export": "export + verification",
+    }
+
+    def __init__(self, console: Any, quiet: bool) -> None:
+        self.console, self.quiet = console, quiet
+        self.tasks: dict[str, Any] = {}
+        self.started: dict[str, float] = {}
+        self.progress = None
+        if not quiet and console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description:<26}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console,
+            )
+
+    def __enter__(self) -> "_Bars":
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, phase: str, done: int, total: int, info: Any) -> None:
+        if self.quiet:
+            return
+        import time
+
+        label = self.LABELS.get(phase, phase)
+        text = ""
+        if "loss" in info:
+            text = f"loss {info['loss']:.4g}  cost {info['cost']:,}/{info['max_cost']:,}"
+        if phase not in self.started:
+            self.started[phase] = time.perf_counter()
+            if self.progress is not None:
+                self.tasks[phase] = self.progress.add_task(label, total=max(total, 1), info="")
+        if self.progress is not None:
+            self.progress.update(self.tasks[phase], completed=done, total=max(total, 1), info=text)
+        elif total and done == total:
+            took = time.perf_counter() - self.started[phase]
+            self.console.print(f"{label}: {done}/{total} in {took:.1f} s" + (f" ({text})" if text else ""))
+
+
+@main.command("compress", hidden=True)
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--budget", "-b", callback=_budget, required=True,
+              help="Global fraction of the Linear layers' multiply-adds to keep, in (0, 1].")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="ONNX file to write.")
+@click.option("--factory", default=None, metavar="PKG.MODULE:FN",
+              help="Builds the architecture for a state_dict / .safetensors MODEL (safe: nothing is unpickled).")
+@click.option("--calib", default=None, type=click.Path(path_type=str),
+              help="Calibration data: .pt or .npz with a tensor, tuple/dict of tensors, or a list of batches.")
+@click.option("--input-spec", default=None, metavar="SPEC",
+              help="Input names, dtypes and shapes for synthetic inputs, e.g. input_ids:int64[8,128].")
+@click.option("--steps", default=100, show_default=True, type=click.IntRange(min=0),
+              help="Distillation steps (0: init, freeze and export only).")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Peak learning rate of the distilled content.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--data-free", is_flag=True, help="Initialize from the weights alone (no activation statistics).")
+@click.option("--max-blocks", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Most blocks per layer; few large blocks run fast.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only compress Linear layers whose name matches (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave Linear layers whose name matches dense (repeatable).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda when available.")
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(min=18))
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-PyTorch check.")
+@click.option("--report", default=None, type=click.Path(path_type=str),
+              help="Report path (default: next to the output, NAME.report.json).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress and no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@verbose_option
+def compress_cmd(model: str, budget: float, output: str, factory: str | None, calib: str | None,
+                 input_spec: str | None, steps: int, lr: float, seed: int, data_free: bool,
+                 max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...], device: str,
+                 opset: int, no_verify: bool, report: str | None, quiet: bool, as_json: bool) -> None:
+    """Compress MODEL's Linear layers to a FLOP budget and export ONNX + a report.
+
+    MODEL is a torch.save'd module or bundle dict (a pickle: loading it runs code from
+    the file, so only use files you trust), or a state_dict / .safetensors file with
+    --factory (the safe path), or a HuggingFace directory (needs transformers).
+    """
+    import json
+
+    from gblr_compress.pipeline import CompressConfig, Job, run_job
+    from gblr_compress.report import render_summary
+
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available on this machine")
+    config = CompressConfig(budget=budget, steps=steps, lr=lr, seed=seed, data_free=data_free,
+                            max_blocks=max_blocks, include=include, exclude=exclude, device=device)
+    job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
+              report=report, opset=opset, verify=not no_verify, config=config)
+    console = _console()
+    err_console = _console(stderr=True)
+    with _Bars(err_console, quiet or as_json) as bars:
+        result = run_job(job, progress=bars)
+    for w in result.warnings:
+        err_console.print(f"warning: {w}")
+    if as_json:
+        from gblr_compress.report import report_to_dict
+
+        summary = report_to_dict(result.report)
+        click.echo(json.dumps({"totals": summary["totals"], "quality": summary["quality"],
+                               "parity": summary["parity"], "seconds": summary["seconds"],
+                               "outputs": summary["outputs"]}))
+    elif not quiet:
+        render_summary(result.report, console)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -23,7 +23,7 @@ from gblr_compress.gaudi import (
     window_indices,
     window_slices,
 )
-from gblr_compress.structure import Block, LayerStructure, merge_blocks
+from gblr_compress.structure import Block, LayerStructure, canonical_block, merge_blocks
 
 __all__ = ["GBLRLayerConfig", "GBLRLinear", "FrozenGBLR"]
 
@@ -250,9 +250,8 @@ class GBLRLinear(nn.Module):
                 continue
             rows = torch.tensor(window_indices(rs, rw, m), device=self.U.device)
             cols = torch.tensor(window_indices(cs, cw, n), device=self.V.device)
-            blocks.append(
-                Block(rs, rw, cs, cw, self.U[k][rows].clone(), self.V[k][:, cols].clone())
-            )
+            block = Block(rs, rw, cs, cw, self.U[k][rows].clone(), self.V[k][:, cols].clone())
+            blocks.append(canonical_block(block, m, n))
         bias = None if self.bias is None else self.bias.detach().clone()
         return LayerStructure(n, m, merge_blocks(blocks), bias, name=name)
 

@@ -14,7 +14,7 @@ import torch
 
 from gblr_compress.gaudi import component_cost, window_indices
 
-__all__ = ["Block", "LayerStructure", "merge_blocks", "STRUCTURE_VERSION"]
+__all__ = ["Block", "canonical_block", "LayerStructure", "merge_blocks", "STRUCTURE_VERSION"]
 
 STRUCTURE_VERSION = 1
 
@@ -64,6 +64,24 @@ class Block:
         return (self.row_start, self.row_width, self.col_start, self.col_width)
 
 
+def canonical_block(block: Block, m: int, n: int) -> Block:
+    """The same block with full-width windows starting at 0.
+
+    A window covering the whole axis is the same set of indices whatever its start, but
+    a nonzero start would make it look like a wrapping window to the exporter and keep
+    it from merging with its twins. Factors are rotated so every row/column keeps its
+    values (``U`` row ``j`` belongs to output ``(start + j) % m``).
+    """
+    rs, cs, U, V = block.row_start, block.col_start, block.U, block.V
+    if block.row_width == m and rs != 0:
+        U, rs = torch.roll(U, shifts=rs, dims=0), 0
+    if block.col_width == n and cs != 0:
+        V, cs = torch.roll(V, shifts=cs, dims=1), 0
+    if (rs, cs) == (block.row_start, block.col_start):
+        return block
+    return Block(rs, block.row_width, cs, block.col_width, U, V)
+
+
 @dataclass
 class LayerStructure:
     """A frozen GBLR layer: shape, blocks and bias.
@@ -93,6 +111,7 @@ class LayerStructure:
                 raise ValueError(f"block window width out of range: {b.window_key()}")
         if self.bias is not None and self.bias.shape != (self.out_features,):
             raise ValueError(f"bias shape {tuple(self.bias.shape)} != ({self.out_features},)")
+        self.blocks = [canonical_block(b, self.out_features, self.in_features) for b in self.blocks]
 
     @property
     def cost(self) -> int:

@@ -50,3 +50,24 @@ def test_invalid_records_are_rejected() -> None:
         LayerStructure(4, 4, [Block(5, 1, 0, 1, torch.zeros(1, 1), torch.zeros(1, 1))])
     with pytest.raises(ValueError):
         LayerStructure.from_dict({"version": 999, "blocks": []}, {})
+
+
+def test_full_width_windows_are_canonical_and_merge() -> None:
+    gen = torch.Generator().manual_seed(7)
+    m, n = 6, 5
+    U = torch.randn(m, 2, generator=gen, dtype=torch.float64)
+    V = torch.randn(2, n, generator=gen, dtype=torch.float64)
+    shifted = LayerStructure(n, m, [Block(4, m, 3, n, U, V)])
+    assert shifted.blocks[0].window_key() == (0, m, 0, n)
+    dense = torch.zeros(m, n, dtype=torch.float64)
+    rows = [(4 + j) % m for j in range(m)]
+    cols = [(3 + j) % n for j in range(n)]
+    dense[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = U @ V
+    torch.testing.assert_close(shifted.dense_weight(), dense)
+    layer = random_gblr(m, n, K=2, r=1, gen=gen)
+    with torch.no_grad():
+        layer.widths.fill_(1.0)
+        layer.locations[:, 0] = torch.tensor([2 / m, 1 / n], dtype=torch.float64)
+    record = layer.to_structure()
+    assert len(record.blocks) == 1 and record.blocks[0].rank == 2  # same window once canonical
+    torch.testing.assert_close(record.dense_weight(), layer.weight(hard=True).detach())
