@@ -78,6 +78,10 @@ class GBLRGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.exceptions.UsageError as exc:
+            # A bad option value is bad input like any other: one line, exit 2.
+            click.echo(f"error: {_one_line(exc.format_message())}", err=True)
+            ctx.exit(2)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # usage errors (exit 2) and explicit exits keep click's handling
         except InputError as exc:

@@ -174,15 +174,18 @@ def make_encoder(out: Path, steps: int = 200, seed: int = 0) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command line entry: train both samples, write files and ``manifest.json``."""
+    """Command line entry: train the samples, write files and ``manifest.json``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("samples/data"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=["digits", "encoder"], default=None,
+                        help="Make one sample only (digits takes seconds, the encoder longer).")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     manifest: dict[str, Any] = {}
-    for name, build in (("digits", make_digits), ("encoder", make_encoder)):
+    makers = (("digits", make_digits), ("encoder", make_encoder))
+    for name, build in (m for m in makers if args.only in (None, m[0])):
         t0 = time.perf_counter()
         manifest[name] = build(args.out, seed=args.seed)
         manifest[name]["train_seconds"] = round(time.perf_counter() - t0, 1)

@@ -1,0 +1,147 @@
+"""The compress command end to end, on every checkpoint format, and its bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from gblr_compress.cli import main
+from tests.cli_models import NoLinear, small_mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--steps", "4", "--budget", "0.3"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = small_mlp().eval()
+    calib = [torch.randn(16, 32) @ torch.diag(torch.linspace(0.1, 3, 32)) for _ in range(6)]
+    paths = {
+        "module": d / "module.pt",
+        "bundle": d / "bundle.pt",
+        "safetensors": d / "state.safetensors",
+        "state_dict": d / "state.pt",
+        "calib": d / "calib.pt",
+        "npz": d / "calib.npz",
+        "nolinear": d / "nolinear.pt",
+        "badcalib": d / "badcalib.pt",
+        "junk": d / "junk.pt",
+        "truncated": d / "truncated.pt",
+    }
+    torch.save(model, paths["module"])
+    torch.save({"model": model, "example_inputs": calib[0][:2], "calib": calib}, paths["bundle"])
+    save_file(model.state_dict(), str(paths["safetensors"]))
+    torch.save(model.state_dict(), paths["state_dict"])
+    torch.save(calib, paths["calib"])
+    np.savez(paths["npz"], torch.cat(calib).numpy())
+    torch.save(NoLinear(), paths["nolinear"])
+    torch.save([torch.randn(4, 7)], paths["badcalib"])
+    paths["junk"].write_bytes(os.urandom(2000))
+    paths["truncated"].write_bytes(paths["module"].read_bytes()[:700])
+    return paths
+
+
+def _run(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(main, args)
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize(
+    "fmt, extra",
+    [
+        ("module", ["--calib", "calib"]),
+        ("bundle", []),
+        ("safetensors", ["--factory", "tests.cli_models:small_mlp", "--calib", "npz"]),
+        ("state_dict", ["--factory", "tests.cli_models:small_mlp", "--input-spec", "float32[8,32]"]),
+    ],
+)
+def test_compress_each_format(files, tmp_path, fmt, extra, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)  # factories are imported from the working directory
+    extra = [str(files[e]) if e in files else e for e in extra]
+    out = tmp_path / "m.onnx"
+    code, text = _run([str(files[fmt]), *FAST, "-o", str(out), *extra])
+    assert code == 0, text
+    report = json.loads((tmp_path / "m.report.json").read_text())
+    totals = report["totals"]
+    assert totals["linear_cost"] <= totals["budget_cost"]
+    assert report["parity"]["ok"] and report["source"]["format"] in fmt
+    assert report["source"]["synthetic_calib"] == (fmt == "state_dict")
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    assert sess.run(None, {sess.get_inputs()[0].name: x})[0].shape == (3, 5)
+    if fmt == "state_dict":
+        assert "synthetic inputs" in text
+
+
+def test_json_summary_and_inspect_on_outputs(files, tmp_path) -> None:
+    out = tmp_path / "m.onnx"
+    code, text = _run([str(files["bundle"]), *FAST, "-o", str(out), "--json"])
+    assert code == 0, text
+    summary = json.loads(text.strip().splitlines()[-1])
+    assert summary["parity"]["ok"] and summary["outputs"]["onnx"] == str(out)
+    for target in (out, tmp_path / "m.report.json"):
+        code, text = _run(["inspect", str(target), "--no-heatmap"])
+        assert code == 0 and "fc1" in text, text
+
+
+def test_steps_zero_and_data_free(files, tmp_path) -> None:
+    code, text = _run([str(files["bundle"]), "--budget", "0.2", "--steps", "0", "--data-free", "-o", str(tmp_path / "m.onnx"), "--quiet"])
+    assert code == 0, text
+    report = json.loads((tmp_path / "m.report.json").read_text())
+    assert report["settings"]["data_free"] and "distill" not in report["seconds"]
+
+
+@pytest.mark.parametrize(
+    "case, args, needle",
+    [
+        ("missing", ["{tmp}/nope.pt"], "nope.pt"),
+        ("junk", ["{junk}"], "checkpoint"),
+        ("truncated", ["{truncated}"], ""),
+        ("nolinear", ["{nolinear}"], "Linear"),
+        ("budget0", ["{bundle}", "--budget", "0"], "budget"),
+        ("budget15", ["{bundle}", "--budget", "1.5"], "budget"),
+        ("budgetabc", ["{bundle}", "--budget", "abc"], "budget"),
+        ("badcalib", ["{module}", "--calib", "{badcalib}"], "does not fit"),
+        ("unwritable", ["{bundle}", "-o", "{tmp}/no/such/dir/m.onnx"], "folder"),
+        ("factory", ["{safetensors}", "--factory", "no_such_pkg.mod:fn"], "factory"),
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line_and_no_output(files, tmp_path, case, args, needle) -> None:
+    fill = {k: str(v) for k, v in files.items()} | {"tmp": str(tmp_path)}
+    argv = [a.format(**fill) for a in args]
+    if "-o" not in argv:
+        argv += ["-o", str(tmp_path / "m.onnx")]
+    if "--budget" not in argv:
+        argv += ["--budget", "0.3"]
+    result = CliRunner().invoke(main, [*argv, "--steps", "2"])
+    assert result.exit_code == 2, (case, result.output)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert needle.lower() in lines[0].lower(), lines[0]
+    assert not list(tmp_path.glob("m.*"))
+
+
+def test_real_subprocess_with_exit_codes(files, tmp_path) -> None:
+    exe = [sys.executable, "-m", "gblr_compress"]
+    out = tmp_path / "m.onnx"
+    ok = subprocess.run([*exe, str(files["bundle"]), *FAST, "-o", str(out)], cwd=ROOT,
+                        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert ok.returncode == 0, ok.stderr
+    assert out.exists() and "Budget" in ok.stdout and "\x1b[" not in ok.stdout
+    bad = subprocess.run([*exe, str(files["junk"]), "--budget", "0.3", "-o", str(tmp_path / "x.onnx")],
+                         cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+    originals = {p: p.read_bytes() for p in (files["bundle"],)}
+    assert all(p.read_bytes() == b for p, b in originals.items())
