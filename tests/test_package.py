@@ -37,5 +37,31 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     marker = "<!-- test-command -->"
     assert marker in readme
-    block = readme.split(marker, 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
+    block = _readme_command(marker)
     assert block and block in ci
+
+
+def _readme_command(marker: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    assert marker in readme
+    return readme.split(marker, 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
+
+
+def test_readme_main_command_runs() -> None:
+    """The README's sample command, minus its venv set-up, against this interpreter."""
+    import re
+    import subprocess
+    import sys
+
+    steps = _readme_command("<!-- main-command -->").split(" && ")
+    assert steps[0].startswith("python3 -m venv .venv") and "pip install" in steps[1]
+    here = f"{sys.executable} -m gblr_compress"
+    cmd = " && ".join(steps[2:]).replace(".venv/bin/gblr-compress", here)
+    cmd = cmd.replace(".venv/bin/python", sys.executable)
+    run = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = re.search(r"dense \(PyTorch\) ([0-9.]+) -> compressed \(onnxruntime\) ([0-9.]+)", run.stdout)
+    assert found, run.stdout[-2000:]
+    dense, compressed = float(found.group(1)), float(found.group(2))
+    assert dense > 0.9 and compressed >= dense - 0.03
