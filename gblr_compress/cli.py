@@ -216,6 +216,8 @@ class _Bars:
               help="Distillation steps (0: init, freeze and export only).")
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Peak learning rate of the distilled content.")
+@click.option("--loss", type=click.Choice(["auto", "mse", "kl"]), default="auto", show_default=True,
+              help="Distillation loss: auto = KL on a single 2-D output (logits), normalized MSE otherwise.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--data-free", is_flag=True, help="Initialize from the weights alone (no activation statistics).")
 @click.option("--max-blocks", default=4, show_default=True, type=click.IntRange(min=1),
@@ -231,7 +233,7 @@ class _Bars:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @verbose_option
 def compress_cmd(model: str, budget: float, output: str, factory: str | None, calib: str | None,
-                 input_spec: str | None, steps: int, lr: float, seed: int, data_free: bool,
+                 input_spec: str | None, steps: int, lr: float, loss: str, seed: int, data_free: bool,
                  max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...], device: str,
                  opset: int, no_verify: bool, report: str | None, quiet: bool, as_json: bool) -> None:
     """Compress MODEL's Linear layers to a FLOP budget and export ONNX + a report.
@@ -250,7 +252,7 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
 
         if not torch.cuda.is_available():
             raise InputError(f"--device {device}: CUDA is not available on this machine")
-    config = CompressConfig(budget=budget, steps=steps, lr=lr, seed=seed, data_free=data_free,
+    config = CompressConfig(budget=budget, steps=steps, lr=lr, loss=loss, seed=seed, data_free=data_free,
                             max_blocks=max_blocks, include=include, exclude=exclude, device=device)
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
               report=report, opset=opset, verify=not no_verify, config=config)

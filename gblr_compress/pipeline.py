@@ -87,6 +87,9 @@ class CompressConfig:
         overcomplete: with distillation, initialize at ``overcomplete * budget`` with each
             layer's rank split over up to ``max_blocks`` groups, and let the proximal
             projection prune to the budget (the structure then has room to move).
+        loss: distillation loss on the model outputs: ``"auto"`` (KL on a single 2-D
+            output, taken as classifier logits; normalized MSE otherwise), ``"mse"``
+            (use it for 2-D outputs that are embeddings, not logits) or ``"kl"``.
         device: where init and distillation run (``cpu`` or ``cuda``).
     """
 
@@ -102,6 +105,7 @@ class CompressConfig:
     holdout_fraction: float = 0.2
     recovery_steps: int | None = None
     overcomplete: float = 1.0
+    loss: str = "auto"
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -115,6 +119,8 @@ class CompressConfig:
             raise InputError(f"--max-blocks must be >= 1, got {self.max_blocks}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise InputError(f"holdout fraction must be in [0, 1), got {self.holdout_fraction}")
+        if self.loss not in ("auto", "mse", "kl"):
+            raise InputError(f"--loss must be auto, mse or kl, got {self.loss!r}")
         if not self.overcomplete >= 1.0:
             raise InputError(f"overcomplete must be >= 1, got {self.overcomplete}")
         if self.recovery_steps is not None and self.recovery_steps < 0:
@@ -256,7 +262,7 @@ def compress(
     if distilling and compressed:
         t0 = time.perf_counter()
         dcfg = DistillConfig(steps=config.steps, lr=config.lr, structure_lr=config.structure_lr,
-                             seed=config.seed)
+                             seed=config.seed, loss=config.loss)
         distilled = distill_(student, teacher, fit, max_cost, dcfg, holdout=held,
                              progress=_relay_steps("distill", progress))
         seconds["distill"] = time.perf_counter() - t0
@@ -265,7 +271,7 @@ def compress(
         rsteps = config.steps // 4 if config.recovery_steps is None else config.recovery_steps
         if rsteps > 0:
             t0 = time.perf_counter()
-            rcfg = DistillConfig(steps=rsteps, lr=config.lr * 0.3, seed=config.seed + 1,
+            rcfg = DistillConfig(steps=rsteps, lr=config.lr * 0.3, seed=config.seed + 1, loss=config.loss,
                                  eval_every=max(1, min(20, rsteps)))
             recovery = recover_(student, teacher, fit, max_cost, rcfg, holdout=held,
                                 progress=_relay_steps("recover", progress))
@@ -442,7 +448,7 @@ def build_report(
         "budget": cfg.budget, "steps": cfg.steps, "lr": cfg.lr, "structure_lr": cfg.structure_lr,
         "seed": cfg.seed, "data_free": cfg.data_free, "max_blocks": cfg.max_blocks,
         "include": list(cfg.include), "exclude": list(cfg.exclude),
-        "holdout_fraction": cfg.holdout_fraction, "opset": job.opset, "verify": job.verify,
+        "holdout_fraction": cfg.holdout_fraction, "loss": cfg.loss, "opset": job.opset, "verify": job.verify,
         "device": cfg.device,
     }
     parity = None

@@ -114,3 +114,25 @@ def set_distill_hook(hook: DistillHook, name: str = "whitened-svd+distill") -> N
         return hook(whitened_svd(dense, calib, budget), dense, calib)
 
     register(name)(contender)
+
+
+def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool) -> nn.Module:
+    """gblr-compress's library pipeline (the same calls the CLI makes) on the encoder Linears."""
+    from gblr_compress.pipeline import CompressConfig, compress
+
+    names = tuple(encoder_linears(dense))
+    config = CompressConfig(budget=budget, include=names, data_free=data_free,
+                            steps=0 if data_free else 100, loss="mse")
+    return compress(dense, config, calib=None if data_free else calib).model
+
+
+@register("gblr-data-free")
+def gblr_data_free(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
+    """GBLR init from the weights alone, frozen; no distillation (no data)."""
+    return _gblr(dense, calib, budget, data_free=True)
+
+
+@register("gblr-calibrated")
+def gblr_calibrated(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
+    """Activation-aware GBLR init + 100 distillation steps + recovery, frozen."""
+    return _gblr(dense, calib, budget, data_free=False)
