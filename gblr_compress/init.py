@@ -133,6 +133,24 @@ def relative_error(W: torch.Tensor, W_hat: torch.Tensor, C: torch.Tensor | None)
     return math.sqrt(max(num, 0.0) / den)
 
 
+class _Meter:
+    """:func:`relative_error` against one moment (``None``: identity), with the
+    denominator computed once and each named candidate evaluated once."""
+
+    def __init__(self, W: torch.Tensor, C: torch.Tensor | None) -> None:
+        self.W, self.C = W, C
+        self.den = float((W * W).sum()) if C is None else float(((W @ C) * W).sum())
+        self.cache: dict[str, float] = {}
+
+    def __call__(self, key: str, W_hat: torch.Tensor) -> float:
+        if key not in self.cache:
+            D = self.W - W_hat  # (m, n)
+            num = float((D * D).sum()) if self.C is None else float(((D @ self.C) * D).sum())
+            ok = self.den > 0.0
+            self.cache[key] = math.sqrt(max(num, 0.0) / self.den) if ok else 0.0
+        return self.cache[key]
+
+
 def _best_windows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For every width ``w = 0..n``, the largest cyclic window sum of ``a (n,)`` and its start."""
     n = a.numel()
@@ -538,7 +556,7 @@ def _refit(res: _Residual, groups: list[_Group], sweeps: int) -> list[_Group]:
 
 
 def _gd_refine(
-    W: torch.Tensor, C: torch.Tensor, groups: list[_Group], r: int, cost: int, cfg: InitConfig
+    lay: _Layer, groups: list[_Group], r: int, cost: int, cfg: InitConfig
 ) -> list[_Group]:
     """Short Adam descent on U, V, widths and locations with annealed Gaudi masks.
 
@@ -547,6 +565,7 @@ def _gd_refine(
     ``O(m n^2)``. Widths are projected onto the layer's allocation after every step.
     Returns the groups at the rounded final windows (content to be refitted).
     """
+    W, C = lay.W, lay.C
     m, n = W.shape
     dt = torch.float32  # structure refinement tolerates float32; the refit is float64
     proto = nn.Linear(n, m, bias=False)
@@ -554,8 +573,8 @@ def _gd_refine(
     layer = _to_layer(groups, proto, r).to(dt)
     layer.train()
     layer.round_ste = True
-    Cd, CWt = C.to(dt), (C @ W.T).to(dt)  # (n, n), (n, m)
-    energy = float((W * (W @ C)).sum())
+    Cd, CWt = C.to(dt), lay.WC.T.to(dt)  # (n, n), (n, m): C W^T = (W C)^T, C symmetric
+    energy = lay.total
     if not energy > 0.0:
         return groups
     scale_u = float(layer.U.detach().abs().max()) or 1.0
@@ -662,6 +681,7 @@ def init_layer(
     base = _lowrank_groups(W, L, R, lay.WL)
     base_W = _assemble(base, m, n)
     base_fit = relative_error(W, base_W, C)
+    fit_err, hold_err = _Meter(W, C_fit), _Meter(W, C_hold)
 
     # Windowed search: best greedy structure over a few (groups, rank) shapes.
     best: tuple[float, list[_Group], int] | None = None
@@ -683,7 +703,7 @@ def init_layer(
         groups = _refit(res, groups, cfg.refit_sweeps)
         err_search = res.error2()
         if cfg.refine_steps > 0:
-            refined = _gd_refine(W, C, [*groups], r, cost, cfg)
+            refined = _gd_refine(lay, [*groups], r, cost, cfg)
             if refined:
                 res2 = _Residual(lay)
                 for g in refined:
@@ -692,17 +712,17 @@ def init_layer(
                 if res2.error2() < err_search:
                     groups, err_search = refined, res2.error2()
         win_W = _assemble(groups, m, n)
-        win_fit = relative_error(W, win_W, C)
+        # The residual already holds tr(D C D^T) for these groups.
+        win_fit = math.sqrt(err_search / lay.total) if lay.total > 0.0 else 0.0
         if not win_fit < base_fit:
             reason = f"window search did not beat the {'whitened ' if not data_free else ''}SVD on fit data ({win_fit:.4f} vs {base_fit:.4f})"
         elif C_hold is not None and not (
-            relative_error(W, win_W, C_hold)
-            < (1.0 - cfg.min_gain) * relative_error(W, base_W, C_hold)
+            hold_err("win", win_W) < (1.0 - cfg.min_gain) * hold_err("base", base_W)
         ):
             reason = (
                 "windowed gain did not hold out "
-                f"({relative_error(W, win_W, C_hold):.4f} vs "
-                f"{relative_error(W, base_W, C_hold):.4f} on held-out batches)"
+                f"({hold_err('win', win_W):.4f} vs "
+                f"{hold_err('base', base_W):.4f} on held-out batches)"
             )
         else:
             chosen, status, r_out = groups, "gblr", r
@@ -712,17 +732,17 @@ def init_layer(
         reason = "allocation below one full-width component; the layer keeps only its bias"
 
     module = _to_layer(chosen, lin, r_out, num_groups=len(chosen) or 1)
-    W_hat = _assemble(chosen, m, n)
+    key, W_hat = ("win", win_W) if status == "gblr" else ("base", base_W)
     rec = LayerInit(
         status=status,
         reason=reason,
         exact_cost=module.exact_cost(),
         rank=r_out if chosen else 0,
         groups=len(chosen),
-        calib_error=relative_error(W, W_hat, C_fit),
-        heldout_error=None if C_hold is None else relative_error(W, W_hat, C_hold),
-        baseline_heldout_error=None if C_hold is None else relative_error(W, base_W, C_hold),
-        baseline_calib_error=relative_error(W, base_W, C_fit),
+        calib_error=fit_err(key, W_hat),
+        heldout_error=None if C_hold is None else hold_err(key, W_hat),
+        baseline_heldout_error=None if C_hold is None else hold_err("base", base_W),
+        baseline_calib_error=fit_err("base", base_W),
         seconds=time.perf_counter() - t0,
         **record,
     )
