@@ -337,7 +337,8 @@ class InitConfig:
     Attributes:
         budget: global fraction of the dense cost, in (0, 1] (GBLR.md s.2).
         max_groups: most component groups (blocks with their own windows) per layer;
-            few large blocks run fast after export.
+            few large blocks run fast after export. The search tries 1, 2, 4, ... and
+            ``max_groups`` groups.
         data_free: ignore calibration data (``C = I``, weight error).
         damping: added to the moment's diagonal, as a fraction of its mean diagonal;
             ~0.1 keeps window searches from overfitting a few thousand tokens.
@@ -356,7 +357,7 @@ class InitConfig:
     data_free: bool = False
     damping: float = 0.1
     seed: int = 0
-    width_fractions: tuple[float, ...] = (0.75, 0.5, 0.25)
+    width_fractions: tuple[float, ...] = (0.5, 0.25)
     refine_steps: int = 20
     refine_lr: float = 0.02
     refit_sweeps: int = 2
@@ -617,9 +618,15 @@ def _gd_refine(
 
 
 def _search_shapes(m: int, n: int, cost: int, cfg: InitConfig) -> list[tuple[int, int]]:
-    """(groups, rank) pairs to try: groups of widths ``f (m + n)`` filling the cost."""
+    """(groups, rank) pairs to try: groups of widths ``f (m + n)`` filling the cost.
+
+    Group counts are the powers of two up to ``max_groups`` and ``max_groups`` itself
+    (1, 2, 4 by default): neighbouring counts give near-identical structures, and each
+    greedy step costs an eigendecomposition of the residual.
+    """
+    counts = sorted({1 << i for i in range(cfg.max_groups.bit_length())} | {cfg.max_groups})
     shapes = []
-    for K in range(1, cfg.max_groups + 1):
+    for K in (k for k in counts if k <= cfg.max_groups):
         for f in cfg.width_fractions:
             total = max(2, int(f * (m + n)))
             r = cost // (K * total)
