@@ -6,6 +6,7 @@ greedy allocation's). Part 2 times ``initialize_`` on ``bert_small()`` (random w
 random token batches) at default settings, moments included.
 
     python benchmarks/init_bench.py                 # full: 256 x 128 tokens for bert_small
+    python benchmarks/init_bench.py --skip-digits   # only the bert_small timing
     python benchmarks/init_bench.py --seqs 32       # quicker timing run
 """
 
@@ -81,22 +82,35 @@ def _digits(budget: float) -> None:
         print(f"{'':6} act-aware status: {rec.status} {rec.reason}")
 
 
-def _bert(seqs: int, length: int, budget: float) -> None:
+def _bert(seqs: int, length: int, budget: float, batch: int) -> None:
     torch.manual_seed(0)
     model = bert_small().eval()
-    batches = [{"input_ids": torch.randint(0, 8000, (16, length))} for _ in range(seqs // 16)]
-    held = batches[-max(1, len(batches) // 8) :]
-    fit = batches[: len(batches) - len(held)] or held
+    ids = torch.randint(0, 8000, (seqs, length))
+    n_fit = seqs - max(1, round(seqs * 52 / 256))  # 204 fit + 52 held-out at 256 sequences
+    fit = [{"input_ids": ids[i : min(i + batch, n_fit)]} for i in range(0, n_fit, batch)]
+    held = [{"input_ids": ids[i : i + batch]} for i in range(n_fit, seqs, batch)]
     t = time.perf_counter()
     result = initialize_(model, InitConfig(budget=budget), calib=fit, holdout=held)
     total = time.perf_counter() - t
     layer_s = sum(r.seconds for r in result.layers.values())
     status = {s: sum(r.status == s for r in result.layers.values()) for s in ("gblr", "lowrank", "skipped")}
+    gain = [
+        r.heldout_error / r.baseline_heldout_error
+        for r in result.layers.values()
+        if r.heldout_error is not None and r.baseline_heldout_error
+    ]
     print(
-        f"bert_small, {seqs} x {length} tokens, budget {budget}: {total:.1f} s total "
-        f"({total - layer_s:.1f} s moments+spectra, {layer_s:.1f} s layer search), "
-        f"exact cost {result.exact_cost} <= {result.budget_cost}, status {status}"
+        f"bert_small, {n_fit} fit + {seqs - n_fit} held-out seqs x {length} tokens "
+        f"(batches of {batch}), budget {budget}, {torch.get_num_threads()} threads: "
+        f"{total:.1f} s total ({total - layer_s:.1f} s moments+spectra, "
+        f"{layer_s:.1f} s layer search), exact cost {result.exact_cost} <= "
+        f"{result.budget_cost}, status {status}"
     )
+    if gain:
+        print(
+            f"held-out error / whitened-SVD held-out error per layer: "
+            f"max {max(gain):.4f}, mean {sum(gain) / len(gain):.4f}"
+        )
 
 
 def main() -> None:
@@ -104,11 +118,14 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.1)
     ap.add_argument("--seqs", type=int, default=256)
     ap.add_argument("--len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--skip-bert", action="store_true")
+    ap.add_argument("--skip-digits", action="store_true")
     args = ap.parse_args()
-    _digits(args.budget)
+    if not args.skip_digits:
+        _digits(args.budget)
     if not args.skip_bert:
-        _bert(args.seqs, args.len, 0.3)
+        _bert(args.seqs, args.len, 0.3, args.batch)
 
 
 if __name__ == "__main__":

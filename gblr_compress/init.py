@@ -24,10 +24,11 @@ model-level :func:`initialize_`. The library prints nothing.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from torch import nn
 from gblr_compress.budget import dense_budget, greedy_allocation, project_widths_
 from gblr_compress.calib import Batch, Moment, collect_moments
 from gblr_compress.errors import InputError
-from gblr_compress.gaudi import component_cost, window_indices
+from gblr_compress.gaudi import component_cost, window_indices, window_slices
 from gblr_compress.layer import GBLRLayerConfig, GBLRLinear
 from gblr_compress.swap import as_linear, find_linears, is_linear_like, replace_module
 
@@ -133,13 +134,30 @@ def relative_error(W: torch.Tensor, W_hat: torch.Tensor, C: torch.Tensor | None)
     return math.sqrt(max(num, 0.0) / den)
 
 
+class _Meter:
+    """:func:`relative_error` against one moment (``None``: identity), with the
+    denominator computed once and each named candidate evaluated once."""
+
+    def __init__(self, W: torch.Tensor, C: torch.Tensor | None) -> None:
+        self.W, self.C = W, C
+        self.den = float((W * W).sum()) if C is None else float(((W @ C) * W).sum())
+        self.cache: dict[str, float] = {}
+
+    def __call__(self, key: str, W_hat: torch.Tensor) -> float:
+        if key not in self.cache:
+            D = self.W - W_hat  # (m, n)
+            num = float((D * D).sum()) if self.C is None else float(((D @ self.C) * D).sum())
+            ok = self.den > 0.0
+            self.cache[key] = math.sqrt(max(num, 0.0) / self.den) if ok else 0.0
+        return self.cache[key]
+
+
 def _best_windows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For every width ``w = 0..n``, the largest cyclic window sum of ``a (n,)`` and its start."""
     n = a.numel()
     cs = torch.cat([a.new_zeros(1), torch.cumsum(torch.cat([a, a]), 0)])  # (2n+1,)
-    w = torch.arange(n + 1)[:, None]  # (n+1, 1)
-    s = torch.arange(n)[None, :]  # (1, n)
-    sums = cs[s + w] - cs[s]  # (n+1, n): sum of a over window (s, w)
+    # A strided view reads cs[s + w] at [w, s] without materializing an index tensor.
+    sums = cs.as_strided((n + 1, n), (1, 1)) - cs[:n]  # (n+1, n): sum over window (s, w)
     best, start = sums.max(dim=1)
     return best, start
 
@@ -194,25 +212,68 @@ class _Group:
         return component_cost(self.rw, self.cw, self.U.shape[1])
 
 
-class _Residual:
-    """Residual ``E = W - W_hat`` kept together with ``E C`` so block fits are cheap.
-
-    ``tr(E C E^T) = sum(E * EC)`` is the absolute squared output error.
+class _Layer:
+    """Per-layer constants shared by every search on one weight: ``W``, the regularized
+    moment ``C = L L^T`` and products of them, plus Cholesky factors of the column
+    sub-moments ``C_JJ`` (keyed by window; the same windows recur across shapes and refits).
     """
 
     def __init__(self, W: torch.Tensor, C: torch.Tensor, L: torch.Tensor) -> None:
         self.W, self.C, self.L = W, C, L
-        self.E = W.clone()  # (m, n)
-        self.EC = W @ C  # (m, n)
-        self.total = float((W * self.EC).sum())
+        self.WC = W @ C  # (m, n)
+        self.WL = W @ L  # (m, n) whitened weight
+        self.diagC = C.diagonal().clone()  # (n,)
+        self.L32 = L.float()  # for the float32 window profiles
+        self.total = float((W * self.WC).sum())
+        self._chol: dict[tuple[int, int], torch.Tensor] = {}
+
+    def chol(self, cs: int, cw: int) -> torch.Tensor:
+        """Lower Cholesky factor ``(cw, cw)`` of ``C_JJ`` for the column window ``(cs, cw)``."""
+        key = (cs, cw)
+        if key not in self._chol:
+            J = torch.tensor(window_indices(cs, cw, self.C.shape[0]))
+            self._chol[key] = _cholesky(self.C[J][:, J])
+        return self._chol[key]
+
+
+class _Residual:
+    """Residual ``E = W - W_hat`` kept together with ``E C`` (so block fits are cheap) and
+    the whitened residual ``E L`` (for the window profiles), all updated per block.
+
+    ``tr(E C E^T) = sum(E * EC)`` is the absolute squared output error.
+    """
+
+    def __init__(self, lay: _Layer) -> None:
+        self.lay = lay
+        self.C, self.L = lay.C, lay.L
+        self.E = lay.W.clone()  # (m, n)
+        self.EC = lay.WC.clone()  # (m, n)
+        self.EL = lay.WL.clone()  # (m, n)
+        self.total = lay.total
 
     def add(self, g: _Group, sign: float) -> None:
-        """``E[R, J] += sign * U V``; keeps ``EC`` in sync."""
+        """``E[R, J] += sign * U V``; keeps ``EC`` and ``EL`` in sync (``O(rw cw n)``)."""
         m, n = self.E.shape
-        R, J = g.rows(m), g.cols(n)
-        B = sign * (g.U @ g.V)  # (rw, cw)
-        self.E[R[:, None], J[None, :]] += B
-        self.EC[R] += B @ self.C[J]  # (rw, n)
+        J = g.cols(n)
+        U = sign * g.U  # (rw, r)
+        B = U @ g.V  # (rw, cw)
+        CL = torch.cat([self.C[J], self.L[J]], 1)  # (cw, 2n)
+        if g.U.shape[1] * (g.rw + g.cw) < g.rw * g.cw:
+            BCL = U @ (g.V @ CL)  # through the rank: O(r (rw + cw) n)
+        else:
+            BCL = B @ CL  # (rw, 2n)
+        BC, BL = BCL[:, :n], BCL[:, n:]  # (rw, n) each
+        # Contiguous slices instead of advanced indexing: index_put on (rw, cw) is slow.
+        i = 0
+        for r0, r1 in window_slices(g.rs, g.rw, m):
+            rows = slice(i, i + r1 - r0)
+            j = 0
+            for c0, c1 in window_slices(g.cs, g.cw, n):
+                self.E[r0:r1, c0:c1] += B[rows, j : j + c1 - c0]
+                j += c1 - c0
+            self.EC[r0:r1] += BC[rows]
+            self.EL[r0:r1] += BL[rows]
+            i += r1 - r0
 
     def error2(self) -> float:
         return max(float((self.E * self.EC).sum()), 0.0)
@@ -224,7 +285,7 @@ class _Residual:
         R = torch.tensor(window_indices(rs, rw, m))
         J = torch.tensor(window_indices(cs, cw, n))
         G = self.EC[R][:, J]  # (rw, cw)
-        Lj = _cholesky(self.C[J][:, J])  # (cw, cw)
+        Lj = self.lay.chol(cs, cw)  # (cw, cw)
         Z = torch.linalg.solve_triangular(Lj, G.T, upper=False).T  # G Lj^{-T}: (rw, cw)
         P, S, Qh = _top_svd(Z, r)
         k = S.numel()
@@ -236,16 +297,37 @@ class _Residual:
         V[:k] = torch.linalg.solve_triangular(Lj.T, Vw.T, upper=True).T  # Vw Lj^{-1}
         return _Group(rs, rw, cs, cw, U, V), float((S * S).sum())
 
-    def profiles(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row ``(m,)`` and column ``(n,)`` energy of the residual's top-``t`` whitened
-        components, in original coordinates (rows are unchanged by whitening; a column's
-        share is its squared column norm of the mapped-back truncation times ``C_jj``)."""
-        ZE = self.E @ self.L  # (m, n) whitened residual
-        P, S, Qh = _top_svd(ZE, t)
-        a = ((P * S) ** 2).sum(1)  # (m,)
-        QL = torch.linalg.solve_triangular(self.L.T, Qh.T, upper=True).T  # Qh L^{-1}: (t, n)
-        b = ((QL * S[:, None]) ** 2).sum(0) * self.C.diagonal()  # (n,)
-        return a, b
+    def profiles(self, t: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row ``(m,)`` and column ``(n,)`` energy of the residual's top-1 and top-``t``
+        whitened components (one pair, or two when ``t > 1``), in original coordinates.
+
+        Rows are unchanged by whitening; a column's share is its squared column norm of
+        the mapped-back truncation times ``C_jj``. One float32 eigendecomposition serves
+        both: the profiles only rank windows, the fit itself is float64.
+        """
+        m, n = self.E.shape
+        t = max(1, min(t, m, n))
+        ZE = self.EL.float()  # (m, n)
+        if m <= n:
+            evals, evecs = torch.linalg.eigh(ZE @ ZE.T)  # (m,), (m, m) ascending
+            P = evecs[:, -t:].flip(1)  # (m, t)
+            s2 = evals[-t:].flip(0).clamp_min(0.0)  # (t,)
+            rows = P * P * s2  # (m, t): per-component row energy
+            # S Qh L^{-1} = P^T E L L^{-1} = P^T E: no triangular solve needed.
+            cols = (P.T @ self.E.float()) ** 2  # (t, n)
+        else:
+            evals, evecs = torch.linalg.eigh(ZE.T @ ZE)  # (n,), (n, n) ascending
+            Q = evecs[:, -t:].flip(1)  # (n, t)
+            s2 = evals[-t:].flip(0).clamp_min(0.0)  # (t,)
+            rows = (ZE @ Q) ** 2  # (m, t) = (P S)^2
+            # Qh L^{-1}: solve X L = Q^T with L lower triangular.
+            QL = torch.linalg.solve_triangular(self.lay.L32, Q.T, upper=False, left=False)
+            cols = QL**2 * s2[:, None]  # (t, n) = (S Qh L^{-1})^2
+        diag = self.lay.diagC.float()  # (n,)
+        out = [(rows[:, 0].double(), (cols[0] * diag).double())]
+        if t > 1:
+            out.append((rows.sum(1).double(), (cols.sum(0) * diag).double()))
+        return out
 
 
 # ================================================================== per-layer search
@@ -256,7 +338,8 @@ class InitConfig:
     Attributes:
         budget: global fraction of the dense cost, in (0, 1] (GBLR.md s.2).
         max_groups: most component groups (blocks with their own windows) per layer;
-            few large blocks run fast after export.
+            few large blocks run fast after export. The search tries 1, 2, 4, ... and
+            ``max_groups`` groups.
         data_free: ignore calibration data (``C = I``, weight error).
         damping: added to the moment's diagonal, as a fraction of its mean diagonal;
             ~0.1 keeps window searches from overfitting a few thousand tokens.
@@ -275,7 +358,7 @@ class InitConfig:
     data_free: bool = False
     damping: float = 0.1
     seed: int = 0
-    width_fractions: tuple[float, ...] = (0.75, 0.5, 0.25)
+    width_fractions: tuple[float, ...] = (0.5, 0.25)
     refine_steps: int = 20
     refine_lr: float = 0.02
     refit_sweeps: int = 2
@@ -383,12 +466,15 @@ def _assemble(groups: Sequence[_Group], m: int, n: int) -> torch.Tensor:
     return W_hat
 
 
-def _lowrank_groups(W: torch.Tensor, L: torch.Tensor, rank: int) -> list[_Group]:
-    """Whitened truncated SVD as one full-width group: ``trunc_R(W L) L^{-1}``."""
+def _lowrank_groups(
+    W: torch.Tensor, L: torch.Tensor, rank: int, WL: torch.Tensor | None = None
+) -> list[_Group]:
+    """Whitened truncated SVD as one full-width group: ``trunc_R(W L) L^{-1}``
+    (``WL``: the whitened weight when already computed)."""
     m, n = W.shape
     if rank <= 0:
         return []
-    P, S, Qh = _top_svd(W @ L, rank)  # (m, R), (R,), (R, n)
+    P, S, Qh = _top_svd(W @ L if WL is None else WL, rank)  # (m, R), (R,), (R, n)
     root = S.sqrt()
     V = torch.linalg.solve_triangular(L.T, (root[:, None] * Qh).T, upper=True).T  # (R, n)
     return [_Group(0, m, 0, n, P * root, V)]
@@ -441,11 +527,12 @@ def _greedy_search(
         if total < 2:
             break
         best: tuple[_Group, float] | None = None
-        for t in sorted({1, r}):
-            a, b = res.profiles(t)
+        tried = set()
+        for a, b in res.profiles(r):
             win = _choose_windows(a, b, total, r)
-            if win is None:
+            if win is None or win in tried:
                 continue
+            tried.add(win)
             g, gain = res.fit(*win, r)
             if best is None or gain > best[1]:
                 best = (g, gain)
@@ -471,7 +558,7 @@ def _refit(res: _Residual, groups: list[_Group], sweeps: int) -> list[_Group]:
 
 
 def _gd_refine(
-    W: torch.Tensor, C: torch.Tensor, groups: list[_Group], r: int, cost: int, cfg: InitConfig
+    lay: _Layer, groups: list[_Group], r: int, cost: int, cfg: InitConfig
 ) -> list[_Group]:
     """Short Adam descent on U, V, widths and locations with annealed Gaudi masks.
 
@@ -480,6 +567,7 @@ def _gd_refine(
     ``O(m n^2)``. Widths are projected onto the layer's allocation after every step.
     Returns the groups at the rounded final windows (content to be refitted).
     """
+    W, C = lay.W, lay.C
     m, n = W.shape
     dt = torch.float32  # structure refinement tolerates float32; the refit is float64
     proto = nn.Linear(n, m, bias=False)
@@ -487,8 +575,8 @@ def _gd_refine(
     layer = _to_layer(groups, proto, r).to(dt)
     layer.train()
     layer.round_ste = True
-    Cd, CWt = C.to(dt), (C @ W.T).to(dt)  # (n, n), (n, m)
-    energy = float((W * (W @ C)).sum())
+    Cd, CWt = C.to(dt), lay.WC.T.to(dt)  # (n, n), (n, m): C W^T = (W C)^T, C symmetric
+    energy = lay.total
     if not energy > 0.0:
         return groups
     scale_u = float(layer.U.detach().abs().max()) or 1.0
@@ -530,10 +618,31 @@ def _gd_refine(
     return out
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one thread, restoring the setting after.
+
+    The search is many small factorizations (a few hundred rows): on a small, shared CPU
+    the OpenMP barriers of a second thread cost more than they save.
+    """
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def _search_shapes(m: int, n: int, cost: int, cfg: InitConfig) -> list[tuple[int, int]]:
-    """(groups, rank) pairs to try: groups of widths ``f (m + n)`` filling the cost."""
+    """(groups, rank) pairs to try: groups of widths ``f (m + n)`` filling the cost.
+
+    Group counts are the powers of two up to ``max_groups`` and ``max_groups`` itself
+    (1, 2, 4 by default): neighbouring counts give near-identical structures, and each
+    greedy step costs an eigendecomposition of the residual.
+    """
+    counts = sorted({1 << i for i in range(cfg.max_groups.bit_length())} | {cfg.max_groups})
     shapes = []
-    for K in range(1, cfg.max_groups + 1):
+    for K in (k for k in counts if k <= cfg.max_groups):
         for f in cfg.width_fractions:
             total = max(2, int(f * (m + n)))
             r = cost // (K * total)
@@ -565,6 +674,19 @@ def init_layer(
         ``(module, record)``: a GBLRLinear, or ``linear`` itself when the allocation
         reaches the dense cost (``status="skipped"``).
     """
+    with _one_thread():
+        return _init_layer(linear, cost, cfg, moment, holdout, name)
+
+
+def _init_layer(
+    linear: nn.Module,
+    cost: int,
+    cfg: InitConfig,
+    moment: Moment | None,
+    holdout: Moment | None,
+    name: str,
+) -> tuple[nn.Module, LayerInit]:
+    """:func:`init_layer` on the current thread settings."""
     t0 = time.perf_counter()
     lin = as_linear(linear)
     m, n = lin.out_features, lin.in_features
@@ -591,14 +713,16 @@ def init_layer(
 
     # Baseline: (whitened) truncated SVD at the same cost.
     R = cost // (m + n)
-    base = _lowrank_groups(W, L, R)
+    lay = _Layer(W, C, L)
+    base = _lowrank_groups(W, L, R, lay.WL)
     base_W = _assemble(base, m, n)
     base_fit = relative_error(W, base_W, C)
+    fit_err, hold_err = _Meter(W, C_fit), _Meter(W, C_hold)
 
     # Windowed search: best greedy structure over a few (groups, rank) shapes.
     best: tuple[float, list[_Group], int] | None = None
     for K, r in _search_shapes(m, n, cost, cfg):
-        res = _Residual(W, C, L)
+        res = _Residual(lay)
         groups = _greedy_search(res, cost, K, r)
         if not groups:
             continue
@@ -609,32 +733,32 @@ def init_layer(
     chosen, status, reason, r_out = base, "lowrank", "", R
     if best is not None:
         _, groups, r = best
-        res = _Residual(W, C, L)
+        res = _Residual(lay)
         for g in groups:
             res.add(g, -1.0)
         groups = _refit(res, groups, cfg.refit_sweeps)
         err_search = res.error2()
         if cfg.refine_steps > 0:
-            refined = _gd_refine(W, C, [*groups], r, cost, cfg)
+            refined = _gd_refine(lay, [*groups], r, cost, cfg)
             if refined:
-                res2 = _Residual(W, C, L)
+                res2 = _Residual(lay)
                 for g in refined:
                     res2.add(g, -1.0)
                 refined = _refit(res2, refined, max(cfg.refit_sweeps, 1))
                 if res2.error2() < err_search:
                     groups, err_search = refined, res2.error2()
         win_W = _assemble(groups, m, n)
-        win_fit = relative_error(W, win_W, C)
+        # The residual already holds tr(D C D^T) for these groups.
+        win_fit = math.sqrt(err_search / lay.total) if lay.total > 0.0 else 0.0
         if not win_fit < base_fit:
             reason = f"window search did not beat the {'whitened ' if not data_free else ''}SVD on fit data ({win_fit:.4f} vs {base_fit:.4f})"
         elif C_hold is not None and not (
-            relative_error(W, win_W, C_hold)
-            < (1.0 - cfg.min_gain) * relative_error(W, base_W, C_hold)
+            hold_err("win", win_W) < (1.0 - cfg.min_gain) * hold_err("base", base_W)
         ):
             reason = (
                 "windowed gain did not hold out "
-                f"({relative_error(W, win_W, C_hold):.4f} vs "
-                f"{relative_error(W, base_W, C_hold):.4f} on held-out batches)"
+                f"({hold_err('win', win_W):.4f} vs "
+                f"{hold_err('base', base_W):.4f} on held-out batches)"
             )
         else:
             chosen, status, r_out = groups, "gblr", r
@@ -644,17 +768,17 @@ def init_layer(
         reason = "allocation below one full-width component; the layer keeps only its bias"
 
     module = _to_layer(chosen, lin, r_out, num_groups=len(chosen) or 1)
-    W_hat = _assemble(chosen, m, n)
+    key, W_hat = ("win", win_W) if status == "gblr" else ("base", base_W)
     rec = LayerInit(
         status=status,
         reason=reason,
         exact_cost=module.exact_cost(),
         rank=r_out if chosen else 0,
         groups=len(chosen),
-        calib_error=relative_error(W, W_hat, C_fit),
-        heldout_error=None if C_hold is None else relative_error(W, W_hat, C_hold),
-        baseline_heldout_error=None if C_hold is None else relative_error(W, base_W, C_hold),
-        baseline_calib_error=relative_error(W, base_W, C_fit),
+        calib_error=fit_err(key, W_hat),
+        heldout_error=None if C_hold is None else hold_err(key, W_hat),
+        baseline_heldout_error=None if C_hold is None else hold_err("base", base_W),
+        baseline_calib_error=fit_err("base", base_W),
         seconds=time.perf_counter() - t0,
         **record,
     )
@@ -663,6 +787,28 @@ def init_layer(
 
 
 # ===================================================================== model level
+def _spectra(
+    modules: dict[str, nn.Module],
+    names: Sequence[str],
+    fit_m: dict[str, Moment],
+    cfg: InitConfig,
+    energies: list[torch.Tensor],
+    shapes: list[tuple[int, int]],
+    progress: Callable[[str, int, int], None] | None,
+) -> None:
+    """Append each layer's whitened spectrum (normalized by its output energy) and shape."""
+    for i, name in enumerate(names):
+        lin = as_linear(modules[name])
+        W = lin.weight.detach().to("cpu", _F64)
+        C = regularized_moment(fit_m.get(name), W.shape[1], cfg.damping)
+        s2 = _gram_spectrum(W @ _cholesky(C))
+        total = float(s2.sum())
+        energies.append(s2 / total if total > 0 else s2)
+        shapes.append((lin.out_features, lin.in_features))
+        if progress is not None:
+            progress("spectra", i + 1, len(names))
+
+
 def initialize_(
     model: nn.Module,
     cfg: InitConfig,
@@ -727,16 +873,8 @@ def initialize_(
 
     # Whitened spectra, normalized by each layer's output energy, for the global split.
     energies, shapes = [], []
-    for i, name in enumerate(names):
-        lin = as_linear(modules[name])
-        W = lin.weight.detach().to("cpu", _F64)
-        C = regularized_moment(fit_m.get(name), W.shape[1], cfg.damping)
-        s2 = _gram_spectrum(W @ _cholesky(C))
-        total = float(s2.sum())
-        energies.append(s2 / total if total > 0 else s2)
-        shapes.append((lin.out_features, lin.in_features))
-        if progress is not None:
-            progress("spectra", i + 1, len(names))
+    with _one_thread():
+        _spectra(modules, names, fit_m, cfg, energies, shapes, progress)
     dense_costs = [m * n for m, n in shapes]
     budget = dense_budget(dense_costs, cfg.budget)
     alloc = greedy_allocation(energies, shapes, budget)
