@@ -24,11 +24,10 @@ model-level :func:`initialize_`. The library prints nothing.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -618,21 +617,6 @@ def _gd_refine(
     return out
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one thread, restoring the setting after.
-
-    The search is many small factorizations (a few hundred rows): on a small, shared CPU
-    the OpenMP barriers of a second thread cost more than they save.
-    """
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
 def _search_shapes(m: int, n: int, cost: int, cfg: InitConfig) -> list[tuple[int, int]]:
     """(groups, rank) pairs to try: groups of widths ``f (m + n)`` filling the cost.
 
@@ -674,19 +658,6 @@ def init_layer(
         ``(module, record)``: a GBLRLinear, or ``linear`` itself when the allocation
         reaches the dense cost (``status="skipped"``).
     """
-    with _one_thread():
-        return _init_layer(linear, cost, cfg, moment, holdout, name)
-
-
-def _init_layer(
-    linear: nn.Module,
-    cost: int,
-    cfg: InitConfig,
-    moment: Moment | None,
-    holdout: Moment | None,
-    name: str,
-) -> tuple[nn.Module, LayerInit]:
-    """:func:`init_layer` on the current thread settings."""
     t0 = time.perf_counter()
     lin = as_linear(linear)
     m, n = lin.out_features, lin.in_features
@@ -787,28 +758,6 @@ def _init_layer(
 
 
 # ===================================================================== model level
-def _spectra(
-    modules: dict[str, nn.Module],
-    names: Sequence[str],
-    fit_m: dict[str, Moment],
-    cfg: InitConfig,
-    energies: list[torch.Tensor],
-    shapes: list[tuple[int, int]],
-    progress: Callable[[str, int, int], None] | None,
-) -> None:
-    """Append each layer's whitened spectrum (normalized by its output energy) and shape."""
-    for i, name in enumerate(names):
-        lin = as_linear(modules[name])
-        W = lin.weight.detach().to("cpu", _F64)
-        C = regularized_moment(fit_m.get(name), W.shape[1], cfg.damping)
-        s2 = _gram_spectrum(W @ _cholesky(C))
-        total = float(s2.sum())
-        energies.append(s2 / total if total > 0 else s2)
-        shapes.append((lin.out_features, lin.in_features))
-        if progress is not None:
-            progress("spectra", i + 1, len(names))
-
-
 def initialize_(
     model: nn.Module,
     cfg: InitConfig,
@@ -873,8 +822,16 @@ def initialize_(
 
     # Whitened spectra, normalized by each layer's output energy, for the global split.
     energies, shapes = [], []
-    with _one_thread():
-        _spectra(modules, names, fit_m, cfg, energies, shapes, progress)
+    for i, name in enumerate(names):
+        lin = as_linear(modules[name])
+        W = lin.weight.detach().to("cpu", _F64)
+        C = regularized_moment(fit_m.get(name), W.shape[1], cfg.damping)
+        s2 = _gram_spectrum(W @ _cholesky(C))
+        total = float(s2.sum())
+        energies.append(s2 / total if total > 0 else s2)
+        shapes.append((lin.out_features, lin.in_features))
+        if progress is not None:
+            progress("spectra", i + 1, len(names))
     dense_costs = [m * n for m, n in shapes]
     budget = dense_budget(dense_costs, cfg.budget)
     alloc = greedy_allocation(energies, shapes, budget)
