@@ -145,3 +145,17 @@ def test_real_subprocess_with_exit_codes(files, tmp_path) -> None:
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
     originals = {p: p.read_bytes() for p in (files["bundle"],)}
     assert all(p.read_bytes() == b for p, b in originals.items())
+
+
+def test_huggingface_directory(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=32)
+    transformers.BertModel(config).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "m.onnx"
+    code, text = _run([str(tmp_path / "tiny"), *FAST, "-o", str(out),
+                       "--input-spec", "input_ids:int64[2,16],attention_mask:int64[2,16]"])
+    assert code == 0, text
+    report = json.loads((tmp_path / "m.report.json").read_text())
+    assert report["source"]["format"] == "huggingface" and report["parity"]["ok"]
+    assert report["totals"]["compressed"] >= 1
