@@ -10,6 +10,16 @@ import torch
 from gblr_compress.layer import GBLRLayerConfig, GBLRLinear
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: many small factorizations on a shared 2-core box
+    are far faster without OpenMP barriers."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

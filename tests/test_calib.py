@@ -10,13 +10,7 @@ from gblr_compress.calib import collect_moments
 from samples.models import TinyEncoder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny GEMMs on a shared 2-core box run far faster without OpenMP barriers.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Seq(nn.Module):

@@ -25,14 +25,7 @@ from gblr_compress.init import (
 from gblr_compress.layer import GBLRLinear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The per-layer search is many small factorizations: one thread avoids OpenMP
-    # barrier overhead on a shared 2-core machine.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
