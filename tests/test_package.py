@@ -55,9 +55,10 @@ def test_readme_main_command_runs() -> None:
 
     steps = _readme_command("<!-- main-command -->").split(" && ")
     assert steps[0].startswith("python3 -m venv .venv") and "pip install" in steps[1]
-    here = f"{sys.executable} -m gblr_compress"
-    cmd = " && ".join(steps[2:]).replace(".venv/bin/gblr-compress", here)
-    cmd = cmd.replace(".venv/bin/python", sys.executable)
+    # placeholders first: sys.executable may itself end in .venv/bin/python (CI)
+    cmd = " && ".join(steps[2:]).replace(".venv/bin/gblr-compress", "@CLI@")
+    cmd = cmd.replace(".venv/bin/python", "@PY@")
+    cmd = cmd.replace("@CLI@", f"{sys.executable} -m gblr_compress").replace("@PY@", sys.executable)
     run = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True,
                          stdin=subprocess.DEVNULL, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
