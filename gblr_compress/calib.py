@@ -89,6 +89,7 @@ def collect_moments(
     names: Sequence[str],
     batches: Iterable[Batch],
     progress: Callable[[int, int], None] | None = None,
+    max_rows: int | None = None,
 ) -> dict[str, Moment]:
     """Stream ``X^T X`` of each named layer's input over calibration batches.
 
@@ -97,12 +98,20 @@ def collect_moments(
     same tensor in one forward (q/k/v projections) share one product, which is the
     dominant cost on transformer encoders.
 
+    When a dict batch holds an ``attention_mask`` whose shape is the leading shape of a
+    layer's input (``(batch, seq)`` for ``(batch, seq, n)``), padded positions are left
+    out: their hidden states are not what the layer sees in use.
+
     Args:
         model: the model; it runs in eval mode under ``no_grad`` (its mode is restored).
         names: dotted names of the layers (e.g. from ``swap.find_linears``).
         batches: calibration batches, anything :func:`run_model` accepts.
         progress: called as ``progress(i, total)`` after each batch (``total`` is 0
             when ``batches`` has no length).
+        max_rows: use at most this many input vectors per layer and batch, evenly
+            strided (``None``: all). Neighbouring tokens are strongly correlated, so
+            half the rows of a long-sequence batch estimate the moment nearly as well
+            at half the cost.
 
     Returns:
         ``{name: Moment}`` for every name.
@@ -119,26 +128,27 @@ def collect_moments(
     # the same tensor, so its x^T x is computed once.
     # The cache holds the tensor itself so its memory cannot be reused by another tensor
     # with the same address during the batch.
-    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    state: dict[str, torch.Tensor | None] = {"mask": None}
 
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = _layer_input(args, kwargs)
             if not isinstance(x, torch.Tensor):
                 return
-            x2 = x.detach().reshape(-1, x.shape[-1])  # (N, n)
             key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version)
             hit = cache.get(key)
-            prod = None if hit is None else hit[1]
-            if prod is None:
+            if hit is None:
+                x2 = _rows(x.detach(), state["mask"], max_rows)  # (N, n)
                 # The batch product in the input's precision (float32 GEMMs are ~2x
                 # faster); the cross-batch sum, where error accumulates, is float64.
                 xf = x2 if x2.is_floating_point() else x2.double()
-                prod = (xf.T @ xf).double()  # (n, n)
-                cache[key] = (x, prod)
+                hit = (x, _gram(xf).double(), x2.shape[0])  # (n, n)
+                cache[key] = hit
+            _, prod, rows = hit
             acc = sums[name]
             sums[name] = prod.clone() if acc is None else acc.add_(prod.to(acc.device))
-            counts[name] += x2.shape[0]
+            counts[name] += rows
 
         return hook
 
@@ -149,6 +159,7 @@ def collect_moments(
     try:
         for i, batch in enumerate(batches):
             cache.clear()
+            state["mask"] = _token_mask(batch)
             run_model(model, batch)
             if progress is not None:
                 progress(i + 1, total)
@@ -164,6 +175,44 @@ def collect_moments(
             n = _in_features(module)
             acc = torch.zeros(n, n, dtype=torch.float64)
         out[name] = Moment(acc, counts[name])
+    return out
+
+
+def _token_mask(batch: Batch) -> torch.Tensor | None:
+    """The batch's ``attention_mask`` as booleans, when it has one (dict batches)."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() >= 1:
+            return mask != 0
+    return None
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None, max_rows: int | None) -> torch.Tensor:
+    """``x``'s input vectors as ``(N, n)``: unpadded positions only when ``mask`` matches
+    its leading shape, then at most ``max_rows`` of them, evenly strided."""
+    if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+        x2 = x[mask.to(x.device)]  # (N, n)
+    else:
+        x2 = x.reshape(-1, x.shape[-1])  # (N, n)
+    if max_rows is not None and x2.shape[0] > max_rows > 0:
+        idx = torch.linspace(0, x2.shape[0] - 1, max_rows, device=x2.device).round().long()
+        x2 = x2[idx]
+    return x2
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``x^T x`` for ``x (N, n)``; wide inputs in two column halves, the mirrored block
+    copied instead of multiplied (3/4 of the multiply-adds of one GEMM)."""
+    n = x.shape[1]
+    if n < 1024:
+        return x.T @ x
+    h = n // 2
+    a, b = x[:, :h], x[:, h:]
+    out = x.new_empty(n, n)
+    out[:h, :h] = a.T @ a
+    out[h:, :h] = b.T @ a
+    out[:h, h:] = out[h:, :h].T
+    out[h:, h:] = b.T @ b
     return out
 
 

@@ -62,3 +62,33 @@ def test_layer_never_called_gives_an_empty_moment() -> None:
     model = _Seq()
     moments = collect_moments(model, ["a"], [])
     assert moments["a"].count == 0 and moments["a"].xtx.abs().sum() == 0
+
+
+def test_padded_positions_are_left_out_and_rows_can_be_capped() -> None:
+    model = TinyEncoder(vocab=50, hidden=16, layers=1, heads=2, ffn=32, max_len=8)
+    ids = torch.randint(0, 50, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0  # 3 padded positions
+    seen = []
+    h = model.layers[0].q.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    h.remove()
+    X = seen[0][mask.bool()].double()  # (13, 16): the unpadded positions
+    batch = {"input_ids": ids, "attention_mask": mask}
+    moments = collect_moments(model, ["layers.0.q"], [batch])
+    assert moments["layers.0.q"].count == 13
+    torch.testing.assert_close(moments["layers.0.q"].xtx, X.T @ X, rtol=1e-5, atol=1e-4)
+    capped = collect_moments(model, ["layers.0.q"], [batch], max_rows=5)
+    idx = torch.linspace(0, 12, 5).round().long()
+    assert capped["layers.0.q"].count == 5
+    torch.testing.assert_close(capped["layers.0.q"].xtx, X[idx].T @ X[idx], rtol=1e-5, atol=1e-4)
+
+
+def test_wide_inputs_use_the_blocked_product_exactly() -> None:
+    lin = nn.Linear(1030, 2).double()  # >= 1024 inputs: the two-halves product
+    x = torch.randn(3, 50, 1030, dtype=torch.float64)
+    model = nn.Sequential(lin)
+    moments = collect_moments(model, ["0"], [x])
+    X = x.reshape(-1, 1030)
+    torch.testing.assert_close(moments["0"].xtx, X.T @ X)

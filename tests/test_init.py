@@ -204,3 +204,23 @@ def test_config_validation() -> None:
         InitConfig(damping=-1.0)
     with pytest.raises(InputError):
         initialize_(nn.Sequential(nn.Linear(4, 4)), InitConfig(), names=["nope"])
+
+
+def test_layers_searched_in_parallel_give_the_same_model_as_one_at_a_time() -> None:
+    from samples.models import TinyEncoder
+
+    torch.manual_seed(0)
+    model = TinyEncoder(vocab=50, hidden=32, layers=2, heads=2, ffn=64, max_len=16).eval()
+    calib = [{"input_ids": torch.randint(0, 50, (4, 16))} for _ in range(4)]
+    cfg = InitConfig(budget=0.4, refine_steps=3, moment_tokens=96)
+    out = []
+    for threads in (1, 2):  # one worker, then two layers at a time
+        torch.set_num_threads(threads)
+        student = copy.deepcopy(model)
+        result = initialize_(student, cfg, calib=calib[:3], holdout=calib[3:])
+        assert torch.get_num_threads() == threads  # restored after the pool
+        out.append((student.state_dict(), [r.status for r in result.layers.values()]))
+    torch.set_num_threads(1)
+    assert out[0][1] == out[1][1]
+    for k, v in out[0][0].items():
+        torch.testing.assert_close(out[1][0][k], v, rtol=1e-4, atol=1e-5)
