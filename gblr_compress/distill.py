@@ -64,6 +64,11 @@ class DistillConfig:
         warmup_fraction: linear warm-up share of the cosine schedule.
         eval_every: held-out evaluation period in steps (also the history period).
         seed: makes batch order and every random choice reproducible.
+        teacher_cache_mb: keep the teacher's outputs (and its layer outputs for the
+            layer-wise term) per calibration batch, up to this many MiB, instead of
+            running the teacher again every time a batch comes round (0: never keep).
+            The teacher is fixed, so this changes no result, only the time: about a
+            quarter of a step on a BERT-small encoder.
     """
 
     steps: int = 200
@@ -78,6 +83,7 @@ class DistillConfig:
     warmup_fraction: float = 0.05
     eval_every: int = 20
     seed: int = 0
+    teacher_cache_mb: float = 4096.0
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -90,6 +96,8 @@ class DistillConfig:
             raise ValueError("ste_fraction must be in [0, 1] and warmup_fraction in [0, 1)")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+        if not self.teacher_cache_mb >= 0:
+            raise ValueError(f"teacher_cache_mb must be >= 0, got {self.teacher_cache_mb}")
 
 
 @dataclass
@@ -204,6 +212,30 @@ class _LayerTaps:
             h.remove()
 
 
+class _TeacherCache:
+    """The teacher's outputs (and tapped layer outputs) per batch index, computed on first
+    use and kept while the kept tensors stay within a byte budget."""
+
+    def __init__(self, teacher: nn.Module, taps: _LayerTaps | None, limit_bytes: float) -> None:
+        self.teacher, self.taps = teacher, taps
+        self.left, self.used = limit_bytes, 0.0
+        self.kept: dict[int, tuple[object, dict[str, torch.Tensor]]] = {}
+
+    @torch.no_grad()
+    def __call__(self, index: int, batch: Batch) -> tuple[object, dict[str, torch.Tensor]]:
+        """``(teacher output, {layer name: teacher layer output})`` for batch ``index``."""
+        if index in self.kept:
+            return self.kept[index]
+        out = run_model(self.teacher, batch)
+        tapped = dict(self.taps.outputs) if self.taps is not None else {}
+        size = sum(t.numel() * t.element_size() for t in [*flatten_outputs(out), *tapped.values()])
+        if size <= self.left:
+            self.left -= size
+            self.used += size
+            self.kept[index] = (out, tapped)
+        return out, tapped
+
+
 def _sigma_for(layer: GBLRLinear, blur: float) -> float:
     """Gaudi sigma (frequency bins) whose edge blur is ``blur`` elements of the longer
     axis: a Gaussian low-pass of width sigma smears an edge over ~ n / (2 pi sigma)."""
@@ -218,13 +250,20 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _heldout_loss(student: nn.Module, teacher: nn.Module, batches: Sequence[Batch], config: DistillConfig) -> float:
+def _heldout_loss(
+    student: nn.Module,
+    teacher: nn.Module | _TeacherCache,
+    batches: Sequence[Batch],
+    config: DistillConfig,
+) -> float:
     was_training = student.training
     student.eval()  # eval mode = exact rounded boxcars = what freezing deploys
+    if isinstance(teacher, nn.Module):
+        teacher = _TeacherCache(teacher, None, 0.0)
     with torch.no_grad():
         losses = [
-            float(output_loss(run_model(student, b), run_model(teacher, b), config.loss, config.temperature))
-            for b in batches
+            float(output_loss(run_model(student, b), teacher(i, b)[0], config.loss, config.temperature))
+            for i, b in enumerate(batches)
         ]
     student.train(was_training)
     return sum(losses) / len(losses)
@@ -270,7 +309,8 @@ def distill_(
         p.requires_grad_(False)
     project_widths_(layer_list, max_cost)
 
-    heldout_before = _heldout_loss(student, teacher, holdout, config) if holdout else None
+    held_teacher = _TeacherCache(teacher, None, config.teacher_cache_mb * 2**20)
+    heldout_before = _heldout_loss(student, held_teacher, holdout, config) if holdout else None
     result = DistillResult(config.steps, 0, heldout_before, heldout_before, 0.0)
     result.history.append(_snapshot(0, None, heldout_before, layers))
     if config.steps == 0:
@@ -296,6 +336,8 @@ def distill_(
     names = list(layers)
     s_taps = _LayerTaps(student, names) if use_taps else None
     t_taps = _LayerTaps(teacher, names) if use_taps else None
+    budget_left = config.teacher_cache_mb * 2**20 - held_teacher.used
+    fit_teacher = _TeacherCache(teacher, t_taps, max(budget_left, 0.0))
     warmup = max(1, int(config.warmup_fraction * config.steps))
     ste_start = int(round((1.0 - config.ste_fraction) * config.steps))
     best = heldout_before if heldout_before is not None else math.inf
@@ -306,18 +348,18 @@ def distill_(
         for step in range(config.steps):
             if not order:
                 order = torch.randperm(len(calib), generator=gen).tolist()
-            batch = calib[order.pop()]
+            index = order.pop()
+            batch = calib[index]
             _set_mask_schedule(layer_list, step, ste_start, config)
             for group in opt.param_groups + sopt.param_groups:
                 group["lr"] = group["base_lr"] * _lr_factor(step, config.steps, warmup)
-            with torch.no_grad():
-                t_out = run_model(teacher, batch)
+            t_out, t_layers = fit_teacher(index, batch)
             s_out = run_model(student, batch)
             loss = output_loss(s_out, t_out, config.loss, config.temperature)
             if use_taps:
                 terms = [
-                    (s_taps.outputs[n] - t_taps.outputs[n]).pow(2).mean()
-                    / t_taps.outputs[n].pow(2).mean().clamp_min(1e-12)
+                    (s_taps.outputs[n] - t_layers[n]).pow(2).mean()
+                    / t_layers[n].pow(2).mean().clamp_min(1e-12)
                     for n in names
                 ]
                 loss = loss + config.layer_weight * torch.stack(terms).mean()
@@ -334,7 +376,7 @@ def distill_(
             done = step + 1
             held = None
             if done % config.eval_every == 0 or done == config.steps:
-                held = _heldout_loss(student, teacher, holdout, config) if holdout else None
+                held = _heldout_loss(student, held_teacher, holdout, config) if holdout else None
                 result.history.append(_snapshot(done, loss.item(), held, layers))
                 if held is not None and held < best:
                     best, best_state, result.best_step = held, _gblr_state(layers), done

@@ -94,7 +94,7 @@ class CompressConfig:
     """
 
     budget: float = 0.3
-    steps: int = 200
+    steps: int = 100
     lr: float = 1e-3
     structure_lr: float = 1e-2
     seed: int = 0
@@ -215,7 +215,7 @@ def compress(
         A :class:`CompressResult` whose ``model`` is the frozen student.
 
     Example:
-        >>> result = compress(model, CompressConfig(budget=0.3, steps=200), calib=batches)
+        >>> result = compress(model, CompressConfig(budget=0.3, steps=100), calib=batches)
         >>> sum(r.cost for r in result.records.values()) <= result.max_cost
         True
     """

@@ -51,3 +51,16 @@ def test_projection_is_noop_within_budget_and_prices_bigger_axes_more() -> None:
     assert total_cost(layers) <= budget_cost(layers, 0.01)
     # a shared tau in cost units shrinks the expensive layer's fractions faster
     assert big.widths.mean() < small.widths.mean()
+
+
+def test_vectorized_cost_equals_the_per_layer_exact_cost() -> None:
+    from gblr_compress.budget import _Costs, _cost_at
+
+    gen = torch.Generator().manual_seed(2)
+    for trial in range(20):
+        layers = _layers(gen, 1 + trial % 6)
+        costs = _Costs(layers)
+        hi = max(1.0 / float(layer.rank * max(layer.in_features, layer.out_features)) for layer in layers)
+        for tau in [0.0, *(float(t) * hi for t in torch.rand(10, generator=gen))]:
+            assert costs(tau) == _cost_at(layers, tau)
+        assert costs(0.0) == total_cost(layers)

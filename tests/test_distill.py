@@ -55,18 +55,22 @@ def test_dict_input_encoder_runs_the_whole_loop() -> None:
     assert out.shape == (4, 3) and torch.isfinite(out).all()
 
 
-def test_distill_is_deterministic_for_a_seed() -> None:
+def test_distill_is_deterministic_for_a_seed_with_or_without_the_teacher_cache() -> None:
     gen = torch.Generator().manual_seed(1)
     teacher = TinyEncoder(vocab=50, hidden=16, layers=1, heads=2, ffn=32, max_len=16).eval()
-    calib = _token_batches(gen, 3)
-    outs = []
-    for _ in range(2):
+    calib, hold = _token_batches(gen, 3), _token_batches(gen, 1)
+    outs, histories = [], []
+    for cache_mb in (4096.0, 4096.0, 0.0):  # the teacher is fixed: keeping its outputs changes nothing
         student = copy.deepcopy(teacher)
         _swap_from_linear(student, groups=2, rank=2)
         layers = list(gblr_layers(student).values())
-        distill_(student, teacher, calib, budget_cost(layers, 0.5), DistillConfig(steps=5, seed=3))
+        cfg = DistillConfig(steps=8, seed=3, eval_every=2, teacher_cache_mb=cache_mb)
+        result = distill_(student, teacher, calib, budget_cost(layers, 0.5), cfg, holdout=hold)
         outs.append(student(**calib[0]))
-    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+        histories.append([(h["step"], h["loss"], h["heldout"]) for h in result.history])
+    for out, history in zip(outs[1:], histories[1:]):
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+        assert history == histories[0]
 
 
 def test_freeze_keeps_the_eval_function() -> None:
