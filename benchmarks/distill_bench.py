@@ -8,6 +8,9 @@ teacher-vs-student agreement after init, after distillation and after freezing.
 
     python benchmarks/distill_bench.py                  # defaults: budget 0.3
     python benchmarks/distill_bench.py --steps 50       # quicker
+    python benchmarks/distill_bench.py --save out/bert_small_frozen.pt
+        # keeps the frozen student for `export_bench --learned` (a pickled module: load
+        # only files you wrote yourself)
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=256)
     ap.add_argument("--len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--save", type=str, default=None, help="torch.save the frozen student here")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -54,6 +58,9 @@ def main() -> None:
     print(f"\n{'held-out':10} {'rel_error':>9} {'cosine':>8}")
     for phase, q in result.quality.items():
         print(f"{phase:10} {q['rel_error']:9.4f} {q['cosine']:8.4f}")
+    if args.save:
+        torch.save(result.model, args.save)
+        print(f"\nfrozen student saved to {args.save}")
 
 
 if __name__ == "__main__":

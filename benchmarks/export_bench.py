@@ -15,6 +15,9 @@ variant, and the table shows the median of the per-round ratios. ORT: CPU provid
   (what training tends to learn) >= 2.5x;
 * BERT-small (36 Linears, all compressed at 0.3), batch 8 x seq 128: GBLR latency
   <= 1.1x that of equal-cost truncated-SVD layers (which run ~1.9x faster than dense).
+  Checked on the structure the default settings learn (``--learned F`` with F from
+  ``benchmarks/distill_bench.py --save F``) and, as a stress case, on 4 random windows
+  in every layer (``gblr-random``; 1.3x here: many windows per layer stay slower).
 """
 
 from __future__ import annotations
@@ -162,7 +165,7 @@ def compress_bert(structure_fn, gen) -> nn.Module:
     return model
 
 
-def bench_bert(tmp: Path, rounds: int, reps: int) -> bool:
+def bench_bert(tmp: Path, rounds: int, reps: int, learned: Path | None = None) -> bool:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 8000, (8, 128), generator=gen)
     mask = torch.ones(8, 128, dtype=torch.long)
@@ -176,6 +179,10 @@ def bench_bert(tmp: Path, rounds: int, reps: int) -> bool:
         "gblr-windowed": compress_bert(windowed, gen),
         "gblr-full-row": compress_bert(full_rows, gen),
     }
+    if learned is not None:
+        # Written by benchmarks/distill_bench.py --save: the structure the default settings
+        # learn on bert_small (a pickled module; only load files you wrote yourself).
+        models["gblr-learned"] = torch.load(learned, weights_only=False).eval()
     sessions, forms, costs = {}, {}, {}
     for name, model in models.items():
         res = export(model, inputs, tmp / f"bert-{name}.onnx")
@@ -192,9 +199,9 @@ def bench_bert(tmp: Path, rounds: int, reps: int) -> bool:
     for name in models:
         lat = ratios["svd"] / ratios[name]  # time(name) / time(svd)
         mark = ""
-        if name == "gblr-random":
+        if name in ("gblr-random", "gblr-learned"):
             mark = " <=1.10 " + ("ok" if lat <= 1.1 else "MISS")
-            ok = lat <= 1.1
+            ok = ok and lat <= 1.1
         print(f"{name:>14} {costs[name]:>10.3f} {forms[name]:>34} {ratios[name]:>8.2f}x {lat:>11.2f}{mark}")
     return ok
 
@@ -204,6 +211,8 @@ def main() -> None:
     p.add_argument("--part", choices=["layer", "bert", "all"], default="all")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--learned", type=Path, default=None,
+                   help="frozen bert_small from distill_bench.py --save, timed as gblr-learned")
     args = p.parse_args()
     torch.set_num_threads(2)
     print(f"onnxruntime {ort.__version__}, torch {torch.__version__}, numpy {np.__version__}")
@@ -212,7 +221,7 @@ def main() -> None:
         if args.part in ("layer", "all"):
             ok &= bench_layers(Path(tmp), args.rounds, args.reps)
         if args.part in ("bert", "all"):
-            ok &= bench_bert(Path(tmp), args.rounds, max(1, args.reps // 5))
+            ok &= bench_bert(Path(tmp), args.rounds, max(1, args.reps // 5), args.learned)
     print("\nall targets met" if ok else "\nsome targets missed")
 
 
