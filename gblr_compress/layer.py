@@ -305,6 +305,10 @@ class FrozenGBLR(nn.Module):
         """Exact multiply-adds per input vector (bias excluded)."""
         return sum(component_cost(rw, cw, V.shape[0]) for (_, rw, _, cw), V in zip(self.windows, self.V))
 
+    def exact_cost(self) -> int:
+        """The same as :attr:`cost`, under the name :class:`GBLRLinear` uses."""
+        return self.cost
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., n)
         lead = x.shape[:-1]
         if self.bias is None:

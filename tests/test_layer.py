@@ -80,7 +80,7 @@ def _assert_frozen_matches(layer: GBLRLinear) -> FrozenGBLR:
     got = frozen(x)
     assert got.shape == want.shape
     assert _rel(got, want) < 1e-5
-    assert frozen.cost == layer.exact_cost()
+    assert frozen.cost == frozen.exact_cost() == layer.exact_cost()
     return frozen
 
 
