@@ -136,3 +136,50 @@ def gblr_data_free(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Mo
 def gblr_calibrated(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
     """Activation-aware GBLR init + 100 distillation steps + recovery, frozen."""
     return _gblr(dense, calib, budget, data_free=False)
+
+
+def _as_gblr(low: nn.Module) -> nn.Module:
+    """A LowRankLinear as a GBLRLinear with one full-width group (same function)."""
+    import torch
+
+    from gblr_compress.layer import GBLRLayerConfig, GBLRLinear
+
+    first, second = low.first.weight.detach(), low.second.weight.detach()  # (r, n), (m, r)
+    layer = GBLRLinear(first.shape[1], second.shape[0], GBLRLayerConfig(num_groups=1, rank=first.shape[0]),
+                       bias=low.second.bias is not None, dtype=first.dtype)
+    with torch.no_grad():
+        layer.U[0].copy_(second)
+        layer.V[0].copy_(first)
+        layer.widths.fill_(1.0)
+        layer.locations.zero_()
+        if low.second.bias is not None:
+            layer.bias.copy_(low.second.bias.detach())
+    return layer
+
+
+@register("whitened-svd+distill")
+def whitened_svd_distilled(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
+    """The whitened-SVD row's model, then the distillation ``gblr-calibrated`` gets
+    (same steps, learning rates, loss, held-out share and recovery), structure fixed:
+    separates what the structure buys from what the distillation buys."""
+    from gblr_compress.distill import DistillConfig, distill_
+    from gblr_compress.freeze import freeze_, recover_
+    from gblr_compress.pipeline import CompressConfig, split_batches
+    from gblr_compress.swap import replace_module
+
+    student = whitened_svd(dense, calib, budget)
+    for name in encoder_linears(dense):
+        replace_module(student, name, _as_gblr(student.get_submodule(name)))
+    cfg = CompressConfig(budget=budget, loss="mse")
+    fit, held = split_batches(list(calib), cfg.holdout_fraction)
+    max_cost = sum(student.get_submodule(n).exact_cost() for n in encoder_linears(dense))
+    distill_(student, dense, fit, max_cost,
+             DistillConfig(steps=cfg.steps, lr=cfg.lr, structure_lr=0.0, seed=cfg.seed, loss=cfg.loss),
+             holdout=held)
+    rsteps = cfg.steps // 4
+    recover_(student, dense, fit, max_cost,
+             DistillConfig(steps=rsteps, lr=cfg.lr * 0.3, seed=cfg.seed + 1, loss=cfg.loss,
+                           eval_every=max(1, min(20, rsteps))),
+             holdout=held)
+    freeze_(student)
+    return student.eval()
