@@ -193,7 +193,7 @@ def bench_bert(tmp: Path, rounds: int, reps: int, learned: Path | None = None) -
         )
     runners = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
     ratios = interleaved_ratios(runners, "dense", rounds, reps)
-    print(f"\nBERT-small (36 Linears), batch 8 x seq 128; latency relative to the SVD model (median of per-round ratios)")
+    print("\nBERT-small (36 Linears), batch 8 x seq 128; latency relative to the SVD model (median of per-round ratios)")
     print(f"{'model':>14} {'cost/dense':>10} {'forms (count)':>34} {'vs dense':>9} {'latency/svd':>11}")
     ok = True
     for name in models:

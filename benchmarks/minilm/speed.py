@@ -31,6 +31,14 @@ def export_encoder(model: nn.Module, path: Path, opset: int = 17) -> Path:
     model.eval()
     ids = torch.ones(2, 16, dtype=torch.long)  # (B, T) example; axes are dynamic
     mask = torch.ones_like(ids)
+    from gblr_compress.export import export_onnx
+    from gblr_compress.layer import FrozenGBLR
+
+    if any(isinstance(m, FrozenGBLR) for m in model.modules()):
+        # gblr-compress models go through the product's exporter (sliced-GEMM subgraphs,
+        # ORT-verified); tracing FrozenGBLR's PyTorch forward gives a slow gather graph.
+        export_onnx(model, {"input_ids": ids, "attention_mask": mask}, path, opset=max(opset, 18))
+        return path
     axes = {0: "batch", 1: "seq"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer/deprecation chatter from transformers and torch.onnx
