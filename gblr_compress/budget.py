@@ -152,36 +152,33 @@ def _shifted(layer: GBLRLinear, tau: float) -> torch.Tensor:
     return (w - tau * width_prices(layer)).clamp(0.0, 1.0)
 
 
-def _cost_at(layers: Sequence[GBLRLinear], tau: float) -> int:
-    """Exact cost the layers would have after a shift ``tau`` (widths rounded as frozen)."""
-    cost = 0
-    for layer in layers:
-        w = _shifted(layer, tau).to(layer.widths.dtype)  # the dtype rounding will see
-        rw = round_width(w[0], layer.out_features)
-        cw = round_width(w[1], layer.in_features)
-        alive = (rw > 0) & (cw > 0)
-        cost += int((layer.rank * (rw + cw) * alive).sum())
-    return cost
-
-
 class _Costs:
-    """All layers' widths in one ``(2, K_total)`` tensor, so the exact cost after a shift
-    is a handful of vectorized ops instead of a loop over layers: the projection runs
-    every distillation step, and the loop was a quarter of a step on a 36-layer encoder.
-    Gives exactly :func:`_cost_at` (the same float64 shift, cast to the widths' dtype)."""
+    """The exact cost the layers would have after a shift ``tau`` of their widths (what
+    :func:`shrink_widths_` then :func:`total_cost` give), for every layer at once.
+
+    All widths sit in one ``(2, K_total)`` tensor, so a cost is a handful of vectorized
+    ops instead of a loop over layers: the projection runs every distillation step, and
+    the loop was a quarter of a step on a 36-layer encoder.
+    """
 
     def __init__(self, layers: Sequence[GBLRLinear]) -> None:
-        self.dtype = layers[0].widths.dtype
         self.w = torch.cat([l.widths.detach().double().cpu() for l in layers], 1)  # (2, K)
         dims = [torch.tensor([[l.out_features], [l.in_features]], dtype=torch.float64).expand(2, l.num_groups)
                 for l in layers]
-        self.dims = torch.cat(dims, 1)  # (2, K)
+        self.dims = torch.cat(dims, 1)  # (2, K): axis lengths m, n
         self.rank = torch.cat([torch.full((l.num_groups,), l.rank, dtype=torch.int64) for l in layers])
-        self.price = self.rank.double() * self.dims  # (2, K)
+        self.price = self.rank.double() * self.dims  # (2, K), as width_prices
+        self.sizes = [l.num_groups for l in layers]
+        self.dtypes = [l.widths.dtype for l in layers]
 
     def __call__(self, tau: float) -> int:
-        w = (self.w - tau * self.price).clamp(0.0, 1.0).to(self.dtype).double()
-        rounded = torch.floor(w.clamp(0.0, 1.0) * self.dims + 0.5).long()  # as round_width
+        w = (self.w - tau * self.price).clamp(0.0, 1.0)  # as _shifted
+        # Round in the dtype the layers will hold, as shrink_widths_ stores it.
+        if len(set(self.dtypes)) == 1:
+            w = w.to(self.dtypes[0])
+        else:
+            w = torch.cat([p.to(dt).double() for p, dt in zip(w.split(self.sizes, 1), self.dtypes)], 1)
+        rounded = round_width(w, self.dims)  # (2, K) int64
         alive = (rounded[0] > 0) & (rounded[1] > 0)
         return int((self.rank * (rounded[0] + rounded[1]) * alive).sum())
 
@@ -214,8 +211,7 @@ def project_widths_(layers: Sequence[GBLRLinear], max_cost: int, iters: int = 60
         raise ValueError(f"max_cost must be >= 0, got {max_cost}")
     if not layers:
         return 0.0
-    same_dtype = len({layer.widths.dtype for layer in layers}) == 1
-    cost_at = _Costs(layers) if same_dtype else (lambda tau: _cost_at(layers, tau))
+    cost_at = _Costs(layers)
     if cost_at(0.0) <= max_cost:
         return 0.0
     lo = 0.0  # infeasible

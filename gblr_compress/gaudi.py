@@ -40,12 +40,12 @@ def _snap(x: torch.Tensor, n: int, tol: float) -> torch.Tensor:
     return x + torch.where(near, grid / n - x, torch.zeros_like(x)).detach()
 
 
-def round_width(w: torch.Tensor, n: int) -> torch.Tensor:
+def round_width(w: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
     """Integer width (as int64) of fractional widths ``w`` on an axis of length ``n``.
 
     Args:
         w: fractional widths, any shape; values outside [0, 1] are clamped.
-        n: axis length.
+        n: axis length, or a float64 tensor of lengths broadcasting with ``w``.
 
     Returns:
         ``round(clamp(w, 0, 1) * n)`` as an int64 tensor of the same shape.
