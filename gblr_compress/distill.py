@@ -218,7 +218,7 @@ class _TeacherCache:
 
     def __init__(self, teacher: nn.Module, taps: _LayerTaps | None, limit_bytes: float) -> None:
         self.teacher, self.taps = teacher, taps
-        self.left, self.used = limit_bytes, 0.0
+        self.limit, self.used = limit_bytes, 0.0
         self.kept: dict[int, tuple[object, dict[str, torch.Tensor]]] = {}
 
     @torch.no_grad()
@@ -229,8 +229,7 @@ class _TeacherCache:
         out = run_model(self.teacher, batch)
         tapped = dict(self.taps.outputs) if self.taps is not None else {}
         size = sum(t.numel() * t.element_size() for t in [*flatten_outputs(out), *tapped.values()])
-        if size <= self.left:
-            self.left -= size
+        if self.used + size <= self.limit:
             self.used += size
             self.kept[index] = (out, tapped)
         return out, tapped
@@ -251,15 +250,10 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 def _heldout_loss(
-    student: nn.Module,
-    teacher: nn.Module | _TeacherCache,
-    batches: Sequence[Batch],
-    config: DistillConfig,
+    student: nn.Module, teacher: _TeacherCache, batches: Sequence[Batch], config: DistillConfig
 ) -> float:
     was_training = student.training
     student.eval()  # eval mode = exact rounded boxcars = what freezing deploys
-    if isinstance(teacher, nn.Module):
-        teacher = _TeacherCache(teacher, None, 0.0)
     with torch.no_grad():
         losses = [
             float(output_loss(run_model(student, b), teacher(i, b)[0], config.loss, config.temperature))
@@ -336,8 +330,7 @@ def distill_(
     names = list(layers)
     s_taps = _LayerTaps(student, names) if use_taps else None
     t_taps = _LayerTaps(teacher, names) if use_taps else None
-    budget_left = config.teacher_cache_mb * 2**20 - held_teacher.used
-    fit_teacher = _TeacherCache(teacher, t_taps, max(budget_left, 0.0))
+    fit_teacher = _TeacherCache(teacher, t_taps, held_teacher.limit - held_teacher.used)
     warmup = max(1, int(config.warmup_fraction * config.steps))
     ste_start = int(round((1.0 - config.ste_fraction) * config.steps))
     best = heldout_before if heldout_before is not None else math.inf
