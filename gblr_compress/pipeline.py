@@ -56,6 +56,7 @@ __all__ = [
     "build_report",
     "compress",
     "default_report_path",
+    "distill_and_recover",
     "run_job",
     "split_batches",
 ]
@@ -260,22 +261,9 @@ def compress(
     distilled = recovery = None
     compressed = [n for n, rec in init.layers.items() if rec.status != "skipped"]
     if distilling and compressed:
-        t0 = time.perf_counter()
-        dcfg = DistillConfig(steps=config.steps, lr=config.lr, structure_lr=config.structure_lr,
-                             seed=config.seed, loss=config.loss)
-        distilled = distill_(student, teacher, fit, max_cost, dcfg, holdout=held,
-                             progress=_relay_steps("distill", progress))
-        seconds["distill"] = time.perf_counter() - t0
-        if held:
-            quality["distilled"] = agreement(student.eval(), teacher, held)
-        rsteps = config.steps // 4 if config.recovery_steps is None else config.recovery_steps
-        if rsteps > 0:
-            t0 = time.perf_counter()
-            rcfg = DistillConfig(steps=rsteps, lr=config.lr * 0.3, seed=config.seed + 1, loss=config.loss,
-                                 eval_every=max(1, min(20, rsteps)))
-            recovery = recover_(student, teacher, fit, max_cost, rcfg, holdout=held,
-                                progress=_relay_steps("recover", progress))
-            seconds["recover"] = time.perf_counter() - t0
+        distilled, recovery = distill_and_recover(
+            student, teacher, fit, held, max_cost, config, progress, seconds, quality
+        )
 
     t0 = time.perf_counter()
     records = freeze_(student)
@@ -288,6 +276,57 @@ def compress(
         raise RuntimeError(f"frozen cost {cost} exceeds the budget's {max_cost}")
     return CompressResult(student, records, targets, init, distilled, recovery, quality,
                           seconds, max_cost)
+
+
+def distill_and_recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    fit: Sequence[Batch],
+    held: Sequence[Batch],
+    max_cost: int,
+    config: CompressConfig,
+    progress: Progress | None = None,
+    seconds: dict[str, float] | None = None,
+    quality: dict[str, dict[str, float]] | None = None,
+) -> tuple[DistillResult, DistillResult | None]:
+    """The distillation phases of :func:`compress` on a student whose target layers are
+    GBLRLinear: ``config.steps`` proximal distillation steps, then the content-only
+    recovery. ``config.structure_lr=0`` keeps the structure fixed throughout.
+
+    Args:
+        student: trained in place; left with GBLRLinear layers (not frozen).
+        teacher: the dense model.
+        fit: batches trained on; ``held``: held-out batches (may be empty).
+        max_cost: exact cost the GBLR layers share.
+        config: steps, learning rates, seed, loss and recovery steps.
+        progress: ``progress(phase, done, total, info)`` with phases ``"distill"``,
+            ``"recover"``.
+        seconds: wall time per phase is added here when given.
+        quality: held-out agreement after distillation (``"distilled"``) is added here
+            when given and there are held-out batches.
+
+    Returns:
+        ``(distillation record, recovery record or None when it has no steps)``.
+    """
+    seconds = {} if seconds is None else seconds
+    t0 = time.perf_counter()
+    dcfg = DistillConfig(steps=config.steps, lr=config.lr, structure_lr=config.structure_lr,
+                         seed=config.seed, loss=config.loss)
+    distilled = distill_(student, teacher, fit, max_cost, dcfg, holdout=held,
+                         progress=_relay_steps("distill", progress))
+    seconds["distill"] = time.perf_counter() - t0
+    if held and quality is not None:
+        quality["distilled"] = agreement(student.eval(), teacher, held)
+    recovery = None
+    rsteps = config.steps // 4 if config.recovery_steps is None else config.recovery_steps
+    if rsteps > 0:
+        t0 = time.perf_counter()
+        rcfg = DistillConfig(steps=rsteps, lr=config.lr * 0.3, seed=config.seed + 1, loss=config.loss,
+                             eval_every=max(1, min(20, rsteps)))
+        recovery = recover_(student, teacher, fit, max_cost, rcfg, holdout=held,
+                            progress=_relay_steps("recover", progress))
+        seconds["recover"] = time.perf_counter() - t0
+    return distilled, recovery
 
 
 def _split_for_pruning(model: nn.Module, max_blocks: int) -> None:

@@ -160,26 +160,18 @@ def _as_gblr(low: nn.Module) -> nn.Module:
 @register("whitened-svd+distill")
 def whitened_svd_distilled(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
     """The whitened-SVD row's model, then the distillation ``gblr-calibrated`` gets
-    (same steps, learning rates, loss, held-out share and recovery), structure fixed:
-    separates what the structure buys from what the distillation buys."""
-    from gblr_compress.distill import DistillConfig, distill_
-    from gblr_compress.freeze import freeze_, recover_
-    from gblr_compress.pipeline import CompressConfig, split_batches
+    (gblr-compress's own distillation phases, same defaults, held-out share and loss),
+    structure fixed: separates what the structure buys from what the distillation buys."""
+    from gblr_compress.freeze import freeze_
+    from gblr_compress.pipeline import CompressConfig, distill_and_recover, split_batches
     from gblr_compress.swap import replace_module
 
     student = whitened_svd(dense, calib, budget)
     for name in encoder_linears(dense):
         replace_module(student, name, _as_gblr(student.get_submodule(name)))
-    cfg = CompressConfig(budget=budget, loss="mse")
-    fit, held = split_batches(list(calib), cfg.holdout_fraction)
+    config = CompressConfig(budget=budget, loss="mse", structure_lr=0.0)
+    fit, held = split_batches(list(calib), config.holdout_fraction)
     max_cost = sum(student.get_submodule(n).exact_cost() for n in encoder_linears(dense))
-    distill_(student, dense, fit, max_cost,
-             DistillConfig(steps=cfg.steps, lr=cfg.lr, structure_lr=0.0, seed=cfg.seed, loss=cfg.loss),
-             holdout=held)
-    rsteps = cfg.steps // 4
-    recover_(student, dense, fit, max_cost,
-             DistillConfig(steps=rsteps, lr=cfg.lr * 0.3, seed=cfg.seed + 1, loss=cfg.loss,
-                           eval_every=max(1, min(20, rsteps))),
-             holdout=held)
+    distill_and_recover(student, dense, fit, held, max_cost, config)
     freeze_(student)
     return student.eval()
