@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from gblr_compress.errors import InputError
+from gblr_compress.export import export_onnx
+from gblr_compress.layer import FrozenGBLR
 
 __all__ = ["SpeedResult", "export_encoder", "make_session", "measure_speed", "ort_embed"]
 
@@ -25,15 +27,13 @@ __all__ = ["SpeedResult", "export_encoder", "make_session", "measure_speed", "or
 def export_encoder(model: nn.Module, path: Path, opset: int = 17) -> Path:
     """Export ``model(input_ids, attention_mask) -> embedding`` with dynamic batch/seq axes.
 
-    Uses the TorchScript exporter: it traces the HF BERT in about a second, where the
+    Models holding FrozenGBLR layers go through gblr-compress's ``export_onnx``. Others use
+    the TorchScript exporter: it traces the HF BERT in about a second, where the
     dynamo exporter takes ~20 s per model on 2 cores and gives the same graph here.
     """
     model.eval()
     ids = torch.ones(2, 16, dtype=torch.long)  # (B, T) example; axes are dynamic
     mask = torch.ones_like(ids)
-    from gblr_compress.export import export_onnx
-    from gblr_compress.layer import FrozenGBLR
-
     if any(isinstance(m, FrozenGBLR) for m in model.modules()):
         # gblr-compress models go through the product's exporter (sliced-GEMM subgraphs,
         # ORT-verified); tracing FrozenGBLR's PyTorch forward gives a slow gather graph.
