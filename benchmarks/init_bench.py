@@ -110,7 +110,8 @@ def _bert(seqs: int, length: int, budget: float, batch: int) -> None:
         f"(batches of {batch}), budget {budget}, {torch.get_num_threads()} threads: "
         f"{total:.1f} s total ({done['moments']:.1f} s fit moments, "
         f"{done['holdout'] - done['moments']:.1f} s held-out moments, "
-        f"{done['spectra'] - done['holdout']:.1f} s spectra, {layer_s:.1f} s layer search), "
+        f"{done['sensitivity'] - done['holdout']:.1f} s sensitivity, "
+        f"{done['spectra'] - done['sensitivity']:.1f} s spectra, {layer_s:.1f} s layer search), "
         f"exact cost {result.exact_cost} <= "
         f"{result.budget_cost}, status {status}"
     )

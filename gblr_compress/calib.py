@@ -13,7 +13,15 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Batch", "Moment", "collect_moments", "run_model", "flatten_outputs", "move_batch"]
+__all__ = [
+    "Batch",
+    "Moment",
+    "collect_moments",
+    "layer_sensitivity",
+    "run_model",
+    "flatten_outputs",
+    "move_batch",
+]
 
 Batch = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
@@ -221,3 +229,86 @@ def _in_features(module: nn.Module) -> int:
     if n is None:  # Conv1D keeps its weight as (in, out)
         n = module.weight.shape[0]
     return int(n)
+
+
+def layer_sensitivity(
+    model: nn.Module,
+    names: Sequence[str],
+    batches: Iterable[Batch],
+    probes: int = 4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How much each layer's relative output error moves the model's outputs.
+
+    For an error of relative size ``e`` spread evenly over layer ``l``'s outputs ``o_l``
+    (``N_l`` entries), the expected squared change of the model's outputs ``y`` is, to
+    first order, ``e^2 * ||o_l||^2 / N_l * tr(J_l J_l^T)``, with ``J_l = dy/do_l``. The
+    returned weight is that change per unit ``e^2``, relative to ``||y||^2``: so
+    ``sum_l weight_l * e_l^2`` estimates the squared relative output error that layer
+    errors ``e_l`` cause together. The trace is estimated with Hutchinson probes
+    (``E ||J^T v||^2`` over Gaussian ``v``): one forward and ``probes`` backward passes
+    per batch give every layer at once.
+
+    Args:
+        model: the model (its parameters get no gradients; call it in eval mode).
+        names: dotted names of the layers.
+        batches: a few calibration batches.
+        probes: random output directions per batch.
+        seed: seed of the probes.
+
+    Returns:
+        Weight per layer name (0 for a layer that no batch reached).
+    """
+    modules = {n: model.get_submodule(n) for n in names}
+    outs: dict[str, torch.Tensor] = {}
+
+    def tap(name: str) -> Callable:
+        # Adding a requires-grad zero puts the layer's output in the autograd graph
+        # without asking the model's parameters for gradients.
+        def hook(_m: nn.Module, _args: tuple, out: object) -> torch.Tensor | None:
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return None
+            lifted = out + torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
+            outs[name] = lifted
+            return lifted
+
+        return hook
+
+    gen = torch.Generator().manual_seed(seed)
+    trace = dict.fromkeys(names, 0.0)
+    energy = dict.fromkeys(names, 0.0)
+    y2 = 0.0
+    saved = {p: p.requires_grad for p in model.parameters()}
+    handles = [m.register_forward_hook(tap(n)) for n, m in modules.items()]
+    try:
+        for p in saved:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for batch in batches:
+                outs.clear()
+                ys = [y for y in flatten_outputs(run_model(model, batch)) if y.requires_grad]
+                live = [n for n in names if n in outs]
+                if not ys or not live:
+                    continue
+                y2 += sum(float(y.detach().double().pow(2).sum()) for y in ys)
+                for n in live:
+                    o = outs[n].detach()
+                    energy[n] += float(o.double().pow(2).sum()) / o.numel()
+                for k in range(probes):
+                    vs = [torch.randn(y.shape, generator=gen).to(y) for y in ys]
+                    grads = torch.autograd.grad(
+                        ys, [outs[n] for n in live], vs, retain_graph=k < probes - 1, allow_unused=True
+                    )
+                    for n, g in zip(live, grads):
+                        if g is not None:
+                            trace[n] += float(g.double().pow(2).sum()) / probes
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    if y2 <= 0.0:
+        return dict.fromkeys(names, 0.0)
+    # energy, trace and y2 are each sums over the batches, so the weights carry a common
+    # factor (about the batch count); the allocation only compares layers, so it is left.
+    return {n: energy[n] * trace[n] / y2 for n in names}

@@ -155,6 +155,7 @@ class _Bars:
 
     LABELS = {
         "moments": "activation statistics", "holdout": "held-out statistics",
+        "sensitivity": "layer sensitivity",
         "spectra": "spectra", "layers": "init (per layer)", "distill": "distillation",
         "recover": "recovery (content only)", "export": "export + verification",
     }

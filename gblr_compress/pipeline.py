@@ -61,8 +61,8 @@ __all__ = [
     "split_batches",
 ]
 
-# progress(phase, done, total, info): phases "moments", "holdout", "spectra", "layers"
-# (init), "distill", "recover" (info: loss, cost, max_cost, heldout).
+# progress(phase, done, total, info): phases "moments", "holdout", "sensitivity", "spectra",
+# "layers" (init), "distill", "recover" (info: loss, cost, max_cost, heldout).
 Progress = Callable[[str, int, int, Mapping[str, float]], None]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gblr_compress.calib import collect_moments
+from gblr_compress.calib import collect_moments, layer_sensitivity
 from samples.models import TinyEncoder
 
 
@@ -92,3 +92,39 @@ def test_wide_inputs_use_the_blocked_product_exactly() -> None:
     moments = collect_moments(model, ["0"], [x])
     X = x.reshape(-1, 1030)
     torch.testing.assert_close(moments["0"].xtx, X.T @ X)
+
+
+def test_sensitivity_matches_the_exact_jacobian_trace_of_a_linear_chain() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 3)).double()
+    x = torch.randn(32, 6, dtype=torch.float64)
+    w = layer_sensitivity(model, ["0", "1", "2"], [x], probes=400)
+    with torch.no_grad():
+        o0, y = model[0](x), model(x)
+        o1 = model[1](o0)
+        j0 = model[2].weight @ model[1].weight  # dy/do0 for every row
+        j1 = model[2].weight
+        y2 = float(y.pow(2).sum())
+        # tr(J J^T) over the batch is the row count times the per-row Frobenius norm.
+        want = {
+            "0": float(o0.pow(2).mean()) * len(x) * float(j0.pow(2).sum()) / y2,
+            "1": float(o1.pow(2).mean()) * len(x) * float(j1.pow(2).sum()) / y2,
+            "2": float(y.pow(2).mean()) * len(x) * 3 / y2,
+        }
+    for name in want:
+        assert w[name] == pytest.approx(want[name], rel=0.15)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_sensitivity_of_a_layer_off_the_output_path_is_zero() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.unused(x)
+            return self.used(x)
+
+    w = layer_sensitivity(Branchy(), ["used", "unused"], [torch.randn(8, 4)])
+    assert w["used"] > 0 and w["unused"] == 0.0

@@ -224,3 +224,30 @@ def test_layers_searched_in_parallel_give_the_same_model_as_one_at_a_time() -> N
     assert out[0][1] == out[1][1]
     for k, v in out[0][0].items():
         torch.testing.assert_close(out[1][0][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_budget_goes_to_the_layer_the_outputs_depend_on() -> None:
+    """Two layers with the same weights and inputs; one reaches the output 30x damped.
+    Weighed by sensitivity the loud one gets more of the budget; unweighed, the same."""
+
+    class TwoPaths(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.loud, self.quiet = nn.Linear(24, 24), nn.Linear(24, 24)
+            self.quiet.load_state_dict(self.loud.state_dict())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.loud(x) + self.quiet(x) / 30
+
+    calib = [torch.randn(64, 24) for _ in range(4)]
+    alloc = {}
+    for batches in (0, 2):
+        result = initialize_(TwoPaths(), InitConfig(budget=0.4, sensitivity_batches=batches, max_groups=1),
+                             calib=calib)
+        alloc[batches] = {n: rec.allocated_cost for n, rec in result.layers.items()}
+        assert (result.layers["loud"].sensitivity is None) == (batches == 0)
+    # Unweighed, the layers tie up to the leftover that buys no whole component.
+    assert abs(alloc[0]["loud"] - alloc[0]["quiet"]) < 24 + 24
+    assert alloc[2]["loud"] > alloc[2]["quiet"] + 2 * (24 + 24)
+    assert alloc[2]["loud"] + alloc[2]["quiet"] <= math.floor(0.4 * 2 * 24 * 24)
