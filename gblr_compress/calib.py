@@ -16,6 +16,7 @@ from torch import nn
 __all__ = [
     "Batch",
     "Moment",
+    "augment_tokens",
     "collect_moments",
     "layer_sensitivity",
     "run_model",
@@ -312,3 +313,77 @@ def layer_sensitivity(
     # energy, trace and y2 are each sums over the batches, so the weights carry a common
     # factor (about the batch count); the allocation only compares layers, so it is left.
     return {n: energy[n] * trace[n] / y2 for n in names}
+
+
+def _token_ids(batch: Batch) -> torch.Tensor | None:
+    """The batch's token ids: a dict's ``input_ids``, a bare 2-D integer tensor, or the
+    first element of a tuple/list when that is one (other integer inputs, such as position
+    or segment ids, must not be resampled)."""
+    if isinstance(batch, Mapping):
+        ids = batch.get("input_ids")
+    elif isinstance(batch, (tuple, list)):
+        ids = batch[0] if batch else None
+    else:
+        ids = batch
+    integer = isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dtype != torch.bool
+    if integer and ids.dim() == 2:
+        return ids
+    return None
+
+
+def _interior(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) bool: real positions except each row's first and last real one (where
+    tokenizers put their special tokens)."""
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None or mask.shape != ids.shape else mask.clone()
+    inner = real.clone()
+    inner[:, 0] = False
+    last = (real.long().cumsum(1) == real.long().sum(1, keepdim=True)) & real
+    return inner & ~last
+
+
+def _with_ids(batch: Batch, ids: torch.Tensor) -> Batch:
+    if isinstance(batch, Mapping):
+        return {**batch, "input_ids": ids}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)([ids, *batch[1:]])
+    return ids
+
+
+def augment_tokens(batches: Sequence[Batch], rate: float, copies: int, seed: int = 0) -> list[Batch]:
+    """New calibration batches: copies of token batches with some tokens replaced.
+
+    Distillation needs no labels, so any input the teacher can answer is a training
+    sample. A few hundred sentences are few enough that a student fits them and not the
+    language (GBLR design notes); resampling a share of each sentence's tokens from the
+    calibration set's own tokens keeps the inputs near the data while making every copy
+    new. Each row's first and last real tokens (a tokenizer's special tokens) and
+    padding are kept.
+
+    Args:
+        batches: calibration batches; only token batches are copied (see
+            ``_token_ids``); batches of float features yield nothing.
+        rate: share of each row's inner tokens replaced, in [0, 1).
+        copies: augmented copies made of each token batch.
+        seed: seed of the draws.
+
+    Returns:
+        ``copies`` new batches per token batch (copy-major order), or ``[]``.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must be in [0, 1), got {rate}")
+    found = [(b, ids, _interior(ids, _token_mask(b))) for b in batches if (ids := _token_ids(b)) is not None]
+    if rate == 0.0 or copies < 1 or not found:
+        return []
+    pool = torch.cat([ids[inner].cpu() for _, ids, inner in found])
+    if pool.numel() == 0:
+        return []
+    gen = torch.Generator().manual_seed(seed)
+    out: list[Batch] = []
+    for _ in range(copies):
+        for batch, ids, inner in found:
+            hit = (torch.rand(ids.shape, generator=gen) < rate) & inner.cpu()
+            new = ids.clone()
+            draws = pool[torch.randint(pool.numel(), (int(hit.sum()),), generator=gen)]
+            new[hit.to(ids.device)] = draws.to(ids.device, ids.dtype)
+            out.append(_with_ids(batch, new))
+    return out

@@ -219,6 +219,8 @@ class _Bars:
               help="Peak learning rate of the distilled content.")
 @click.option("--loss", type=click.Choice(["auto", "mse", "kl"]), default="auto", show_default=True,
               help="Distillation loss: auto = KL on a single 2-D output (logits), normalized MSE otherwise.")
+@click.option("--augment", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Share of tokens resampled in augmented copies of token-id calibration batches (0: off).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--data-free", is_flag=True, help="Initialize from the weights alone (no activation statistics).")
 @click.option("--max-blocks", default=4, show_default=True, type=click.IntRange(min=1),
@@ -234,7 +236,8 @@ class _Bars:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @verbose_option
 def compress_cmd(model: str, budget: float, output: str, factory: str | None, calib: str | None,
-                 input_spec: str | None, steps: int, lr: float, loss: str, seed: int, data_free: bool,
+                 input_spec: str | None, steps: int, lr: float, loss: str, augment: float, seed: int,
+                 data_free: bool,
                  max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...], device: str,
                  opset: int, no_verify: bool, report: str | None, quiet: bool, as_json: bool) -> None:
     """Compress MODEL's Linear layers to a FLOP budget and export ONNX + a report.
@@ -253,8 +256,9 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
 
         if not torch.cuda.is_available():
             raise InputError(f"--device {device}: CUDA is not available on this machine")
-    config = CompressConfig(budget=budget, steps=steps, lr=lr, loss=loss, seed=seed, data_free=data_free,
-                            max_blocks=max_blocks, include=include, exclude=exclude, device=device)
+    config = CompressConfig(budget=budget, steps=steps, lr=lr, loss=loss, augment=augment, seed=seed,
+                            data_free=data_free, max_blocks=max_blocks, include=include, exclude=exclude,
+                            device=device)
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
               report=report, opset=opset, verify=not no_verify, config=config)
     console = _console()

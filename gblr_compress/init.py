@@ -344,8 +344,10 @@ class InitConfig:
             few large blocks run fast after export. The search tries 1, 2, 4, ... and
             ``max_groups`` groups.
         data_free: ignore calibration data (``C = I``, weight error).
-        damping: added to the moment's diagonal, as a fraction of its mean diagonal;
-            ~0.1 keeps window searches from overfitting a few thousand tokens.
+        damping: added to the moment's diagonal, as a fraction of its mean diagonal.
+            On all-MiniLM-L6-v2 with 3k calibration tokens, 0.01 kept more than 0.1
+            (held-out distillation loss 0.450 vs 0.462 at budget 0.3): the held-out
+            judgement of windowed structures already guards against overfitting them.
         seed: seed of the refinement (it is deterministic given the seed).
         width_fractions: the search tries groups whose widths sum to these fractions of
             ``m + n`` (rank chosen to fill the layer's allocation).
@@ -373,7 +375,7 @@ class InitConfig:
     budget: float = 0.3
     max_groups: int = 4
     data_free: bool = False
-    damping: float = 0.1
+    damping: float = 0.01
     seed: int = 0
     width_fractions: tuple[float, ...] = (0.5, 0.25)
     refine_steps: int = 10

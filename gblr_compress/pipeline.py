@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from gblr_compress.calib import Batch, move_batch
+from gblr_compress.calib import Batch, augment_tokens, move_batch
 from gblr_compress.checkpoint import (
     LoadedModel,
     check_inputs_fit,
@@ -88,6 +88,11 @@ class CompressConfig:
         overcomplete: with distillation, initialize at ``overcomplete * budget`` with each
             layer's rank split over up to ``max_blocks`` groups, and let the proximal
             projection prune to the budget (the structure then has room to move).
+        augment: share of the inner tokens resampled in augmented copies of token-id
+            calibration batches used for distillation (0: none; float inputs are never
+            augmented), see :func:`~gblr_compress.calib.augment_tokens`. Held-out
+            batches stay real.
+        augment_copies: augmented copies of each fit batch.
         loss: distillation loss on the model outputs: ``"auto"`` (KL on a single 2-D
             output, taken as classifier logits; normalized MSE otherwise), ``"mse"``
             (use it for 2-D outputs that are embeddings, not logits) or ``"kl"``.
@@ -106,6 +111,8 @@ class CompressConfig:
     holdout_fraction: float = 0.2
     recovery_steps: int | None = None
     overcomplete: float = 1.0
+    augment: float = 0.2
+    augment_copies: int = 4
     loss: str = "auto"
     device: str = "cpu"
 
@@ -122,6 +129,10 @@ class CompressConfig:
             raise InputError(f"holdout fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.loss not in ("auto", "mse", "kl"):
             raise InputError(f"--loss must be auto, mse or kl, got {self.loss!r}")
+        if not 0.0 <= self.augment < 1.0:
+            raise InputError(f"--augment must be in [0, 1), got {self.augment}")
+        if self.augment_copies < 0:
+            raise InputError(f"augment copies must be >= 0, got {self.augment_copies}")
         if not self.overcomplete >= 1.0:
             raise InputError(f"overcomplete must be >= 1, got {self.overcomplete}")
         if self.recovery_steps is not None and self.recovery_steps < 0:
@@ -291,7 +302,8 @@ def distill_and_recover(
 ) -> tuple[DistillResult, DistillResult | None]:
     """The distillation phases of :func:`compress` on a student whose target layers are
     GBLRLinear: ``config.steps`` proximal distillation steps, then the content-only
-    recovery. ``config.structure_lr=0`` keeps the structure fixed throughout.
+    recovery, both on ``fit`` plus its augmented copies (``config.augment``).
+    ``config.structure_lr=0`` keeps the structure fixed throughout.
 
     Args:
         student: trained in place; left with GBLRLinear layers (not frozen).
@@ -310,6 +322,9 @@ def distill_and_recover(
     """
     seconds = {} if seconds is None else seconds
     t0 = time.perf_counter()
+    # Augmented copies only widen what is trained on; the best state is still picked on
+    # the real held-out batches.
+    fit = list(fit) + augment_tokens(fit, config.augment, config.augment_copies, config.seed)
     dcfg = DistillConfig(steps=config.steps, lr=config.lr, structure_lr=config.structure_lr,
                          seed=config.seed, loss=config.loss)
     distilled = distill_(student, teacher, fit, max_cost, dcfg, holdout=held,
@@ -487,7 +502,8 @@ def build_report(
         "budget": cfg.budget, "steps": cfg.steps, "lr": cfg.lr, "structure_lr": cfg.structure_lr,
         "seed": cfg.seed, "data_free": cfg.data_free, "max_blocks": cfg.max_blocks,
         "include": list(cfg.include), "exclude": list(cfg.exclude),
-        "holdout_fraction": cfg.holdout_fraction, "loss": cfg.loss, "opset": job.opset, "verify": job.verify,
+        "holdout_fraction": cfg.holdout_fraction, "augment": cfg.augment,
+        "augment_copies": cfg.augment_copies, "loss": cfg.loss, "opset": job.opset, "verify": job.verify,
         "device": cfg.device,
     }
     parity = None

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gblr_compress.calib import collect_moments, layer_sensitivity
+from gblr_compress.calib import augment_tokens, collect_moments, layer_sensitivity
 from samples.models import TinyEncoder
 
 
@@ -128,3 +128,40 @@ def test_sensitivity_of_a_layer_off_the_output_path_is_zero() -> None:
 
     w = layer_sensitivity(Branchy(), ["used", "unused"], [torch.randn(8, 4)])
     assert w["used"] > 0 and w["unused"] == 0.0
+
+
+def test_augmented_token_batches_keep_specials_padding_and_other_inputs() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 1000, (16, 24), generator=gen)
+    mask = torch.ones_like(ids)
+    lengths = torch.randint(5, 25, (16,), generator=gen)
+    for row, n in enumerate(lengths.tolist()):
+        ids[row, 0], ids[row, n - 1] = 1, 2  # [CLS] ... [SEP]
+        ids[row, n:], mask[row, n:] = 0, 0
+    types = torch.randint(0, 2, ids.shape, generator=gen)
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    out = augment_tokens([batch], rate=0.3, copies=3, seed=0)
+    assert len(out) == 3 and out[0]["input_ids"] is not ids
+    pool = set(ids[mask.bool()].tolist()) - {1, 2}
+    changed = 0
+    for aug in out:
+        assert torch.equal(aug["attention_mask"], mask) and torch.equal(aug["token_type_ids"], types)
+        new = aug["input_ids"]
+        for row, n in enumerate(lengths.tolist()):
+            assert new[row, 0] == 1 and new[row, n - 1] == 2 and not new[row, n:].any()
+            assert set(new[row, 1 : n - 1].tolist()) <= pool  # drawn from the data's own tokens
+        changed += int((new != ids).sum())
+    inner = int(mask.sum()) - 2 * 16
+    assert 0.2 < changed / (3 * inner) < 0.4
+    assert torch.equal(ids, batch["input_ids"])  # the given batch is not modified
+    again = augment_tokens([batch], rate=0.3, copies=3, seed=0)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(out, again))
+
+
+def test_float_batches_and_rate_zero_are_not_augmented() -> None:
+    assert augment_tokens([torch.randn(4, 8)], rate=0.2, copies=2) == []
+    assert augment_tokens([torch.randint(0, 9, (4, 8))], rate=0.0, copies=2) == []
+    tup = augment_tokens([(torch.randint(3, 9, (4, 8)), torch.randn(4, 8))], rate=0.5, copies=1)
+    assert len(tup) == 1 and isinstance(tup[0], tuple) and tup[0][0].shape == (4, 8)
+    with pytest.raises(ValueError):
+        augment_tokens([torch.randint(0, 9, (4, 8))], rate=1.0, copies=1)

@@ -89,3 +89,28 @@ def test_split_batches_cuts_one_big_batch() -> None:
     assert sum(b.shape[0] for b in fit + held) == 100 and len(held) == 2 and len(fit) == 6
     fit, held = split_batches([{"a": torch.zeros(4, 2), "b": torch.ones(4, 2)}] * 10, 0.25)
     assert len(fit) == 7 and len(held) == 3
+
+
+def test_distillation_trains_on_augmented_token_batches_and_keeps_the_budget() -> None:
+    from samples.models import TinyEncoder
+
+    torch.manual_seed(0)
+    model = TinyEncoder(vocab=200, hidden=32, layers=1, heads=2, ffn=64).eval()
+    calib = [{"input_ids": torch.randint(3, 200, (8, 16)), "attention_mask": torch.ones(8, 16, dtype=torch.long)}
+             for _ in range(8)]
+    seen: list[int] = []
+    # Hooks travel with the deep copies compress() makes: every model call is counted.
+    model.register_forward_pre_hook(
+        lambda _m, _args, kwargs: seen.append(hash(tuple(kwargs["input_ids"].flatten().tolist()))),
+        with_kwargs=True,
+    )
+    results = {}
+    for augment in (0.0, 0.3):
+        seen.clear()
+        config = CompressConfig(budget=0.4, steps=18, recovery_steps=0, augment=augment, augment_copies=2)
+        results[augment] = compress(model, config, calib=calib)
+        # 6 fit + 2 held-out batches, and with augmentation 2 new copies of each fit batch
+        # (18 steps: every batch is drawn once).
+        assert len(set(seen)) == (6 + 2 + 2 * 6 if augment else 6 + 2)
+    for res in results.values():
+        assert sum(r.cost for r in res.records.values()) <= res.max_cost
