@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minilm.cli_run import run_cli
 from minilm.contenders import CONTENDERS, PENDING, set_distill_hook
 from minilm.data import load_calib, load_eval
 from minilm.metrics import fidelity
@@ -64,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 15, quick 4)")
     p.add_argument("--calib", type=int, default=None, help="calibration sentences (default all, quick 64)")
     p.add_argument("--distill-hook", default=None, help="module:function, (student, dense, calib) -> student")
+    p.add_argument("--cli-budgets", type=float, nargs="*", default=[0.3],
+                   help="budgets at which the gblr-compress command itself is run and timed (none: skip)")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this file")
     p.add_argument("--onnx-dir", type=Path, default=None, help="keep the ONNX files here")
     return p.parse_args(argv)
@@ -134,21 +137,69 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 want = model(probe["input_ids"], probe["attention_mask"])
             rows_by_key(rows)[key]["ort_max_err"] = float((got - want).abs().max())
-        print(f"timing {len(paths)} ONNX models, {rounds} interleaved rounds ...", flush=True)
-        speed = measure_speed(paths, batch=8, seq=128, rounds=rounds, calls=1 if args.quick else 3)
-        for key, res in speed.items():
-            rows_by_key(rows)[key].update(asdict(res))
+        # Models whose compressed layers have the same shapes run the same graph with
+        # other numbers (every SVD variant at one budget): time one of each.
+        timed: dict[tuple, str] = {}
+        for key, model in models.items():
+            timed.setdefault(layer_shapes(model, lin_names), key)
+        print(f"timing {len(timed)} ONNX models ({len(paths) - len(timed)} share another's shapes), "
+              f"{rounds} interleaved rounds ...", flush=True)
+        speed = measure_speed({k: paths[k] for k in timed.values()}, batch=8, seq=128, rounds=rounds,
+                              calls=1 if args.quick else 3)
+        for key, model in models.items():
+            rep = timed[layer_shapes(model, lin_names)]
+            rows_by_key(rows)[key].update(asdict(speed[rep]))
+            if rep != key:
+                rows_by_key(rows)[key]["speed_of"] = rep
 
+    cli_rows = []
+    for budget in args.cli_budgets or []:
+        print(f"running the gblr-compress command at B={budget} ...", flush=True)
+        run = run_cli(budget, calib, eval_batches, Path(tempfile.mkdtemp(prefix="minilm_cli_")))
+        fid = fidelity(run.pop("embeddings"), dense_emb, evalset.pairs, negs)
+        cli_rows.append({"budget": budget, **run, **asdict(fid)})
     elapsed = time.perf_counter() - t_start
     print()
     print(render_table(rows, dense_cost))
+    if cli_rows:
+        print()
+        print(render_cli_table(cli_rows, dense_cost))
     for slot, why in PENDING.items():
         print(f"  (pending) {slot}: {why}")
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads; {date.today()}; total {elapsed:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "pending": PENDING, "elapsed_s": elapsed}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "cli": cli_rows, "pending": PENDING, "elapsed_s": elapsed},
+                                        indent=2))
     return 0
+
+
+def render_cli_table(rows: list[dict], dense_cost: int) -> str:
+    """Markdown table of the command-line runs: quality of the ONNX file, wall time per phase."""
+    head = ("| command | exact cost (ratio) | mean cos | min cos | top-1 | Spearman | ORT parity | "
+            "load / init / distill / recover / export s | wall s |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        sec = r["seconds"]
+        phases = " / ".join(f"{sec.get(k, 0.0):.1f}" for k in ("load", "init", "distill", "recover", "export"))
+        parity = f"{r['parity']['max_abs_diff']:.1e}" if r.get("parity") else "-"
+        lines.append(
+            f"| `{r['command']}` | {r['cost']:,} ({r['cost'] / dense_cost:.3f}) | {r['mean_cos']:.3f} | "
+            f"{r['min_cos']:.3f} | {r['top1']:.3f} | {r['spearman']:.3f} | {parity} | {phases} | {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def layer_shapes(model: nn.Module, names: list[str]) -> tuple:
+    """What fixes the exported graph of the compressed layers: module types and the
+    shapes (and, for GBLR layers, the windows) of everything they hold."""
+    sig = []
+    for name in names:
+        mod = model.get_submodule(name)
+        tensors = tuple((k, tuple(v.shape)) for k, v in mod.state_dict().items())
+        windows = tuple(b.window_key() for b in mod.structure().blocks) if hasattr(mod, "structure") else ()
+        sig.append((type(mod).__name__, tensors, windows))
+    return tuple(sig)
 
 
 def rows_by_key(rows: list[dict]) -> dict[str, dict]:
@@ -163,6 +214,8 @@ def render_table(rows: list[dict], dense_cost: int) -> str:
         speed = (
             f"{r['speedup']:.2f}x [{r['speedup_lo']:.2f}, {r['speedup_hi']:.2f}]" if "speedup" in r else "-"
         )
+        if "speed_of" in r:
+            speed = f"= {r['speed_of'].split('@')[0]}"
         err = f"{r['ort_max_err']:.1e}" if "ort_max_err" in r else "-"
         lines.append(
             f"| {r['name']} | {r['budget']:g} | {r['cost']:,} ({r['cost'] / dense_cost:.3f}) | "

@@ -3,16 +3,9 @@
 A contender must not modify ``dense_model`` (deep-copy it) and must return a model with
 the same call signature, ``model(input_ids, attention_mask) -> (B, H)`` embeddings, whose
 summed cost over the 36 encoder Linears is at most ``budget`` times the dense cost.
-The benchmark prints one row per entry of :data:`CONTENDERS`, in insertion order.
-
-Plugging in gblr-compress later is a few lines, e.g.::
-
-    def gblr_calibrated(dense, calib, budget):
-        student = copy.deepcopy(dense)
-        ...  # gblr_compress's pipeline on student.bert's encoder Linears
-        return student
-    CONTENDERS["gblr-calibrated"] = gblr_calibrated
-    PENDING.pop("gblr-calibrated")
+The benchmark prints one row per entry of :data:`CONTENDERS`, in insertion order;
+:func:`register` adds one, :func:`set_distill_hook` swaps the fine-tune of
+``whitened-svd+distill``.
 """
 
 from __future__ import annotations
@@ -29,7 +22,7 @@ from .baselines import (
     truncated_svd_layer,
     whitened_svd_layer,
 )
-from .model import Batch, encoder_linears
+from .model import Batch, SentenceEncoder, encoder_linears
 
 __all__ = [
     "CONTENDERS",
@@ -116,14 +109,22 @@ def set_distill_hook(hook: DistillHook, name: str = "whitened-svd+distill") -> N
     register(name)(contender)
 
 
+def _bert_names(dense: nn.Module) -> tuple[str, ...]:
+    """The encoder Linears' names inside ``dense.bert`` (the HuggingFace BertModel)."""
+    return tuple(name.removeprefix("bert.") for name in encoder_linears(dense))
+
+
 def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool) -> nn.Module:
-    """gblr-compress's library pipeline (the same calls the CLI makes) on the encoder Linears."""
+    """What ``gblr-compress MODEL_DIR --include 'encoder.layer.*' --calib ...`` does, as
+    the library call the CLI makes: compress the HuggingFace BertModel itself (its
+    outputs, every token's last hidden state and the pooler output, are the
+    distillation targets, default loss), then put the mean pooling back on top."""
     from gblr_compress.pipeline import CompressConfig, compress
 
-    names = tuple(encoder_linears(dense))
-    config = CompressConfig(budget=budget, include=names, data_free=data_free,
-                            steps=0 if data_free else 100, loss="mse")
-    return compress(dense, config, calib=None if data_free else calib).model
+    config = CompressConfig(budget=budget, include=_bert_names(dense), data_free=data_free,
+                            steps=0 if data_free else 100)
+    bert = compress(dense.bert, config, calib=None if data_free else calib).model
+    return SentenceEncoder(bert).eval()
 
 
 @register("gblr-data-free")
@@ -162,6 +163,8 @@ def whitened_svd_distilled(dense: nn.Module, calib: list[Batch], budget: float) 
     """The whitened-SVD row's model, then the distillation ``gblr-calibrated`` gets
     (gblr-compress's own distillation phases, same defaults, held-out share and loss),
     structure fixed: separates what the structure buys from what the distillation buys."""
+    import torch
+
     from gblr_compress.freeze import freeze_
     from gblr_compress.pipeline import CompressConfig, distill_and_recover, split_batches
     from gblr_compress.swap import replace_module
@@ -169,9 +172,12 @@ def whitened_svd_distilled(dense: nn.Module, calib: list[Batch], budget: float) 
     student = whitened_svd(dense, calib, budget)
     for name in encoder_linears(dense):
         replace_module(student, name, _as_gblr(student.get_submodule(name)))
-    config = CompressConfig(budget=budget, loss="mse", structure_lr=0.0)
+    config = CompressConfig(budget=budget, structure_lr=0.0)
     fit, held = split_batches(list(calib), config.holdout_fraction)
     max_cost = sum(student.get_submodule(n).exact_cost() for n in encoder_linears(dense))
-    distill_and_recover(student, dense, fit, held, max_cost, config)
+    # The same targets gblr-calibrated distills on: the BertModel's outputs; and the same
+    # seeding as compress(), so dropout draws do not depend on what ran before.
+    torch.manual_seed(config.seed)
+    distill_and_recover(student.bert, dense.bert, fit, held, max_cost, config)
     freeze_(student)
     return student.eval()
