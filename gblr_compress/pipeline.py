@@ -91,8 +91,10 @@ class CompressConfig:
         augment: share of the inner tokens resampled in augmented copies of token-id
             calibration batches used for distillation (0: none; float inputs are never
             augmented), see :func:`~gblr_compress.calib.augment_tokens`. Held-out
-            batches stay real.
-        augment_copies: augmented copies of each fit batch.
+            batches stay real. Copies are made only when ``steps`` is at least 4 times
+            the number of fit batches (each would be seen 4+ times).
+        augment_copies: most augmented copies of each fit batch (fewer when the steps
+            would not draw each batch about twice).
         loss: distillation loss on the model outputs: ``"auto"`` (KL on a single 2-D
             output, taken as classifier logits; normalized MSE otherwise), ``"mse"``
             (use it for 2-D outputs that are embeddings, not logits) or ``"kl"``.
@@ -289,6 +291,17 @@ def compress(
                           seconds, max_cost)
 
 
+def _copies(config: CompressConfig, fit_batches: int) -> int:
+    """Augmented copies per fit batch: only when data is scarce, i.e. when the steps
+    would draw each real batch 4 times or more, and then no more than keeps every batch
+    (real or copy) drawn about twice, so the cached teacher outputs still get reused.
+    Copies only widen what is trained on; the best state is still picked on the real
+    held-out batches."""
+    if fit_batches == 0:
+        return 0
+    return max(0, min(config.augment_copies, config.steps // (2 * fit_batches) - 1))
+
+
 def distill_and_recover(
     student: nn.Module,
     teacher: nn.Module,
@@ -322,9 +335,7 @@ def distill_and_recover(
     """
     seconds = {} if seconds is None else seconds
     t0 = time.perf_counter()
-    # Augmented copies only widen what is trained on; the best state is still picked on
-    # the real held-out batches.
-    fit = list(fit) + augment_tokens(fit, config.augment, config.augment_copies, config.seed)
+    fit = list(fit) + augment_tokens(fit, config.augment, _copies(config, len(fit)), config.seed)
     dcfg = DistillConfig(steps=config.steps, lr=config.lr, structure_lr=config.structure_lr,
                          seed=config.seed, loss=config.loss)
     distilled = distill_(student, teacher, fit, max_cost, dcfg, holdout=held,

@@ -107,10 +107,14 @@ def test_distillation_trains_on_augmented_token_batches_and_keeps_the_budget() -
     results = {}
     for augment in (0.0, 0.3):
         seen.clear()
-        config = CompressConfig(budget=0.4, steps=18, recovery_steps=0, augment=augment, augment_copies=2)
+        config = CompressConfig(budget=0.4, steps=36, recovery_steps=0, augment=augment, augment_copies=3)
         results[augment] = compress(model, config, calib=calib)
-        # 6 fit + 2 held-out batches, and with augmentation 2 new copies of each fit batch
-        # (18 steps: every batch is drawn once).
+        # 6 fit + 2 held-out batches, and with augmentation 2 new copies of each fit batch:
+        # 36 steps draw each of the 18 batches twice (3 copies would be drawn < 2 times).
         assert len(set(seen)) == (6 + 2 + 2 * 6 if augment else 6 + 2)
+    # With the fit batches drawn fewer than 4 times each, no copies are made.
+    seen.clear()
+    compress(model, CompressConfig(budget=0.4, steps=20, recovery_steps=0, augment=0.3), calib=calib)
+    assert len(set(seen)) == 6 + 2
     for res in results.values():
         assert sum(r.cost for r in res.records.values()) <= res.max_cost
