@@ -178,6 +178,7 @@ def whitened_svd_distilled(dense: nn.Module, calib: list[Batch], budget: float) 
     # The same targets gblr-calibrated distills on: the BertModel's outputs; and the same
     # seeding as compress(), so dropout draws do not depend on what ran before.
     torch.manual_seed(config.seed)
-    distill_and_recover(student.bert, dense.bert, fit, held, max_cost, config)
+    teacher = copy.deepcopy(dense.bert)  # distillation freezes its teacher's parameters
+    distill_and_recover(student.bert, teacher, fit, held, max_cost, config)
     freeze_(student)
     return student.eval()
