@@ -248,7 +248,8 @@ def layer_sensitivity(
     ``sum_l weight_l * e_l^2`` estimates the squared relative output error that layer
     errors ``e_l`` cause together. The trace is estimated with Hutchinson probes
     (``E ||J^T v||^2`` over Gaussian ``v``): one forward and ``probes`` backward passes
-    per batch give every layer at once.
+    per batch give every layer at once. A layer called more than once per forward pass is
+    measured at its last call.
 
     Args:
         model: the model (its parameters get no gradients; call it in eval mode).
