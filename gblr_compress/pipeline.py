@@ -493,6 +493,7 @@ def _layer_reports(result: CompressResult, exported: ExportResult | None) -> lis
                 baseline_heldout_error=rec.baseline_heldout_error,
                 export_form=None if le is None else le.form,
                 export_params=None if le is None else le.params,
+                sensitivity=rec.sensitivity,
             )
         )
     return layers

@@ -94,6 +94,8 @@ class LayerReport:
         baseline_heldout_error: whitened SVD at equal cost, held-out.
         export_form: form chosen by the exporter (``"lowrank"``, ``"segments"``, ...).
         export_params: weight parameters the exported layer really stores.
+        sensitivity: the layer's weight in the init's budget split (how much its relative
+            error moves the model's outputs); None when not measured (data-free init).
     """
 
     name: str
@@ -110,6 +112,7 @@ class LayerReport:
     baseline_heldout_error: float | None = None
     export_form: str | None = None
     export_params: int | None = None
+    sensitivity: float | None = None
 
     @property
     def compressed(self) -> bool:
@@ -276,6 +279,10 @@ def _layer_from_dict(d: Any) -> LayerReport:
         layer.in_features, layer.out_features = int(layer.in_features), int(layer.out_features)
         layer.dense_cost = int(layer.dense_cost) or layer.in_features * layer.out_features
         layer.allocated_cost = int(layer.allocated_cost)
+        if layer.sensitivity is not None:
+            if isinstance(layer.sensitivity, (str, bool)):
+                raise TypeError("sensitivity must be a number")
+            layer.sensitivity = float(layer.sensitivity)
     except (TypeError, ValueError):
         raise _bad(f"layer {d.get('name')!r} has fields of the wrong type") from None
     if layer.status not in _STATUSES:
@@ -544,9 +551,11 @@ def render_inspect(report: CompressionReport, console: Console, heatmaps: bool =
     console.print(f"gblr-compress report v{report.version} (tool {report.tool_version}, {report.created}) for {src}")
     t = _table(
         console,
-        "Layers (windows: rows x cols per block; err / svd: init held-out error / whitened SVD at equal cost)", "layer", "m x n", "status", "blocks", "ranks", "windows",
-        "cost", "share", "err / svd", "form",
+        "Layers (windows: rows x cols per block; err / svd: init held-out error / whitened SVD at equal cost; "
+        "sens.: weight in the budget split, largest = 1)", "layer", "m x n", "status", "blocks", "ranks", "windows",
+        "cost", "share", "err / svd", "sens.", "form",
     )
+    top = max((l.sensitivity for l in report.layers if l.sensitivity), default=None)
     for l in report.layers:
         ranks, windows = _block_cols(l)
         t.add_row(
@@ -559,12 +568,13 @@ def render_inspect(report: CompressionReport, console: Console, heatmaps: bool =
             _int(l.cost),
             _pct(report.budget_share(l)),
             f"{_num(l.heldout_error, '.3f')} / {_num(l.baseline_heldout_error, '.3f')}",
+            _num(None if top is None or l.sensitivity is None else l.sensitivity / top, ".2f"),
             l.export_form or "-",
         )
     t.add_row(
         "total", "", f"{report.compressed_count}/{len(report.layers)}", "", "", "",
         _int(report.linear_cost),
-        _pct(report.linear_cost / report.budget_cost if report.budget_cost else None), "", "",
+        _pct(report.linear_cost / report.budget_cost if report.budget_cost else None), "", "", "",
         end_section=False,
     )
     console.print(t)

@@ -78,6 +78,8 @@ def test_compress_each_format(files, tmp_path, fmt, extra, monkeypatch) -> None:
     assert totals["linear_cost"] <= totals["budget_cost"]
     assert report["parity"]["ok"] and report["source"]["format"] in fmt
     assert report["source"]["synthetic_calib"] == (fmt == "state_dict")
+    # Every run here has (real or synthetic) calibration data: the split was weighted.
+    assert all(layer["sensitivity"] > 0 for layer in report["layers"])
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
     assert sess.run(None, {sess.get_inputs()[0].name: x})[0].shape == (3, 5)
@@ -101,6 +103,7 @@ def test_steps_zero_and_data_free(files, tmp_path) -> None:
     assert code == 0, text
     report = json.loads((tmp_path / "m.report.json").read_text())
     assert report["settings"]["data_free"] and "distill" not in report["seconds"]
+    assert all(layer["sensitivity"] is None for layer in report["layers"])
 
 
 @pytest.mark.parametrize(

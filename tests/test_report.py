@@ -53,7 +53,7 @@ def make_report(structure: LayerStructure | None = None) -> CompressionReport:
                 name=s.name, in_features=40, out_features=24, status="compressed",
                 reason="window search kept", dense_cost=960, allocated_cost=300,
                 structure=s.to_dict(), init_kind="gblr", calib_error=0.11, heldout_error=0.125,
-                baseline_heldout_error=0.2, export_form="segments", export_params=s.cost,
+                baseline_heldout_error=0.2, export_form="segments", export_params=s.cost, sensitivity=0.75,
             ),
             LayerReport(
                 name="head", in_features=24, out_features=10, status="skipped",
@@ -93,6 +93,11 @@ def test_dict_round_trip_recomputes_totals() -> None:
     assert d["totals"]["layers"]["enc.fc1"] == {"cost": 220, "blocks": 3, "rank": 6, "share": pytest.approx(220 / 360)}
     back = report_from_dict(json.loads(json.dumps(d)))
     assert report_to_dict(back) == d
+    assert back.layers[0].sensitivity == 0.75 and back.layers[1].sensitivity is None
+    # Reports written before the field existed still load.
+    old = json.loads(json.dumps(d))
+    del old["layers"][0]["sensitivity"]
+    assert report_from_dict(old).layers[0].sensitivity is None
     # Tampered figures in the JSON do not change anything derived.
     d["layers"][0]["structure"]["cost"] = 1
     d["layers"][0]["structure"]["blocks"][0]["cost"] = 1
@@ -143,6 +148,7 @@ def test_failed_replace_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.
         (lambda d: d["layers"][0]["structure"]["blocks"][0].pop("rank"), "a block needs"),
         (lambda d: d["layers"][0].update(in_features="forty"), "wrong type"),
         (lambda d: d["layers"][1].update(dense_cost=7), "dense_cost"),
+        (lambda d: d["layers"][0].update(sensitivity="high"), "wrong type"),
         (lambda d: d.update(settings=[1]), "'settings' must be an object"),
     ],
 )
@@ -250,7 +256,7 @@ def test_render_inspect_text() -> None:
     out = console.export_text()
     assert "\x1b[" not in out
     row = next(l for l in out.splitlines() if l.strip().startswith("enc.fc1") and "24 x 40" in l)
-    for cell in ("compressed", "2, 2, 2", "12x20", "220", "61.1%", "0.125 / 0.200", "segments"):
+    for cell in ("compressed", "2, 2, 2", "12x20", "220", "61.1%", "0.125 / 0.200", "1.00", "segments"):
         assert cell in row
     head = next(l for l in out.splitlines() if l.strip().startswith("head "))
     assert "10 x 24" in head and "skipped" in head and "240" in head
