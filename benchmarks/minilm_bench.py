@@ -139,15 +139,16 @@ def main(argv: list[str] | None = None) -> int:
             rows_by_key(rows)[key]["ort_max_err"] = float((got - want).abs().max())
         # Models whose compressed layers have the same shapes run the same graph with
         # other numbers (every SVD variant at one budget): time one of each.
+        shapes = {key: layer_shapes(model, lin_names) for key, model in models.items()}
         timed: dict[tuple, str] = {}
-        for key, model in models.items():
-            timed.setdefault(layer_shapes(model, lin_names), key)
+        for key, sig in shapes.items():
+            timed.setdefault(sig, key)
         print(f"timing {len(timed)} ONNX models ({len(paths) - len(timed)} share another's shapes), "
               f"{rounds} interleaved rounds ...", flush=True)
         speed = measure_speed({k: paths[k] for k in timed.values()}, batch=8, seq=128, rounds=rounds,
                               calls=1 if args.quick else 3)
-        for key, model in models.items():
-            rep = timed[layer_shapes(model, lin_names)]
+        for key, sig in shapes.items():
+            rep = timed[sig]
             rows_by_key(rows)[key].update(asdict(speed[rep]))
             if rep != key:
                 rows_by_key(rows)[key]["speed_of"] = rep

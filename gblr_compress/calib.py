@@ -335,7 +335,7 @@ def _token_ids(batch: Batch) -> torch.Tensor | None:
 def _interior(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """(B, T) bool: real positions except each row's first and last real one (where
     tokenizers put their special tokens)."""
-    real = torch.ones_like(ids, dtype=torch.bool) if mask is None or mask.shape != ids.shape else mask.clone()
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None or mask.shape != ids.shape else mask
     inner = real.clone()
     inner[:, 0] = False
     last = (real.long().cumsum(1) == real.long().sum(1, keepdim=True)) & real
@@ -372,8 +372,10 @@ def augment_tokens(batches: Sequence[Batch], rate: float, copies: int, seed: int
     """
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"rate must be in [0, 1), got {rate}")
+    if rate == 0.0 or copies < 1:
+        return []
     found = [(b, ids, _interior(ids, _token_mask(b))) for b in batches if (ids := _token_ids(b)) is not None]
-    if rate == 0.0 or copies < 1 or not found:
+    if not found:
         return []
     pool = torch.cat([ids[inner].cpu() for _, ids, inner in found])
     if pool.numel() == 0:

@@ -237,9 +237,8 @@ class _Bars:
 @verbose_option
 def compress_cmd(model: str, budget: float, output: str, factory: str | None, calib: str | None,
                  input_spec: str | None, steps: int, lr: float, loss: str, augment: float, seed: int,
-                 data_free: bool,
-                 max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...], device: str,
-                 opset: int, no_verify: bool, report: str | None, quiet: bool, as_json: bool) -> None:
+                 data_free: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
+                 device: str, opset: int, no_verify: bool, report: str | None, quiet: bool, as_json: bool) -> None:
     """Compress MODEL's Linear layers to a FLOP budget and export ONNX + a report.
 
     MODEL is a torch.save'd module or bundle dict (a pickle: loading it runs code from

@@ -810,10 +810,10 @@ def init_layer(
 
 
 # ===================================================================== model level
-def _row_cap(batches: Iterable[Batch], cfg: InitConfig) -> int | None:
-    """Rows per batch that spread ``cfg.moment_tokens`` over the batches (no cap when
-    either is unknown)."""
-    if cfg.moment_tokens is None or not hasattr(batches, "__len__") or len(batches) == 0:
+def _row_cap(batches: Sequence[Batch], cfg: InitConfig) -> int | None:
+    """Rows per batch that spread ``cfg.moment_tokens`` over the batches (no cap without
+    a token budget or batches)."""
+    if cfg.moment_tokens is None or len(batches) == 0:
         return None
     return -(-cfg.moment_tokens // len(batches))
 
@@ -906,7 +906,8 @@ def initialize_(
         C = regularized_moment(fit_m.get(name), W.shape[1], cfg.damping)
         s2 = _gram_spectrum(W @ _cholesky(C))
         total = float(s2.sum())
-        energies.append(s2 * (weights.get(name, 0.0) if weights else 1.0) / total if total > 0 else s2)
+        weight = weights.get(name, 0.0) if weights else 1.0
+        energies.append(s2 * weight / total if total > 0 else s2)
         shapes.append((lin.out_features, lin.in_features))
         if progress is not None:
             progress("spectra", i + 1, len(names))

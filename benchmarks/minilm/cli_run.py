@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 from gblr_compress.errors import InputError
 
-from .model import Batch, model_dir
+from .model import Batch, mean_pool, model_dir
 from .speed import make_session
 
 __all__ = ["run_cli"]
@@ -52,8 +51,7 @@ def run_cli(budget: float, calib: list[Batch], eval_batches: list[Batch], workdi
     embs = []
     for b in eval_batches:
         hidden = torch.from_numpy(session.run(None, {k: b[k].numpy() for k in wanted})[0])  # (B, T, H)
-        mask = b["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        embs.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9), dim=-1))
+        embs.append(mean_pool(hidden, b["attention_mask"]))
     shown = ["gblr-compress", "MODEL_DIR", *cmd[4:6], "--calib", "calib.pt", "--include", "'encoder.layer.*'",
              "-o", onnx_path.name]
     return {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from .baselines import (
@@ -141,8 +142,6 @@ def gblr_calibrated(dense: nn.Module, calib: list[Batch], budget: float) -> nn.M
 
 def _as_gblr(low: nn.Module) -> nn.Module:
     """A LowRankLinear as a GBLRLinear with one full-width group (same function)."""
-    import torch
-
     from gblr_compress.layer import GBLRLayerConfig, GBLRLinear
 
     first, second = low.first.weight.detach(), low.second.weight.detach()  # (r, n), (m, r)
@@ -163,8 +162,6 @@ def whitened_svd_distilled(dense: nn.Module, calib: list[Batch], budget: float) 
     """The whitened-SVD row's model, then the distillation ``gblr-calibrated`` gets
     (gblr-compress's own distillation phases, same defaults, held-out share and loss),
     structure fixed: separates what the structure buys from what the distillation buys."""
-    import torch
-
     from gblr_compress.freeze import freeze_
     from gblr_compress.pipeline import CompressConfig, distill_and_recover, split_batches
     from gblr_compress.swap import replace_module

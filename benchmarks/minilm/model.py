@@ -29,6 +29,7 @@ __all__ = [
     "embed",
     "load_dense",
     "make_batches",
+    "mean_pool",
     "model_dir",
 ]
 
@@ -72,9 +73,15 @@ class SentenceEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        mask = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
-        pooled = (h * mask).sum(1) / mask.sum(1).clamp_min(1e-9)  # (B, H)
-        return F.normalize(pooled, p=2.0, dim=-1)  # (B, H), unit norm
+        return mean_pool(h, attention_mask)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The sentence embedding of hidden states ``(B, T, H)``: mean over the real tokens,
+    L2-normalized, ``(B, H)``."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)  # (B, H)
+    return F.normalize(pooled, p=2.0, dim=-1)  # (B, H), unit norm
 
 
 def load_dense(folder: Path | None = None) -> tuple[SentenceEncoder, object]:
