@@ -21,6 +21,7 @@ __all__ = [
     "layer_sensitivity",
     "run_model",
     "flatten_outputs",
+    "token_mask",
     "move_batch",
 ]
 
@@ -168,7 +169,7 @@ def collect_moments(
     try:
         for i, batch in enumerate(batches):
             cache.clear()
-            state["mask"] = _token_mask(batch)
+            state["mask"] = token_mask(batch)
             run_model(model, batch)
             if progress is not None:
                 progress(i + 1, total)
@@ -187,8 +188,13 @@ def collect_moments(
     return out
 
 
-def _token_mask(batch: Batch) -> torch.Tensor | None:
-    """The batch's ``attention_mask`` as booleans, when it has one (dict batches)."""
+def token_mask(batch: Batch) -> torch.Tensor | None:
+    """The batch's ``attention_mask`` as booleans, when it has one (dict batches).
+
+    Positions where it is 0 are padding: what a model computes there is never used, so
+    moments and distillation losses leave them out wherever a tensor's leading shape is
+    the mask's (``(batch, seq)`` for ``(batch, seq, features)``).
+    """
     if isinstance(batch, Mapping):
         mask = batch.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() >= 1:
@@ -374,7 +380,7 @@ def augment_tokens(batches: Sequence[Batch], rate: float, copies: int, seed: int
         raise ValueError(f"rate must be in [0, 1), got {rate}")
     if rate == 0.0 or copies < 1:
         return []
-    found = [(b, ids, _interior(ids, _token_mask(b))) for b in batches if (ids := _token_ids(b)) is not None]
+    found = [(b, ids, _interior(ids, token_mask(b))) for b in batches if (ids := _token_ids(b)) is not None]
     if not found:
         return []
     pool = torch.cat([ids[inner].cpu() for _, ids, inner in found])

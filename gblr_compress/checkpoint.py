@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gblr_compress.calib import run_model
 from gblr_compress.errors import InputError
 
 __all__ = [
@@ -529,15 +530,6 @@ def synthetic_inputs(
 
 
 # ------------------------------------------------------------------ fit check
-def _run_model(model: nn.Module, batch: Batch) -> Any:
-    # Private until gblr_compress.calib.run_model lands; same calling convention.
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode for the duration, then every submodule's own flag back.
@@ -567,7 +559,7 @@ def check_inputs_fit(model: nn.Module, batch: Batch) -> Any:
     try:
         _check_batch(batch, "calibration batch")
         with torch.no_grad(), _eval_mode(model):
-            return _run_model(model, batch)
+            return run_model(model, batch)
     except InputError as exc:
         raise InputError(f"calibration data does not fit the model: {_short(exc)}") from exc
     except Exception as exc:

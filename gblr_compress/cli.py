@@ -218,7 +218,8 @@ class _Bars:
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Peak learning rate of the distilled content.")
 @click.option("--loss", type=click.Choice(["auto", "mse", "kl"]), default="auto", show_default=True,
-              help="Distillation loss: auto = KL on a single 2-D output (logits), normalized MSE otherwise.")
+              help="Distillation loss: auto = KL on a single 2-D output (logits), normalized MSE otherwise "
+                   "(mse: the 2-D output is an embedding); padded positions are left out.")
 @click.option("--augment", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Share of tokens resampled in augmented copies of token-id calibration batches (0: off).")
 @click.option("--seed", default=0, show_default=True, type=int)

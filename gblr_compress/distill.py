@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gblr_compress.budget import project_widths_, total_cost
-from gblr_compress.calib import Batch, flatten_outputs, run_model
+from gblr_compress.calib import Batch, flatten_outputs, run_model, token_mask
 from gblr_compress.layer import GBLRLinear
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "DistillProgress",
     "DistillResult",
     "gblr_layers",
+    "normalized_mse",
     "output_loss",
     "agreement",
     "distill_",
@@ -137,12 +138,35 @@ def _is_logits(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.shape[1] > 1
 
 
-def output_loss(student_out: object, teacher_out: object, loss: str = "auto", temperature: float = 2.0) -> torch.Tensor:
+def _positions(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``t``'s vectors at the unpadded positions, ``(N, features)``, when ``mask`` is
+    its leading shape; otherwise ``t`` unchanged (pooled or 2-D outputs)."""
+    if mask is not None and t.dim() >= 2 and tuple(mask.shape) == tuple(t.shape[:-1]):
+        return t[mask.to(t.device)]
+    return t
+
+
+def normalized_mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean((s - t)^2) / mean(t^2)``, over the unpadded positions when ``mask`` (a
+    boolean ``attention_mask``) is the tensors' leading shape."""
+    s, t = _positions(s, mask), _positions(t, mask)
+    return (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
+
+
+def output_loss(
+    student_out: object,
+    teacher_out: object,
+    loss: str = "auto",
+    temperature: float = 2.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Distance between student and teacher outputs (any nesting of tensors).
 
     Normalized MSE ``mean((s - t)^2) / mean(t^2)`` per tensor, averaged; with ``"kl"`` (or
     ``"auto"`` on a single 2-D output, i.e. classifier logits) the KL divergence of the
-    tempered softmaxes, scaled by ``T^2``.
+    tempered softmaxes, scaled by ``T^2``. ``mask`` is the batch's boolean attention mask
+    (:func:`~gblr_compress.calib.token_mask`): per-token outputs are compared at the
+    unpadded positions only, since what a model computes at padding is never used.
     """
     s_list, t_list = flatten_outputs(student_out), flatten_outputs(teacher_out)
     if len(s_list) != len(t_list) or not s_list:
@@ -154,27 +178,30 @@ def output_loss(student_out: object, teacher_out: object, loss: str = "auto", te
         return F.kl_div(
             F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean"
         ) * (T * T)
-    terms = [(s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12) for s, t in zip(s_list, t_list)]
-    return torch.stack(terms).mean()
+    return torch.stack([normalized_mse(s, t, mask) for s, t in zip(s_list, t_list)]).mean()
 
 
 @torch.no_grad()
-def agreement(student: nn.Module, teacher: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
+def agreement(
+    student: nn.Module, teacher: nn.Module, batches: Sequence[Batch], logits: bool = True
+) -> dict[str, float]:
     """Teacher-vs-student agreement on batches: relative error, cosine and top-1 agreement.
 
     ``rel_error`` = ||s - t|| / ||t|| over all output tensors; ``cosine`` = mean cosine of
-    the last-axis vectors; ``top1`` (only for a single 2-D logits output) = share of rows
-    whose argmax agrees.
+    the last-axis vectors; both at the unpadded positions only when a batch carries an
+    ``attention_mask`` (as the distillation loss). ``top1`` = share of rows whose argmax
+    agrees, only for a single 2-D output and ``logits`` set: pass ``logits=False`` for
+    models whose 2-D output is an embedding, where an argmax means nothing.
     """
     diff2 = ref2 = 0.0
     cos_sum, cos_n, agree, rows = 0.0, 0, 0, 0
-    logits = True
     for batch in batches:
+        mask = token_mask(batch)
         s_list = flatten_outputs(run_model(student, batch))
         t_list = flatten_outputs(run_model(teacher, batch))
         logits = logits and len(t_list) == 1 and _is_logits(t_list[0])
         for s, t in zip(s_list, t_list):
-            s, t = s.double(), t.double()
+            s, t = _positions(s.double(), mask), _positions(t.double(), mask)
             diff2 += float((s - t).pow(2).sum())
             ref2 += float(t.pow(2).sum())
             cos = F.cosine_similarity(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), dim=-1)
@@ -256,7 +283,8 @@ def _heldout_loss(
     student.eval()  # eval mode = exact rounded boxcars = what freezing deploys
     with torch.no_grad():
         losses = [
-            float(output_loss(run_model(student, b), teacher(i, b)[0], config.loss, config.temperature))
+            float(output_loss(run_model(student, b), teacher(i, b)[0], config.loss, config.temperature,
+                              token_mask(b)))
             for i, b in enumerate(batches)
         ]
     student.train(was_training)
@@ -348,13 +376,10 @@ def distill_(
                 group["lr"] = group["base_lr"] * _lr_factor(step, config.steps, warmup)
             t_out, t_layers = fit_teacher(index, batch)
             s_out = run_model(student, batch)
-            loss = output_loss(s_out, t_out, config.loss, config.temperature)
+            mask = token_mask(batch)
+            loss = output_loss(s_out, t_out, config.loss, config.temperature, mask)
             if use_taps:
-                terms = [
-                    (s_taps.outputs[n] - t_layers[n]).pow(2).mean()
-                    / t_layers[n].pow(2).mean().clamp_min(1e-12)
-                    for n in names
-                ]
+                terms = [normalized_mse(s_taps.outputs[n], t_layers[n], mask) for n in names]
                 loss = loss + config.layer_weight * torch.stack(terms).mean()
             opt.zero_grad(set_to_none=True)
             sopt.zero_grad(set_to_none=True)

@@ -268,8 +268,9 @@ def compress(
     project_widths_(list(gblr_layers(student).values()), max_cost)
     seconds["init"] = time.perf_counter() - t0
     quality: dict[str, dict[str, float]] = {}
+    logits = config.loss != "mse"  # --loss mse says the 2-D output is an embedding: no argmax
     if held:
-        quality["init"] = agreement(student.eval(), teacher, held)
+        quality["init"] = agreement(student.eval(), teacher, held, logits)
 
     distilled = recovery = None
     compressed = [n for n, rec in init.layers.items() if rec.status != "skipped"]
@@ -283,7 +284,7 @@ def compress(
     student.eval()
     seconds["freeze"] = time.perf_counter() - t0
     if held:
-        quality["frozen"] = agreement(student, teacher, held)
+        quality["frozen"] = agreement(student, teacher, held, logits)
     cost = sum(r.cost for r in records.values())
     if cost > max_cost:  # the projection guarantees this; a breach is a bug, not bad input
         raise RuntimeError(f"frozen cost {cost} exceeds the budget's {max_cost}")
@@ -342,7 +343,7 @@ def distill_and_recover(
                          progress=_relay_steps("distill", progress))
     seconds["distill"] = time.perf_counter() - t0
     if held and quality is not None:
-        quality["distilled"] = agreement(student.eval(), teacher, held)
+        quality["distilled"] = agreement(student.eval(), teacher, held, config.loss != "mse")
     recovery = None
     rsteps = config.steps // 4 if config.recovery_steps is None else config.recovery_steps
     if rsteps > 0:

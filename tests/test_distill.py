@@ -7,7 +7,15 @@ import copy
 import torch
 
 from gblr_compress.budget import budget_cost, total_cost
-from gblr_compress.distill import DistillConfig, DistillProgress, agreement, distill_, gblr_layers
+from gblr_compress.distill import (
+    DistillConfig,
+    DistillProgress,
+    agreement,
+    distill_,
+    gblr_layers,
+    normalized_mse,
+    output_loss,
+)
 from gblr_compress.freeze import freeze_, recover_
 from gblr_compress.layer import FrozenGBLR, GBLRLayerConfig, GBLRLinear
 from gblr_compress.swap import find_linears, replace_module
@@ -101,3 +109,41 @@ def test_agreement_metrics() -> None:
         other.weight.mul_(-1)
         other.bias.mul_(-1)
     assert agreement(other, lin, batches)["cosine"] < -0.99
+
+
+def test_losses_leave_padding_out() -> None:
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(3, 5, 8, generator=gen)  # (batch, seq, features)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    s = t + 0.1 * torch.randn(3, 5, 8, generator=gen)
+    garbage = s.clone()
+    garbage[~mask] = 1e3  # what a model computes at padding is never used
+    torch.testing.assert_close(normalized_mse(garbage, t, mask), normalized_mse(s, t, mask))
+    want = (s - t)[mask].pow(2).mean() / t[mask].pow(2).mean()
+    torch.testing.assert_close(normalized_mse(s, t, mask), want)
+    # A pooled (batch, features) output is not per-token: the mask does not apply to it.
+    pooled_s, pooled_t = s.mean(1), t.mean(1)
+    both = output_loss((garbage, pooled_s), (t, pooled_t), mask=mask)
+    torch.testing.assert_close(both, (want + normalized_mse(pooled_s, pooled_t)) / 2)
+    assert output_loss(garbage, t) > 100 * output_loss(garbage, t, mask=mask)
+
+
+def test_agreement_masks_padding_and_skips_top1_for_embeddings() -> None:
+    class Pad(torch.nn.Module):
+        """Per-token outputs that differ from the identity only at padded positions."""
+
+        def __init__(self, junk: float) -> None:
+            super().__init__()
+            self.junk = junk
+
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return torch.where(attention_mask[..., None] != 0, x, torch.full_like(x, self.junk))
+
+    mask = torch.ones(2, 4, dtype=torch.long)
+    mask[0, 2:] = 0
+    batches = [{"x": torch.randn(2, 4, 3), "attention_mask": mask}]
+    got = agreement(Pad(5.0), Pad(-5.0), batches)
+    assert got["rel_error"] == 0.0 and abs(got["cosine"] - 1.0) < 1e-9
+    lin = torch.nn.Linear(5, 4)
+    assert "top1" not in agreement(lin, lin, [torch.randn(6, 5)], logits=False)
