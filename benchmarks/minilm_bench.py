@@ -31,9 +31,9 @@ from torch import nn
 from minilm.cli_run import run_cli
 from minilm.contenders import CONTENDERS, PENDING, set_distill_hook
 from minilm.data import load_calib, load_eval
-from minilm.metrics import fidelity
+from minilm.metrics import fidelity, paired
 from minilm.model import embed, encoder_linears, load_dense, make_batches
-from minilm.speed import export_encoder, make_session, measure_speed, ort_embed
+from minilm.speed import SpeedResult, export_encoder, latency_ratio, make_session, measure_speed, ort_embed
 
 from gblr_compress.errors import InputError
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
         raise InputError(f"unknown contender(s) {unknown}; registered: {list(CONTENDERS)}")
-    rounds = args.rounds or (4 if args.quick else 15)
+    rounds = args.rounds or (4 if args.quick else 40)
 
     t_start = time.perf_counter()
     dense, tokenizer = load_dense()
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = fidelity(dense_emb, dense_emb, evalset.pairs, negs)
     rows.append({"name": "dense", "budget": 1.0, "cost": dense_cost, **asdict(ref), "build_s": 0.0})
     models: dict[str, nn.Module] = {"dense": dense}
+    embs: dict[str, torch.Tensor] = {}
     for budget in args.budgets:
         for name in names:
             t0 = time.perf_counter()
@@ -120,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             cost = encoder_cost(student, lin_names)
             if cost > budget * dense_cost:
                 raise RuntimeError(f"{name} at B={budget}: cost {cost} exceeds the budget {budget * dense_cost:.0f}")
-            fid = fidelity(embed(student, eval_batches), dense_emb, evalset.pairs, negs)
+            embs[f"{name}@{budget}"] = embed(student, eval_batches)
+            fid = fidelity(embs[f"{name}@{budget}"], dense_emb, evalset.pairs, negs)
             rows.append({"name": name, "budget": budget, "cost": cost, **asdict(fid), "build_s": build_s})
             models[f"{name}@{budget}"] = student
             print(f"  {name} @ B={budget}: mean cos {fid.mean_cos:.3f}, top-1 {fid.top1:.3f} ({build_s:.1f} s)", flush=True)
 
+    timings: dict[str, SpeedResult] = {}
     if not args.no_speed:
         onnx_dir = args.onnx_dir or Path(tempfile.mkdtemp(prefix="minilm_onnx_"))
         onnx_dir.mkdir(parents=True, exist_ok=True)
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                               calls=1 if args.quick else 3)
         for key, sig in shapes.items():
             rep = timed[sig]
+            timings[key] = speed[rep]
             rows_by_key(rows)[key].update(asdict(speed[rep]))
             if rep != key:
                 rows_by_key(rows)[key]["speed_of"] = rep
@@ -159,9 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         run = run_cli(budget, calib, eval_batches, Path(tempfile.mkdtemp(prefix="minilm_cli_")))
         fid = fidelity(run.pop("embeddings"), dense_emb, evalset.pairs, negs)
         cli_rows.append({"budget": budget, **run, **asdict(fid)})
+    versus = paired_rows(embs, timings, dense_emb, evalset.pairs)
     elapsed = time.perf_counter() - t_start
     print()
     print(render_table(rows, dense_cost))
+    if versus:
+        print()
+        print(render_paired_table(versus))
     if cli_rows:
         print()
         print(render_cli_table(cli_rows, dense_cost))
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads; {date.today()}; total {elapsed:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "cli": cli_rows, "pending": PENDING, "elapsed_s": elapsed},
+        args.json.write_text(json.dumps({"rows": rows, "paired": versus, "cli": cli_rows, "pending": PENDING, "elapsed_s": elapsed},
                                         indent=2))
     return 0
 
@@ -187,6 +195,49 @@ def render_cli_table(rows: list[dict], dense_cost: int) -> str:
         lines.append(
             f"| `{r['command']}` | {r['cost']:,} ({r['cost'] / dense_cost:.3f}) | {r['mean_cos']:.3f} | "
             f"{r['min_cos']:.3f} | {r['top1']:.3f} | {r['spearman']:.3f} | {parity} | {phases} | {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+REFERENCE = "gblr-calibrated"
+
+
+def paired_rows(
+    embs: dict[str, torch.Tensor],
+    timings: dict[str, SpeedResult],
+    dense_emb: torch.Tensor,
+    pairs: list[tuple[int, int]],
+) -> list[dict]:
+    """gblr-calibrated against every other contender at its budget, on the same
+    sentences and queries (:func:`minilm.metrics.paired`), and on latency per round
+    where both were timed."""
+    out = []
+    for key, emb in embs.items():
+        name, _, budget = key.partition("@")
+        ref = f"{REFERENCE}@{budget}"
+        if name == REFERENCE or ref not in embs:
+            continue
+        row = {"budget": float(budget), "versus": name, **asdict(paired(embs[ref], emb, dense_emb, pairs))}
+        if ref in timings and key in timings:
+            row["latency"] = latency_ratio(timings[ref], timings[key])
+        out.append(row)
+    return out
+
+
+def render_paired_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`paired_rows`."""
+    head = (f"| budget | {REFERENCE} vs | mean cos diff [95% CI] | top-1 diff | queries only {REFERENCE} / "
+            "only the other gets right | McNemar p | latency ratio, median [min, max] |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        lo, hi = r["ci_mean_cos"]
+        lat = "-"
+        if "latency" in r:
+            med, lat_lo, lat_hi = r["latency"]
+            lat = f"{med:.2f}x [{lat_lo:.2f}, {lat_hi:.2f}]"
+        lines.append(
+            f"| {r['budget']:g} | {r['versus']} | {r['d_mean_cos']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+            f"{r['d_top1']:+.3f} | {r['a_only']} / {r['b_only']} | {r['p_top1']:.2g} | {lat} |"
         )
     return "\n".join(lines)
 

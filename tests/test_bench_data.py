@@ -18,7 +18,7 @@ from benchmarks.minilm.baselines import (
     whitened_svd_layer,
 )
 from benchmarks.minilm.data import DATA_DIR, load_calib, load_eval
-from benchmarks.minilm.metrics import fidelity, paraphrase_top1, spearman
+from benchmarks.minilm.metrics import fidelity, mcnemar_p, paired, paraphrase_top1, spearman
 from gblr_compress.errors import InputError
 
 
@@ -135,3 +135,15 @@ def test_metrics_on_known_embeddings() -> None:
     assert spearman(a, a * 2 + 1) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
     fid = fidelity(emb, emb, [(0, 1), (2, 3)], negatives=[3])
     assert fid.mean_cos == pytest.approx(1.0) and fid.spearman == pytest.approx(1.0) and fid.top1 == 1.0
+
+
+def test_paired_comparison() -> None:
+    emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.1], [0.9, 0.1, 0.0], [0.0, 1.0, 0.0], [0.1, 1.0, 0.1]]), dim=1)
+    swapped = emb[[2, 1, 0, 3]]  # sentences 0 and 2 trade places: every query misses
+    got = paired(emb, swapped, emb, [(0, 1), (2, 3)])
+    assert (got.a_only, got.b_only) == (4, 0) and got.d_top1 == pytest.approx(1.0)
+    assert got.d_mean_cos > 0 and got.ci_mean_cos[0] <= got.d_mean_cos <= got.ci_mean_cos[1]
+    same = paired(emb, emb, emb, [(0, 1), (2, 3)])
+    assert (same.a_only, same.b_only, same.p_top1) == (0, 0, 1.0) and same.ci_mean_cos == (0.0, 0.0)
+    # Sign test: 10 discordant queries all one way is p = 2 / 2^10; 5 to 5 is no evidence.
+    assert mcnemar_p(10, 0) == pytest.approx(2 / 1024) and mcnemar_p(5, 5) == 1.0

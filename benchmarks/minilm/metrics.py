@@ -4,26 +4,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 
-__all__ = ["Fidelity", "fidelity", "paraphrase_top1", "spearman"]
+__all__ = ["Fidelity", "Paired", "fidelity", "paired", "paraphrase_hits", "paraphrase_top1", "spearman"]
 
 
-def paraphrase_top1(emb: torch.Tensor, pairs: list[tuple[int, int]], exclude: list[int] | None = None) -> float:
-    """Fraction of paraphrase-pair members whose nearest other sentence is the partner.
+def paraphrase_hits(emb: torch.Tensor, pairs: list[tuple[int, int]], exclude: list[int] | None = None) -> torch.Tensor:
+    """Per query, whether a pair member's nearest other sentence is its partner.
 
     Args:
         emb: (N, H) unit-norm embeddings of all eval sentences (the search pool).
-        pairs: index pairs (i, j) into ``emb``; both directions are scored.
+        pairs: index pairs (i, j) into ``emb``; both directions are queries.
         exclude: indices removed from the search pool (e.g. the hard negatives).
+
+    Returns:
+        (2 * len(pairs),) bool: ``i -> j`` for every pair, then ``j -> i``.
     """
     sim = emb @ emb.T  # (N, N) cosine
     sim.fill_diagonal_(float("-inf"))  # a sentence is not its own neighbour
     if exclude:
         sim[:, exclude] = float("-inf")
     nearest = sim.argmax(1)  # (N,)
-    hits = [int(nearest[i] == j) + int(nearest[j] == i) for i, j in pairs]
-    return sum(hits) / (2 * len(pairs))
+    i, j = torch.tensor(pairs).T
+    return torch.cat([nearest[i] == j, nearest[j] == i])
+
+
+def paraphrase_top1(emb: torch.Tensor, pairs: list[tuple[int, int]], exclude: list[int] | None = None) -> float:
+    """Fraction of paraphrase-pair members whose nearest other sentence is the partner
+    (see :func:`paraphrase_hits`)."""
+    return float(paraphrase_hits(emb, pairs, exclude).double().mean())
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
@@ -76,4 +87,65 @@ def fidelity(
         top1=paraphrase_top1(emb, pairs),
         top1_no_neg=paraphrase_top1(emb, pairs, exclude=negatives or []),
         spearman=spearman(sims, dense_sims),
+    )
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Model A against model B on the same eval sentences and queries.
+
+    Attributes:
+        d_top1: top-1 of A minus top-1 of B.
+        a_only, b_only: queries only A (only B) answers right; the rest agree.
+        p_top1: exact two-sided McNemar p-value of ``a_only`` vs ``b_only`` (the chance
+            of a split at least this uneven if A and B were equally good).
+        d_mean_cos: mean cosine to dense of A minus that of B.
+        ci_mean_cos: 95% paired-bootstrap interval of ``d_mean_cos`` over sentences.
+    """
+
+    d_top1: float
+    a_only: int
+    b_only: int
+    p_top1: float
+    d_mean_cos: float
+    ci_mean_cos: tuple[float, float]
+
+
+def _cos(emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    return (emb * dense).sum(1) / (emb.norm(dim=1) * dense.norm(dim=1))
+
+
+def mcnemar_p(a_only: int, b_only: int) -> float:
+    """Exact two-sided McNemar (sign test on the discordant queries)."""
+    n, k = a_only + b_only, min(a_only, b_only)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired(
+    emb_a: torch.Tensor,
+    emb_b: torch.Tensor,
+    dense: torch.Tensor,
+    pairs: list[tuple[int, int]],
+    resamples: int = 2000,
+    seed: int = 0,
+) -> Paired:
+    """Paired comparison of two compressed models' embeddings ``(N, H)`` of the same
+    sentences: is A's lead over B on top-1 and mean cosine more than the eval set's
+    sampling noise?"""
+    hits_a, hits_b = paraphrase_hits(emb_a, pairs), paraphrase_hits(emb_b, pairs)
+    a_only, b_only = int((hits_a & ~hits_b).sum()), int((hits_b & ~hits_a).sum())
+    diff = (_cos(emb_a, dense) - _cos(emb_b, dense)).double()  # (N,)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(diff), (resamples, len(diff)), generator=gen)
+    boot = diff[idx].mean(1).sort().values
+    lo, hi = boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
+    return Paired(
+        d_top1=(a_only - b_only) / len(hits_a),
+        a_only=a_only,
+        b_only=b_only,
+        p_top1=mcnemar_p(a_only, b_only),
+        d_mean_cos=float(diff.mean()),
+        ci_mean_cos=(float(lo), float(hi)),
     )

@@ -81,12 +81,15 @@ class SpeedResult:
         speedup: median over rounds of ``t_reference / t_variant`` (> 1 is faster).
         speedup_lo / speedup_hi: min and max of the per-round ratios (spread).
         median_ms: median per-call time, for context only (machine dependent).
+        round_ms: per-call time in each round, in round order: two variants' per-round
+            ratios (:func:`latency_ratio`) compare them under the same machine state.
     """
 
     speedup: float
     speedup_lo: float
     speedup_hi: float
     median_ms: float
+    round_ms: list[float]
 
 
 def measure_speed(
@@ -136,5 +139,13 @@ def measure_speed(
             speedup_lo=min(ratios),
             speedup_hi=max(ratios),
             median_ms=1e3 * statistics.median(times[name]),
+            round_ms=[1e3 * t for t in times[name]],
         )
     return out
+
+
+def latency_ratio(a: SpeedResult, b: SpeedResult) -> tuple[float, float, float]:
+    """``(median, min, max)`` over rounds of ``t_a / t_b`` (> 1: ``a`` is slower), for two
+    variants timed in the same :func:`measure_speed` run."""
+    ratios = [x / y for x, y in zip(a.round_ms, b.round_ms)]
+    return statistics.median(ratios), min(ratios), max(ratios)
