@@ -21,6 +21,7 @@ __all__ = [
     "layer_sensitivity",
     "run_model",
     "flatten_outputs",
+    "real_positions",
     "token_mask",
     "move_batch",
 ]
@@ -202,13 +203,18 @@ def token_mask(batch: Batch) -> torch.Tensor | None:
     return None
 
 
+def real_positions(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``t``'s vectors at the unpadded positions, ``(N, features)``, when ``mask`` is
+    its leading shape; otherwise ``t`` unchanged (pooled or 2-D tensors)."""
+    if mask is not None and t.dim() >= 2 and tuple(mask.shape) == tuple(t.shape[:-1]):
+        return t[mask.to(t.device)]
+    return t
+
+
 def _rows(x: torch.Tensor, mask: torch.Tensor | None, max_rows: int | None) -> torch.Tensor:
     """``x``'s input vectors as ``(N, n)``: unpadded positions only when ``mask`` matches
     its leading shape, then at most ``max_rows`` of them, evenly strided."""
-    if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
-        x2 = x[mask.to(x.device)]  # (N, n)
-    else:
-        x2 = x.reshape(-1, x.shape[-1])  # (N, n)
+    x2 = real_positions(x, mask).reshape(-1, x.shape[-1])  # (N, n)
     if max_rows is not None and x2.shape[0] > max_rows > 0:
         idx = torch.linspace(0, x2.shape[0] - 1, max_rows, device=x2.device).round().long()
         x2 = x2[idx]
@@ -298,12 +304,15 @@ def layer_sensitivity(
                 live = [n for n in names if n in outs]
                 if not ys or not live:
                     continue
-                y2 += sum(float(y.detach().double().pow(2).sum()) for y in ys)
+                mask = token_mask(batch)
+                # Outputs at padded positions are never used: they get no probe weight.
+                keep = [_real(y, mask) for y in ys]
+                y2 += sum(float((y.detach().double() * w).pow(2).sum()) for y, w in zip(ys, keep))
                 for n in live:
-                    o = outs[n].detach()
-                    energy[n] += float(o.double().pow(2).sum()) / o.numel()
+                    o = real_positions(outs[n].detach(), mask)
+                    energy[n] += float(o.double().pow(2).sum()) / max(o.numel(), 1)
                 for k in range(probes):
-                    vs = [torch.randn(y.shape, generator=gen).to(y) for y in ys]
+                    vs = [torch.randn(y.shape, generator=gen).to(y) * w for y, w in zip(ys, keep)]
                     grads = torch.autograd.grad(
                         ys, [outs[n] for n in live], vs, retain_graph=k < probes - 1, allow_unused=True
                     )
@@ -320,6 +329,14 @@ def layer_sensitivity(
     # energy, trace and y2 are each sums over the batches, so the weights carry a common
     # factor (about the batch count); the allocation only compares layers, so it is left.
     return {n: energy[n] * trace[n] / y2 for n in names}
+
+
+def _real(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | float:
+    """1 at ``y``'s real positions and 0 at padding, broadcastable to ``y``, when ``mask``
+    is its leading shape; otherwise 1."""
+    if mask is not None and y.dim() >= 2 and tuple(mask.shape) == tuple(y.shape[:-1]):
+        return mask.to(y.device, y.dtype).unsqueeze(-1)
+    return 1.0
 
 
 def _token_ids(batch: Batch) -> torch.Tensor | None:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gblr_compress.budget import project_widths_, total_cost
-from gblr_compress.calib import Batch, flatten_outputs, run_model, token_mask
+from gblr_compress.calib import Batch, flatten_outputs, real_positions, run_model, token_mask
 from gblr_compress.layer import GBLRLinear
 
 __all__ = [
@@ -138,18 +138,10 @@ def _is_logits(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.shape[1] > 1
 
 
-def _positions(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``t``'s vectors at the unpadded positions, ``(N, features)``, when ``mask`` is
-    its leading shape; otherwise ``t`` unchanged (pooled or 2-D outputs)."""
-    if mask is not None and t.dim() >= 2 and tuple(mask.shape) == tuple(t.shape[:-1]):
-        return t[mask.to(t.device)]
-    return t
-
-
 def normalized_mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``mean((s - t)^2) / mean(t^2)``, over the unpadded positions when ``mask`` (a
     boolean ``attention_mask``) is the tensors' leading shape."""
-    s, t = _positions(s, mask), _positions(t, mask)
+    s, t = real_positions(s, mask), real_positions(t, mask)
     return (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
 
 
@@ -201,7 +193,7 @@ def agreement(
         t_list = flatten_outputs(run_model(teacher, batch))
         logits = logits and len(t_list) == 1 and _is_logits(t_list[0])
         for s, t in zip(s_list, t_list):
-            s, t = _positions(s.double(), mask), _positions(t.double(), mask)
+            s, t = real_positions(s.double(), mask), real_positions(t.double(), mask)
             diff2 += float((s - t).pow(2).sum())
             ref2 += float(t.pow(2).sum())
             cos = F.cosine_similarity(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), dim=-1)

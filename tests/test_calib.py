@@ -130,6 +130,25 @@ def test_sensitivity_of_a_layer_off_the_output_path_is_zero() -> None:
     assert w["used"] > 0 and w["unused"] == 0.0
 
 
+def test_sensitivity_ignores_what_only_padded_positions_see() -> None:
+    class Split(nn.Module):
+        """Real positions come from ``real``, padded ones from ``pad``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.real, self.pad = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            keep = attention_mask[..., None] != 0
+            return torch.where(keep, self.real(x), 100.0 * self.pad(x))
+
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[:, 3:] = 0
+    batch = {"x": torch.randn(4, 6, 4), "attention_mask": mask}
+    w = layer_sensitivity(Split(), ["real", "pad"], [batch])
+    assert w["real"] > 0 and w["pad"] == 0.0
+
+
 def test_augmented_token_batches_keep_specials_padding_and_other_inputs() -> None:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 1000, (16, 24), generator=gen)
