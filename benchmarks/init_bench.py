@@ -18,7 +18,6 @@ import time
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from gblr_compress.calib import collect_moments
 from gblr_compress.init import (
@@ -29,26 +28,14 @@ from gblr_compress.init import (
     truncated_svd_layer,
     whitened_svd_layer,
 )
-from samples.models import DigitsMLP, bert_small
+from samples.digits import TrainedDigits
+from samples.models import bert_small
 
 
 def _digits(budget: float) -> None:
-    from sklearn.datasets import load_digits
-
-    torch.manual_seed(0)
-    X, y = load_digits(return_X_y=True)
-    X, y = torch.tensor(X, dtype=torch.float32) / 16.0, torch.tensor(y)
-    perm = torch.randperm(len(X))
-    X, y = X[perm], y[perm]
-    model = DigitsMLP()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(8):
-        for i in range(0, 1200, 64):
-            loss = F.cross_entropy(model(X[i : i + 64]), y[i : i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    fit, held, test = [X[:1000]], [X[1000:1400]], [X[1400:]]
+    digits = TrainedDigits()
+    model, X = digits.model, digits.X_train
+    fit, held, test = [X[:1000]], [X[1000:]], [digits.X_test]
     names = ["fc1", "fc2", "fc3"]
     test_m = collect_moments(model, names, test)
     fit_m = collect_moments(model, names, fit)

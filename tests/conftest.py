@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gblr_compress.layer import GBLRLayerConfig, GBLRLinear
+from samples.digits import TrainedDigits
 
 
 @pytest.fixture
@@ -52,41 +53,7 @@ def random_gblr(
     return layer
 
 
-class Digits:
-    """scikit-learn's bundled digits, standardized, and a DigitsMLP trained on them."""
-
-    def __init__(self) -> None:
-        from sklearn.datasets import load_digits
-
-        from samples.models import DigitsMLP
-
-        gen = torch.Generator().manual_seed(0)
-        X, y = load_digits(return_X_y=True)
-        X = torch.tensor(X, dtype=torch.float32)
-        y = torch.tensor(y)
-        perm = torch.randperm(len(X), generator=gen)
-        X, y = X[perm], y[perm]
-        mu, sd = X[:1200].mean(0), X[:1200].std(0).clamp_min(1e-3)
-        X = (X - mu) / sd
-        self.X_train, self.y_train = X[:1200], y[:1200]
-        self.X_test, self.y_test = X[1200:], y[1200:]
-        torch.manual_seed(0)
-        model = DigitsMLP()
-        opt = torch.optim.Adam(model.parameters(), 1e-3)
-        for _ in range(30):
-            for idx in torch.randperm(1200, generator=gen).split(64):
-                opt.zero_grad()
-                loss = torch.nn.functional.cross_entropy(model(self.X_train[idx]), self.y_train[idx])
-                loss.backward()
-                opt.step()
-        self.model = model.eval()
-
-    def accuracy(self, model: torch.nn.Module) -> float:
-        with torch.no_grad():
-            return float((model(self.X_test).argmax(-1) == self.y_test).float().mean())
-
-
 @pytest.fixture(scope="session")
-def digits() -> Digits:
+def digits() -> TrainedDigits:
     """The trained digits MLP (a few seconds on 2 cores), shared by the test modules."""
-    return Digits()
+    return TrainedDigits()

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from gblr_compress.budget import greedy_allocation
 from gblr_compress.calib import Moment, collect_moments
@@ -73,46 +72,21 @@ def test_block_sparse_matrix_beats_truncated_svd_at_equal_cost() -> None:
     assert err < 0.1 and err_svd > 0.5
 
 
-@pytest.fixture(scope="module")
-def digits_small():
-    from sklearn.datasets import load_digits
-
-    torch.manual_seed(0)
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
-    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    X, y = X[perm], y[perm]
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(4):
-        for i in range(0, 1200, 64):
-            loss = F.cross_entropy(model(X[i : i + 64]), y[i : i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    acc = (model(X[1500:]).argmax(1) == y[1500:]).float().mean()
-    assert acc > 0.9
-    fit = [X[i : i + 200] for i in range(0, 1000, 200)]
-    held = [X[1000:1500]]
-    test = [X[1500:]]
-    return model, fit, held, test
-
-
-def test_activation_aware_init_on_a_trained_digits_mlp(digits_small) -> None:
-    model, fit, held, test = digits_small
-    names = ["0", "2", "4"]
+def test_activation_aware_init_on_a_trained_digits_mlp(digits) -> None:
+    model = digits.model
+    fit, held, test = list(digits.X_train[:1000].split(200)), [digits.X_train[1000:]], [digits.X_test]
+    names = ["fc1", "fc2", "fc3"]
     dense = {n: model.get_submodule(n) for n in names}
     test_m = collect_moments(model, names, test)
     fit_m = collect_moments(model, names, fit)
     student = copy.deepcopy(model)
     cfg = InitConfig(budget=0.15, refine_steps=5)
-    result = initialize_(student, cfg, calib=fit, holdout=held)
+    result = initialize_(student, cfg, calib=fit, holdout=held, names=names)
     assert result.exact_cost <= result.budget_cost
     assert sum(r.dense_cost for r in result.layers.values() if r.status == "skipped") == (
         result.budget_cost - result.max_cost
     )
-    C_in = test_m["0"].mean()
+    C_in = test_m["fc2"].mean()  # hidden activations: far from isotropic
     eig = torch.linalg.eigvalsh(C_in)
     assert eig[-1] > 100 * eig.clamp_min(0)[eig.numel() // 2]  # anisotropic inputs
     for name in names:
