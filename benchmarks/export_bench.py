@@ -199,9 +199,11 @@ def bench_bert(tmp: Path, rounds: int, reps: int, learned: Path | None = None) -
     for name in models:
         lat = ratios["svd"] / ratios[name]  # time(name) / time(svd)
         mark = ""
-        if name in ("gblr-random", "gblr-learned"):
+        if name == "gblr-learned":  # issue 5's target: what the default settings learn
             mark = " <=1.10 " + ("ok" if lat <= 1.1 else "MISS")
             ok = ok and lat <= 1.1
+        elif name.startswith("gblr-"):
+            mark = " (stress case, no target)"
         print(f"{name:>14} {costs[name]:>10.3f} {forms[name]:>34} {ratios[name]:>8.2f}x {lat:>11.2f}{mark}")
     return ok
 
@@ -222,7 +224,11 @@ def main() -> None:
             ok &= bench_layers(Path(tmp), args.rounds, args.reps)
         if args.part in ("bert", "all"):
             ok &= bench_bert(Path(tmp), args.rounds, max(1, args.reps // 5), args.learned)
-    print("\nall targets met" if ok else "\nsome targets missed")
+    unchecked = args.part in ("bert", "all") and args.learned is None
+    if unchecked:
+        print("\n(the BERT-small latency target applies to a learned structure: pass --learned F)")
+    verdict = "all targets met" if ok else "some targets missed"
+    print(f"\n{verdict}{' (BERT-small target not checked)' if unchecked else ''}")
 
 
 if __name__ == "__main__":
