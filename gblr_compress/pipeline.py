@@ -88,6 +88,9 @@ class CompressConfig:
         overcomplete: with distillation, initialize at ``overcomplete * budget`` with each
             layer's rank split over up to ``max_blocks`` groups, and let the proximal
             projection prune to the budget (the structure then has room to move).
+            Off by default: the first projection onto the budget cuts every group's
+            widths at once, and on all-MiniLM-L6-v2 at budget 0.5 ``overcomplete=1.5``
+            ended at 0.811 eval embedding cosine against 0.878 without it.
         augment: share of the inner tokens resampled in augmented copies of token-id
             calibration batches used for distillation (0: none; float inputs are never
             augmented), see :func:`~gblr_compress.calib.augment_tokens`. Held-out
