@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from minilm.cli_run import run_cli
+from minilm import contenders
 from minilm.contenders import CONTENDERS, PENDING, set_distill_hook
 from minilm.data import load_calib, load_eval
 from minilm.metrics import fidelity, paired
@@ -67,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--distill-hook", default=None, help="module:function, (student, dense, calib) -> student")
     p.add_argument("--cli-budgets", type=float, nargs="*", default=[0.3],
                    help="budgets at which the gblr-compress command itself is run and timed (none: skip)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of gblr-compress's init and distillation (gblr and whitened-svd+distill rows)")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this file")
     p.add_argument("--onnx-dir", type=Path, default=None, help="keep the ONNX files here")
     return p.parse_args(argv)
@@ -82,6 +85,7 @@ def load_hook(spec: str):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(0)
+    contenders.SEED = args.seed
     if args.distill_hook:
         set_distill_hook(load_hook(args.distill_hook))
     names = args.contenders or list(CONTENDERS)
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     cli_rows = []
     for budget in args.cli_budgets or []:
         print(f"running the gblr-compress command at B={budget} ...", flush=True)
-        run = run_cli(budget, calib, eval_batches, Path(tempfile.mkdtemp(prefix="minilm_cli_")))
+        run = run_cli(budget, calib, eval_batches, Path(tempfile.mkdtemp(prefix="minilm_cli_")), args.seed)
         fid = fidelity(run.pop("embeddings"), dense_emb, evalset.pairs, negs)
         cli_rows.append({"budget": budget, **run, **asdict(fid)})
     versus = paired_rows(embs, timings, dense_emb, evalset.pairs)
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads; {date.today()}; total {elapsed:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "paired": versus, "cli": cli_rows, "pending": PENDING, "elapsed_s": elapsed},
+        args.json.write_text(json.dumps({"seed": args.seed, "rows": rows, "paired": versus, "cli": cli_rows, "pending": PENDING, "elapsed_s": elapsed},
                                         indent=2))
     return 0
 

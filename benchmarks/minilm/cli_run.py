@@ -27,8 +27,9 @@ from .speed import make_session
 __all__ = ["run_cli"]
 
 
-def run_cli(budget: float, calib: list[Batch], eval_batches: list[Batch], workdir: Path) -> dict:
-    """Run the CLI at ``budget`` and embed ``eval_batches`` with the ONNX file it wrote.
+def run_cli(budget: float, calib: list[Batch], eval_batches: list[Batch], workdir: Path, seed: int = 0) -> dict:
+    """Run the CLI at ``budget`` (and ``--seed seed`` when not 0) and embed
+    ``eval_batches`` with the ONNX file it wrote.
 
     Returns:
         ``{"command", "wall_s", "seconds" (per phase, from the CLI's JSON summary),
@@ -39,6 +40,8 @@ def run_cli(budget: float, calib: list[Batch], eval_batches: list[Batch], workdi
     torch.save(calib, calib_path)
     cmd = [sys.executable, "-m", "gblr_compress", str(model_dir()), "--budget", f"{budget:g}",
            "--calib", str(calib_path), "--include", "encoder.layer.*", "-o", str(onnx_path), "--json"]
+    seed_args = ["--seed", str(seed)] if seed else []
+    cmd += seed_args
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -53,7 +56,7 @@ def run_cli(budget: float, calib: list[Batch], eval_batches: list[Batch], workdi
         hidden = torch.from_numpy(session.run(None, {k: b[k].numpy() for k in wanted})[0])  # (B, T, H)
         embs.append(mean_pool(hidden, b["attention_mask"]))
     shown = ["gblr-compress", "MODEL_DIR", *cmd[4:6], "--calib", "calib.pt", "--include", "'encoder.layer.*'",
-             "-o", onnx_path.name]
+             "-o", onnx_path.name, *seed_args]
     return {
         "command": " ".join(shown),
         "wall_s": wall,

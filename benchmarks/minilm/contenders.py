@@ -51,6 +51,9 @@ PENDING: dict[str, str] = {
 
 ASVD_ALPHA = 0.5
 WHITEN_DAMPING = 1e-2
+# Seed of gblr-compress's init and distillation, for both contenders that use them
+# (minilm_bench --seed): a second seed shows how much a figure moves by chance.
+SEED = 0
 
 
 def register(name: str) -> Callable[[Contender], Contender]:
@@ -122,7 +125,7 @@ def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool) 
     distillation targets, default loss), then put the mean pooling back on top."""
     from gblr_compress.pipeline import CompressConfig, compress
 
-    config = CompressConfig(budget=budget, include=_bert_names(dense), data_free=data_free,
+    config = CompressConfig(budget=budget, include=_bert_names(dense), data_free=data_free, seed=SEED,
                             steps=0 if data_free else 100)
     bert = compress(dense.bert, config, calib=None if data_free else calib).model
     return SentenceEncoder(bert).eval()
@@ -169,7 +172,7 @@ def whitened_svd_distilled(dense: nn.Module, calib: list[Batch], budget: float) 
     student = whitened_svd(dense, calib, budget)
     for name in encoder_linears(dense):
         replace_module(student, name, _as_gblr(student.get_submodule(name)))
-    config = CompressConfig(budget=budget, structure_lr=0.0)
+    config = CompressConfig(budget=budget, structure_lr=0.0, seed=SEED)
     fit, held = split_batches(list(calib), config.holdout_fraction)
     max_cost = sum(student.get_submodule(n).exact_cost() for n in encoder_linears(dense))
     # The same targets gblr-calibrated distills on: the BertModel's outputs; and the same
