@@ -66,8 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 15, quick 4)")
     p.add_argument("--calib", type=int, default=None, help="calibration sentences (default all, quick 64)")
     p.add_argument("--distill-hook", default=None, help="module:function, (student, dense, calib) -> student")
-    p.add_argument("--cli-budgets", type=float, nargs="*", default=[0.3],
-                   help="budgets at which the gblr-compress command itself is run and timed (none: skip)")
+    p.add_argument("--cli-budgets", type=float, nargs="*", default=[0.5, 0.3],
+                   help="budgets at which the gblr-compress command itself is run; there the gblr-calibrated "
+                        "row is the command's ONNX file (none: build that row with the library call)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of gblr-compress's init and distillation (gblr and whitened-svd+distill rows)")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this file")
@@ -117,25 +118,51 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"name": "dense", "budget": 1.0, "cost": dense_cost, **asdict(ref), "build_s": 0.0})
     models: dict[str, nn.Module] = {"dense": dense}
     embs: dict[str, torch.Tensor] = {}
+    cli_budgets = list(args.cli_budgets or [])
+    runs: dict[float, dict] = {}  # budget -> the command's run
+
+    def command(budget: float) -> dict:
+        if budget not in runs:
+            print(f"running the gblr-compress command at B={budget} ...", flush=True)
+            workdir = Path(tempfile.mkdtemp(prefix="minilm_cli_"))
+            runs[budget] = run_cli(budget, calib, eval_batches, workdir, args.seed)
+        return runs[budget]
+
+    command_onnx: dict[str, Path] = {}  # rows whose model is the command's ONNX file
     for budget in args.budgets:
         for name in names:
-            t0 = time.perf_counter()
-            student = CONTENDERS[name](dense, calib, budget).eval()
-            build_s = time.perf_counter() - t0
-            cost = encoder_cost(student, lin_names)
+            key = f"{name}@{budget}"
+            if name == COMMAND_ROW and budget in cli_budgets:
+                # The CLI path end to end: the row is the file the command wrote, scored
+                # in onnxruntime, instead of a second, library-built copy of it.
+                run = command(budget)
+                emb, cost, build_s = run["embeddings"], run["cost"], run["wall_s"]
+                command_onnx[key] = run["onnx"]
+            else:
+                t0 = time.perf_counter()
+                student = CONTENDERS[name](dense, calib, budget).eval()
+                build_s = time.perf_counter() - t0
+                cost = encoder_cost(student, lin_names)
+                emb = embed(student, eval_batches)
+                models[key] = student
             if cost > budget * dense_cost:
                 raise RuntimeError(f"{name} at B={budget}: cost {cost} exceeds the budget {budget * dense_cost:.0f}")
-            embs[f"{name}@{budget}"] = embed(student, eval_batches)
-            fid = fidelity(embs[f"{name}@{budget}"], dense_emb, evalset.pairs, negs)
-            rows.append({"name": name, "budget": budget, "cost": cost, **asdict(fid), "build_s": build_s})
-            models[f"{name}@{budget}"] = student
+            embs[key] = emb
+            fid = fidelity(emb, dense_emb, evalset.pairs, negs)
+            row = {"name": name, "budget": budget, "cost": cost, **asdict(fid), "build_s": build_s}
+            if key in command_onnx:
+                row["ort_max_err"] = runs[budget]["parity"]["max_abs_diff"]
+                row["from_command"] = True
+            rows.append(row)
             print(f"  {name} @ B={budget}: mean cos {fid.mean_cos:.3f}, top-1 {fid.top1:.3f} ({build_s:.1f} s)", flush=True)
+    for budget in cli_budgets:
+        command(budget)
 
     timings: dict[str, SpeedResult] = {}
     if not args.no_speed:
         onnx_dir = args.onnx_dir or Path(tempfile.mkdtemp(prefix="minilm_onnx_"))
         onnx_dir.mkdir(parents=True, exist_ok=True)
-        paths = {}
+        paths = dict(command_onnx)
         probe = eval_batches[0]
         for key, model in models.items():
             paths[key] = export_encoder(model, onnx_dir / f"{key.replace('@', '_b')}.onnx")
@@ -147,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         # Models whose compressed layers have the same shapes run the same graph with
         # other numbers (every SVD variant at one budget): time one of each.
         shapes = {key: layer_shapes(model, lin_names) for key, model in models.items()}
+        shapes.update({key: ("command", key) for key in command_onnx})
         timed: dict[tuple, str] = {}
         for key, sig in shapes.items():
             timed.setdefault(sig, key)
@@ -162,11 +190,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows_by_key(rows)[key]["speed_of"] = rep
 
     cli_rows = []
-    for budget in args.cli_budgets or []:
-        print(f"running the gblr-compress command at B={budget} ...", flush=True)
-        run = run_cli(budget, calib, eval_batches, Path(tempfile.mkdtemp(prefix="minilm_cli_")), args.seed)
-        fid = fidelity(run.pop("embeddings"), dense_emb, evalset.pairs, negs)
-        cli_rows.append({"budget": budget, **run, **asdict(fid)})
+    for budget, run in runs.items():
+        fid = fidelity(run["embeddings"], dense_emb, evalset.pairs, negs)
+        shown = {k: v for k, v in run.items() if k not in ("embeddings", "onnx")}
+        cli_rows.append({"budget": budget, **shown, **asdict(fid)})
     versus = paired_rows(embs, timings, dense_emb, evalset.pairs)
     elapsed = time.perf_counter() - t_start
     print()
@@ -204,6 +231,8 @@ def render_cli_table(rows: list[dict], dense_cost: int) -> str:
 
 
 REFERENCE = "gblr-calibrated"
+# The contender whose rows, at the --cli-budgets, are the command's own output.
+COMMAND_ROW = "gblr-calibrated"
 
 
 def paired_rows(
@@ -273,8 +302,9 @@ def render_table(rows: list[dict], dense_cost: int) -> str:
         if "speed_of" in r:
             speed = f"= {r['speed_of'].split('@')[0]}"
         err = f"{r['ort_max_err']:.1e}" if "ort_max_err" in r else "-"
+        name = f"{r['name']} (command)" if r.get("from_command") else r["name"]
         lines.append(
-            f"| {r['name']} | {r['budget']:g} | {r['cost']:,} ({r['cost'] / dense_cost:.3f}) | "
+            f"| {name} | {r['budget']:g} | {r['cost']:,} ({r['cost'] / dense_cost:.3f}) | "
             f"{r['mean_cos']:.3f} | {r['min_cos']:.3f} | {r['top1']:.3f} | {r['top1_no_neg']:.3f} | {r['spearman']:.3f} | {speed} | {err} |"
         )
     return "\n".join(lines)

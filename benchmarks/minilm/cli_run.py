@@ -33,7 +33,7 @@ def run_cli(budget: float, calib: list[Batch], eval_batches: list[Batch], workdi
 
     Returns:
         ``{"command", "wall_s", "seconds" (per phase, from the CLI's JSON summary),
-        "parity", "cost", "embeddings" (N, H)}``.
+        "parity", "cost", "onnx" (the file's path), "embeddings" (N, H)}``.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     calib_path, onnx_path = workdir / "calib.pt", workdir / f"minilm_b{budget:g}.onnx"
@@ -63,5 +63,6 @@ def run_cli(budget: float, calib: list[Batch], eval_batches: list[Batch], workdi
         "seconds": summary["seconds"],
         "parity": summary["parity"],
         "cost": summary["totals"]["linear_cost"],
+        "onnx": onnx_path,
         "embeddings": torch.cat(embs),
     }
