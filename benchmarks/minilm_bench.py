@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--contenders", nargs="+", default=None, help="subset of registered contenders")
     p.add_argument("--quick", action="store_true", help="fewer calibration sentences and timing rounds")
     p.add_argument("--no-speed", action="store_true", help="skip ONNX export and timing")
-    p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 15, quick 4)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 40, quick 4)")
     p.add_argument("--calib", type=int, default=None, help="calibration sentences (default all, quick 64)")
     p.add_argument("--distill-hook", default=None, help="module:function, (student, dense, calib) -> student")
     p.add_argument("--cli-budgets", type=float, nargs="*", default=[0.5, 0.3],
@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         if budget not in runs:
             print(f"running the gblr-compress command at B={budget} ...", flush=True)
             workdir = Path(tempfile.mkdtemp(prefix="minilm_cli_"))
-            runs[budget] = run_cli(budget, calib, eval_batches, workdir, args.seed)
+            run = run_cli(budget, calib, eval_batches, workdir, args.seed)
+            run["fidelity"] = fidelity(run["embeddings"], dense_emb, evalset.pairs, negs)
+            runs[budget] = run
         return runs[budget]
 
     command_onnx: dict[str, Path] = {}  # rows whose model is the command's ONNX file
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 # The CLI path end to end: the row is the file the command wrote, scored
                 # in onnxruntime, instead of a second, library-built copy of it.
                 run = command(budget)
-                emb, cost, build_s = run["embeddings"], run["cost"], run["wall_s"]
+                emb, cost, build_s, fid = run["embeddings"], run["cost"], run["wall_s"], run["fidelity"]
                 command_onnx[key] = run["onnx"]
             else:
                 t0 = time.perf_counter()
@@ -144,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
                 build_s = time.perf_counter() - t0
                 cost = encoder_cost(student, lin_names)
                 emb = embed(student, eval_batches)
+                fid = fidelity(emb, dense_emb, evalset.pairs, negs)
                 models[key] = student
             if cost > budget * dense_cost:
                 raise RuntimeError(f"{name} at B={budget}: cost {cost} exceeds the budget {budget * dense_cost:.0f}")
             embs[key] = emb
-            fid = fidelity(emb, dense_emb, evalset.pairs, negs)
             row = {"name": name, "budget": budget, "cost": cost, **asdict(fid), "build_s": build_s}
             if key in command_onnx:
                 row["ort_max_err"] = runs[budget]["parity"]["max_abs_diff"]
@@ -191,9 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cli_rows = []
     for budget, run in runs.items():
-        fid = fidelity(run["embeddings"], dense_emb, evalset.pairs, negs)
-        shown = {k: v for k, v in run.items() if k not in ("embeddings", "onnx")}
-        cli_rows.append({"budget": budget, **shown, **asdict(fid)})
+        shown = {k: v for k, v in run.items() if k not in ("embeddings", "onnx", "fidelity")}
+        cli_rows.append({"budget": budget, **shown, **asdict(run["fidelity"])})
     versus = paired_rows(embs, timings, dense_emb, evalset.pairs)
     elapsed = time.perf_counter() - t_start
     print()

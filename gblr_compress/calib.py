@@ -203,10 +203,15 @@ def token_mask(batch: Batch) -> torch.Tensor | None:
     return None
 
 
+def _per_token(t: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether ``t`` holds one vector per position of ``mask`` (its leading shape)."""
+    return mask is not None and t.dim() >= 2 and tuple(mask.shape) == tuple(t.shape[:-1])
+
+
 def real_positions(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``t``'s vectors at the unpadded positions, ``(N, features)``, when ``mask`` is
     its leading shape; otherwise ``t`` unchanged (pooled or 2-D tensors)."""
-    if mask is not None and t.dim() >= 2 and tuple(mask.shape) == tuple(t.shape[:-1]):
+    if _per_token(t, mask):
         return t[mask.to(t.device)]
     return t
 
@@ -334,7 +339,7 @@ def layer_sensitivity(
 def _real(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | float:
     """1 at ``y``'s real positions and 0 at padding, broadcastable to ``y``, when ``mask``
     is its leading shape; otherwise 1."""
-    if mask is not None and y.dim() >= 2 and tuple(mask.shape) == tuple(y.shape[:-1]):
+    if _per_token(y, mask):
         return mask.to(y.device, y.dtype).unsqueeze(-1)
     return 1.0
 

@@ -121,6 +121,12 @@ class CompressConfig:
     loss: str = "auto"
     device: str = "cpu"
 
+    @property
+    def logits(self) -> bool:
+        """Whether held-out agreement may score argmax top-1: ``--loss mse`` says a 2-D
+        output is an embedding, where an argmax means nothing."""
+        return self.loss != "mse"
+
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not 0.0 < float(self.budget) <= 1.0:
             raise InputError(f"--budget must be in (0, 1], got {self.budget}")
@@ -271,9 +277,8 @@ def compress(
     project_widths_(list(gblr_layers(student).values()), max_cost)
     seconds["init"] = time.perf_counter() - t0
     quality: dict[str, dict[str, float]] = {}
-    logits = config.loss != "mse"  # --loss mse says the 2-D output is an embedding: no argmax
     if held:
-        quality["init"] = agreement(student.eval(), teacher, held, logits)
+        quality["init"] = agreement(student.eval(), teacher, held, config.logits)
 
     distilled = recovery = None
     compressed = [n for n, rec in init.layers.items() if rec.status != "skipped"]
@@ -287,7 +292,7 @@ def compress(
     student.eval()
     seconds["freeze"] = time.perf_counter() - t0
     if held:
-        quality["frozen"] = agreement(student, teacher, held, logits)
+        quality["frozen"] = agreement(student, teacher, held, config.logits)
     cost = sum(r.cost for r in records.values())
     if cost > max_cost:  # the projection guarantees this; a breach is a bug, not bad input
         raise RuntimeError(f"frozen cost {cost} exceeds the budget's {max_cost}")
@@ -346,7 +351,7 @@ def distill_and_recover(
                          progress=_relay_steps("distill", progress))
     seconds["distill"] = time.perf_counter() - t0
     if held and quality is not None:
-        quality["distilled"] = agreement(student.eval(), teacher, held, config.loss != "mse")
+        quality["distilled"] = agreement(student.eval(), teacher, held, config.logits)
     recovery = None
     rsteps = config.steps // 4 if config.recovery_steps is None else config.recovery_steps
     if rsteps > 0:

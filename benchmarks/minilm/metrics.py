@@ -51,6 +51,11 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra @ rb) / (ra.norm() * rb.norm()))
 
 
+def _cos(emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """Cosine between each row of ``emb`` and the same row of ``dense``, ``(N,)``."""
+    return (emb * dense).sum(1) / (emb.norm(dim=1) * dense.norm(dim=1))
+
+
 @dataclass(frozen=True)
 class Fidelity:
     """How close a model's embeddings stay to the dense model's.
@@ -77,7 +82,7 @@ def fidelity(
 
     ``negatives`` are the hard-negative indices, left out of the pool for ``top1_no_neg``.
     """
-    cos = (emb * dense).sum(1) / (emb.norm(dim=1) * dense.norm(dim=1))  # (N,)
+    cos = _cos(emb, dense)  # (N,)
     iu = torch.triu_indices(len(emb), len(emb), offset=1)
     sims = (emb @ emb.T)[iu[0], iu[1]]  # (N*(N-1)/2,)
     dense_sims = (dense @ dense.T)[iu[0], iu[1]]
@@ -109,10 +114,6 @@ class Paired:
     p_top1: float
     d_mean_cos: float
     ci_mean_cos: tuple[float, float]
-
-
-def _cos(emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    return (emb * dense).sum(1) / (emb.norm(dim=1) * dense.norm(dim=1))
 
 
 def mcnemar_p(a_only: int, b_only: int) -> float:
