@@ -17,8 +17,16 @@ from benchmarks.minilm.baselines import (
     truncated_svd_layer,
     whitened_svd_layer,
 )
-from benchmarks.minilm.data import DATA_DIR, load_calib, load_eval
-from benchmarks.minilm.metrics import fidelity, mcnemar_p, paired, paraphrase_top1, spearman
+from benchmarks.minilm.data import DATA_DIR, load_calib, load_eval, split_eval
+from benchmarks.minilm.metrics import (
+    fidelity,
+    mcnemar_p,
+    paired,
+    paraphrase_hits,
+    paraphrase_margins,
+    paraphrase_top1,
+    spearman,
+)
 from gblr_compress.errors import InputError
 
 
@@ -40,6 +48,21 @@ def test_calib_is_separate_from_eval() -> None:
     assert not set(calib) & set(ev.sentences)
     lower = {s.lower().rstrip(".?!") for s in ev.sentences}
     assert not {s.lower().rstrip(".?!") for s in calib} & lower
+
+
+def test_split_eval_keeps_pairs_and_negatives_whole() -> None:
+    ev = load_eval()
+    extra, half = split_eval(ev)
+    assert not set(extra) & set(half.sentences)
+    assert len(extra) + len(half.sentences) == len(ev.sentences)
+    assert len(half.pairs) == len(ev.pairs) // 2 and abs(len(extra) - len(half.sentences)) <= 4
+    # The scored half's pairs and negatives are the originals, re-indexed.
+    originals = {(ev.sentences[i], ev.sentences[j]) for i, j in ev.pairs}
+    assert {(half.sentences[i], half.sentences[j]) for i, j in half.pairs} <= originals
+    negatives = {(ev.sentences[i], ev.sentences[k]) for i, k in ev.negatives}
+    assert {(half.sentences[i], half.sentences[k]) for i, k in half.negatives} <= negatives
+    kept_queries = {half.sentences[i] for i, _ in half.pairs}
+    assert len(half.negatives) == sum(ev.sentences[i] in kept_queries for i, _ in ev.negatives)
 
 
 def test_every_tsv_line_has_two_or_three_columns() -> None:
@@ -135,6 +158,18 @@ def test_metrics_on_known_embeddings() -> None:
     assert spearman(a, a * 2 + 1) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
     fid = fidelity(emb, emb, [(0, 1), (2, 3)], negatives=[3])
     assert fid.mean_cos == pytest.approx(1.0) and fid.spearman == pytest.approx(1.0) and fid.top1 == 1.0
+
+
+def test_margins_are_positive_exactly_for_hits() -> None:
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(12, 5, generator=gen), dim=1)
+    pairs = [(0, 1), (2, 3), (4, 5), (6, 7)]
+    m = paraphrase_margins(emb, pairs)
+    assert torch.equal(m > 0, paraphrase_hits(emb, pairs))
+    # Query 0 -> 1: its partner's similarity minus the best other one, by hand.
+    sims = emb[0] @ emb.T
+    rival = max(float(sims[k]) for k in range(12) if k not in (0, 1))
+    assert float(m[0]) == pytest.approx(float(sims[1]) - rival)
 
 
 def test_paired_comparison() -> None:

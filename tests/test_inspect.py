@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from gblr_compress.cli import main

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gblr_compress.errors import InputError
 
-__all__ = ["DATA_DIR", "EvalSet", "load_calib", "load_eval"]
+__all__ = ["DATA_DIR", "EvalSet", "load_calib", "load_eval", "split_eval"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -75,3 +75,34 @@ def load_eval(data_dir: Path = DATA_DIR) -> EvalSet:
 def load_calib(data_dir: Path = DATA_DIR) -> list[str]:
     """Calibration sentences, in file order."""
     return [s.strip() for s in _lines(data_dir / "calib.txt")]
+
+
+def split_eval(evalset: EvalSet) -> tuple[list[str], EvalSet]:
+    """Halve the eval pool: every second paraphrase pair (with its hard negative) and
+    every second extra sentence become extra calibration text; the rest is a smaller
+    eval set, re-indexed. A pair and its negative never straddle the halves, so the
+    scored half holds nothing the calibration saw.
+
+    Returns:
+        ``(calibration sentences, the scored half)``.
+    """
+    neg_of = dict(evalset.negatives)
+    given: set[int] = set()
+    kept_pairs: list[tuple[int, int]] = []
+    for n, (i, j) in enumerate(evalset.pairs):
+        members = [i, j] + ([neg_of[i]] if i in neg_of else [])
+        if n % 2 == 0:
+            given.update(members)
+        else:
+            kept_pairs.append((i, j))
+    in_pairs = {x for i, j in evalset.pairs for x in (i, j, *([neg_of[i]] if i in neg_of else []))}
+    extras = [x for x in range(len(evalset.sentences)) if x not in in_pairs]
+    given.update(extras[::2])
+    kept = [x for x in range(len(evalset.sentences)) if x not in given]
+    pos = {x: n for n, x in enumerate(kept)}
+    half = EvalSet(
+        sentences=[evalset.sentences[x] for x in kept],
+        pairs=[(pos[i], pos[j]) for i, j in kept_pairs],
+        negatives=[(pos[i], pos[neg_of[i]]) for i, _ in kept_pairs if i in neg_of],
+    )
+    return [evalset.sentences[x] for x in sorted(given)], half

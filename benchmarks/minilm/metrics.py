@@ -8,7 +8,7 @@ import math
 
 import torch
 
-__all__ = ["Fidelity", "Paired", "fidelity", "paired", "paraphrase_hits", "paraphrase_top1", "spearman"]
+__all__ = ["Fidelity", "Paired", "fidelity", "paired", "paraphrase_hits", "paraphrase_margins", "paraphrase_top1", "spearman"]
 
 
 def paraphrase_hits(emb: torch.Tensor, pairs: list[tuple[int, int]], exclude: list[int] | None = None) -> torch.Tensor:
@@ -29,6 +29,22 @@ def paraphrase_hits(emb: torch.Tensor, pairs: list[tuple[int, int]], exclude: li
     nearest = sim.argmax(1)  # (N,)
     i, j = torch.tensor(pairs).T
     return torch.cat([nearest[i] == j, nearest[j] == i])
+
+
+def paraphrase_margins(emb: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """Per query (same order as :func:`paraphrase_hits`), the similarity to the partner
+    minus the best similarity to any other sentence: positive exactly for a hit, and
+    how far a compressed model's similarities may move before the answer flips.
+
+    ``emb`` must be unit-norm ``(N, H)``."""
+    sim = emb @ emb.T
+    sim.fill_diagonal_(float("-inf"))
+    i, j = torch.tensor(pairs).T
+    queries, partners = torch.cat([i, j]), torch.cat([j, i])
+    true = sim[queries, partners]
+    rival = sim[queries].clone()
+    rival[torch.arange(len(queries)), partners] = float("-inf")
+    return true - rival.max(1).values
 
 
 def paraphrase_top1(emb: torch.Tensor, pairs: list[tuple[int, int]], exclude: list[int] | None = None) -> float:
