@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "row is the command's ONNX file (none: build that row with the library call)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of gblr-compress's init and distillation (gblr and whitened-svd+distill rows)")
+    p.add_argument("--attention", choices=("eager", "sdpa"), default="eager",
+                   help="attention implementation of the model the library rows start from (the command "
+                        "itself always loads the folder with transformers' default, sdpa)")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this file")
     p.add_argument("--onnx-dir", type=Path, default=None, help="keep the ONNX files here")
     return p.parse_args(argv)
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (4 if args.quick else 40)
 
     t_start = time.perf_counter()
-    dense, tokenizer = load_dense()
+    dense, tokenizer = load_dense(attention=args.attention)
     evalset = load_eval()
     calib_sentences = load_calib()
     n_calib = args.calib or (64 if args.quick else len(calib_sentences))
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads; {date.today()}; total {elapsed:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"seed": args.seed, "rows": rows, "paired": versus, "cli": cli_rows, "pending": PENDING, "elapsed_s": elapsed},
+        args.json.write_text(json.dumps({"seed": args.seed, "attention": args.attention, "rows": rows, "paired": versus, "cli": cli_rows, "pending": PENDING, "elapsed_s": elapsed},
                                         indent=2))
     return 0
 

@@ -84,14 +84,17 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return F.normalize(pooled, p=2.0, dim=-1)  # (B, H), unit norm
 
 
-def load_dense(folder: Path | None = None) -> tuple[SentenceEncoder, object]:
+def load_dense(folder: Path | None = None, attention: str = "eager") -> tuple[SentenceEncoder, object]:
     """Load the pretrained model and its tokenizer from the local package folder.
 
-    Eager attention is requested so the same module both runs in torch and exports to
-    ONNX with the TorchScript exporter (SDPA's export path is slower to trace).
+    Eager attention is the default so the same module both runs in torch and exports to
+    ONNX with the TorchScript exporter (SDPA's export path is slower to trace). The
+    gblr-compress command loads the folder with transformers' default, SDPA: the float
+    rounding differs, and so does what a run learns from it.
 
     Args:
         folder: model folder; defaults to :func:`model_dir`.
+        attention: transformers' ``attn_implementation``, ``"eager"`` or ``"sdpa"``.
 
     Returns:
         ``(encoder, tokenizer)``: the :class:`SentenceEncoder` in eval mode, float32,
@@ -102,7 +105,9 @@ def load_dense(folder: Path | None = None) -> tuple[SentenceEncoder, object]:
     except ImportError as exc:  # optional extra
         raise InputError(f"transformers is not installed; run: {INSTALL_HINT}") from exc
     folder = folder or model_dir()
-    bert = AutoModel.from_pretrained(str(folder), attn_implementation="eager", local_files_only=True)
+    if attention not in ("eager", "sdpa"):
+        raise InputError(f"attention must be eager or sdpa, got {attention!r}")
+    bert = AutoModel.from_pretrained(str(folder), attn_implementation=attention, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return SentenceEncoder(bert).eval().float(), tokenizer
 
