@@ -55,14 +55,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def by_band(dense_m: torch.Tensor, selected: torch.Tensor) -> list[int]:
+    """Per band of dense margin (so dense-right queries only), how many are ``selected``."""
+    return [int(((dense_m > lo) & (dense_m <= hi) & selected).sum()) for lo, hi in BANDS]
+
+
 def margin_rows(dense_m: torch.Tensor, model_m: torch.Tensor) -> dict:
     """How a model's margins differ from dense: RMS change, and per band of dense margin
     (dense-right queries only) the right answers lost; plus dense-wrong answers gained."""
     right = dense_m > 0
-    lost = [int((right & (dense_m > lo) & (dense_m <= hi) & (model_m <= 0)).sum()) for lo, hi in BANDS]
     return {
         "rms_change": float((model_m - dense_m).pow(2).mean().sqrt()),
-        "lost_by_band": lost,
+        "lost_by_band": by_band(dense_m, model_m <= 0),
         "gained": int((~right & (model_m > 0)).sum()),
         "hits": int((model_m > 0).sum()),
     }
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dense_m = paraphrase_margins(F.normalize(dense_emb["whole"], dim=1), evalset.pairs)
     right = dense_m > 0
-    band_counts = [int((right & (dense_m > lo) & (dense_m <= hi)).sum()) for lo, hi in BANDS]
+    band_counts = by_band(dense_m, right)
     mrows = {name: margin_rows(dense_m, m) for name, m in margins.items()}
 
     print()

@@ -88,14 +88,15 @@ def split_eval(evalset: EvalSet) -> tuple[list[str], EvalSet]:
     """
     neg_of = dict(evalset.negatives)
     given: set[int] = set()
+    in_pairs: set[int] = set()
     kept_pairs: list[tuple[int, int]] = []
     for n, (i, j) in enumerate(evalset.pairs):
-        members = [i, j] + ([neg_of[i]] if i in neg_of else [])
+        members = {i, j} | ({neg_of[i]} if i in neg_of else set())
+        in_pairs |= members
         if n % 2 == 0:
-            given.update(members)
+            given |= members
         else:
             kept_pairs.append((i, j))
-    in_pairs = {x for i, j in evalset.pairs for x in (i, j, *([neg_of[i]] if i in neg_of else []))}
     extras = [x for x in range(len(evalset.sentences)) if x not in in_pairs]
     given.update(extras[::2])
     kept = [x for x in range(len(evalset.sentences)) if x not in given]
