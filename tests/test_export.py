@@ -184,7 +184,7 @@ def test_failed_verification_writes_no_file(tmp_path, monkeypatch) -> None:
     def broken(*args, **kwargs):
         raise VerificationError("max abs diff 1 > tolerance 0.0001")
 
-    monkeypatch.setattr(ex, "_compare", broken)
+    monkeypatch.setattr(ex, "compare", broken)
     with pytest.raises(VerificationError):
         export_onnx(model, torch.randn(2, 8), tmp_path / "w.onnx")
     assert list(tmp_path.iterdir()) == []
@@ -213,16 +213,17 @@ def test_auto_prefers_plain_pair_for_full_width_and_segments_for_windows() -> No
     assert plan_layer(windowed).form in ("segments", "vpad")
 
 
-def test_metadata_after_sees_the_verified_result(tmp_path) -> None:
+def test_metadata_can_carry_the_verified_result(tmp_path) -> None:
+    """The steps let a caller put figures that only verification knows into the file."""
+    from gblr_compress.export import build_onnx, save_onnx, verify_graph
     from gblr_compress.export.metadata import read_metadata
 
     layer = GBLRLinear.from_linear(nn.Linear(12, 10), GBLRLayerConfig(2, 2)).eval().to_frozen("fc")
-    seen = []
-
-    def late(result):
-        seen.append(result)
-        return {"gblr.report": f"diff={result.max_abs_diff is not None}:{len(result.layers)}"}
-
-    out = export_onnx(layer, torch.randn(3, 12), tmp_path / "m.onnx", metadata_after=late)
-    assert seen and seen[0].ort_ok
+    graph = build_onnx(layer, torch.randn(3, 12))
+    parity = verify_graph(graph, layer)
+    assert not (tmp_path / "m.onnx").exists()  # nothing is written before save
+    note = f"diff={parity.max_abs_diff is not None}:{len(graph.layers)}"
+    out = save_onnx(graph, tmp_path / "m.onnx", {"gblr.report": note}, parity)
+    assert out.ort_ok and out.max_abs_diff == parity.max_abs_diff
     assert read_metadata(out.path)["gblr.report"] == "diff=True:1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary left
