@@ -1,0 +1,276 @@
+"""Calibration from text: read a text file, tokenize it with the model's tokenizer.
+
+Users have sentences, not token tensors. ``--calib-text FILE`` takes one text per line
+(``.txt``) or JSON lines with a ``text`` field (``.jsonl``), tokenizes them with the
+tokenizer of the model's HuggingFace folder (or ``--tokenizer DIR``), and makes the
+batches the model's ``forward`` takes: ``input_ids``, ``attention_mask`` and, when the
+forward accepts it, ``token_type_ids``. Encoders get one text per row, padded to the
+longest in its batch; causal LMs get the texts packed into fixed-length rows (each text
+followed by the end-of-text token), so no compute goes to padding.
+
+``transformers`` (or, for a folder with a ``tokenizer.json``, ``tokenizers`` alone) is
+optional: without either, the error says how to install it. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gblr_compress.errors import InputError
+
+__all__ = [
+    "TextTokenizer",
+    "forward_inputs",
+    "is_causal_lm",
+    "load_tokenizer",
+    "read_texts",
+    "text_batches",
+]
+
+_INSTALL = "pip install transformers tokenizers"
+
+
+def read_texts(path: str | os.PathLike) -> list[str]:
+    """The texts in ``path``: one per non-blank line (``.txt``, or any other suffix), or
+    the ``text`` field of each JSON line (``.jsonl`` / ``.json`` lines).
+
+    Raises:
+        InputError: missing or unreadable file, bad JSON line, no texts.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"calibration text file not found: {p}")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{p} is not UTF-8 text") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {p}: {exc.strerror}") from None
+    texts: list[str] = []
+    jsonl = p.suffix.lower() in (".jsonl", ".ndjson")
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        if jsonl:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{p}:{i}: not a JSON line ({exc.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise InputError(f"{p}:{i}: each JSON line needs a string field \"text\"")
+            if row["text"].strip():
+                texts.append(row["text"].strip())
+        else:
+            texts.append(line.strip())
+    if not texts:
+        raise InputError(f"{p} holds no texts")
+    return texts
+
+
+@dataclass
+class TextTokenizer:
+    """A tokenizer reduced to what calibration needs.
+
+    Attributes:
+        encode: ``encode(text, special) -> ids`` (``special``: add the model's special
+            tokens, e.g. ``[CLS] ... [SEP]``).
+        pad_id: id used for padding.
+        eos_id: end-of-text id placed between packed texts (None: none known).
+        vocab_size: number of ids the tokenizer can produce.
+        source: the folder it came from (for messages).
+    """
+
+    encode: Any
+    pad_id: int
+    eos_id: int | None
+    vocab_size: int
+    source: str
+
+
+def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer:
+    """The tokenizer saved in a HuggingFace folder (local files only, no remote code).
+
+    Raises:
+        InputError: the folder has no tokenizer, or neither transformers nor tokenizers
+            is installed (the message says how to install them).
+    """
+    p = Path(folder)
+    if not p.is_dir():
+        raise InputError(f"tokenizer folder not found: {p}")
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    if transformers is not None:
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        except Exception as exc:  # OSError, ValueError, ... from a folder without one
+            raise InputError(f"no usable tokenizer in {p}: {type(exc).__name__}: {_short(exc)}") from None
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return TextTokenizer(
+            encode=lambda text, special: list(tok(text, add_special_tokens=special)["input_ids"]),
+            pad_id=int(pad if pad is not None else 0),
+            eos_id=None if tok.eos_token_id is None else int(tok.eos_token_id),
+            vocab_size=len(tok),
+            source=str(p),
+        )
+    if not (p / "tokenizer.json").is_file():
+        raise InputError(f"tokenizing text needs `{_INSTALL}` (and a tokenizer in {p})")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise InputError(f"tokenizing text needs `{_INSTALL}`") from None
+    tok = Tokenizer.from_file(str(p / "tokenizer.json"))
+    return TextTokenizer(
+        encode=lambda text, special: tok.encode(text, add_special_tokens=special).ids,
+        pad_id=_special_id(p, tok, "pad_token") or 0,
+        eos_id=_special_id(p, tok, "eos_token"),
+        vocab_size=tok.get_vocab_size(),
+        source=str(p),
+    )
+
+
+def _special_id(folder: Path, tok: Any, key: str) -> int | None:
+    """A special token's id from ``tokenizer_config.json`` (tokenizers-only path)."""
+    cfg = folder / "tokenizer_config.json"
+    try:
+        value = json.loads(cfg.read_text()).get(key) if cfg.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    if isinstance(value, dict):
+        value = value.get("content")
+    return tok.token_to_id(value) if isinstance(value, str) else None
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def forward_inputs(model: nn.Module) -> list[str]:
+    """Names of the keyword arguments ``model.forward`` takes (``**kwargs`` not included)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is (or wraps) a causal language model: its texts are packed."""
+    for mod in model.modules():
+        config = getattr(mod, "config", None)
+        if type(mod).__name__.endswith("ForCausalLM") or getattr(config, "is_decoder", False):
+            return True
+    return False
+
+
+def text_batches(
+    texts: Sequence[str],
+    tokenizer: TextTokenizer,
+    model: nn.Module,
+    max_length: int = 128,
+    batch_size: int = 32,
+    pack: bool | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Token batches for ``model`` from ``texts``.
+
+    Args:
+        texts: the calibration texts, in order.
+        tokenizer: from :func:`load_tokenizer`.
+        model: the model the batches are for (its forward's argument names decide the
+            keys; its embedding size checks that the tokenizer fits it).
+        max_length: tokens per row (encoders: truncation length; packed: row length).
+        batch_size: rows per batch.
+        pack: pack texts into full rows (default: only for causal LMs).
+
+    Returns:
+        Batches ``{"input_ids": (B, T) int64, "attention_mask": (B, T) int64}``, plus
+        ``token_type_ids`` (zeros) when the forward takes it.
+
+    Raises:
+        InputError: bad sizes, a forward that takes no ``input_ids``, a tokenizer whose
+            ids do not fit the model's embedding, or texts too short to fill one row.
+    """
+    if max_length < 2:
+        raise InputError(f"--max-length must be >= 2, got {max_length}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    names = forward_inputs(model)
+    if "input_ids" not in names:
+        raise InputError(
+            f"the model's forward takes ({', '.join(names) or 'no named arguments'}), not input_ids: "
+            "text calibration needs a forward(input_ids, attention_mask, ...); give --calib FILE instead"
+        )
+    vocab = _embedding_rows(model)
+    if vocab is not None and tokenizer.vocab_size > vocab:
+        raise InputError(
+            f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model embeds "
+            f"{vocab}: it is not this model's tokenizer (give the right one with --tokenizer DIR)"
+        )
+    pack = is_causal_lm(model) if pack is None else pack
+    rows = _packed_rows(texts, tokenizer, max_length) if pack else _text_rows(texts, tokenizer, max_length)
+    top = max(max(r) for r in rows)
+    if vocab is not None and top >= vocab:
+        raise InputError(
+            f"tokenizer {tokenizer.source} produced token id {top}, outside the model's {vocab} "
+            "embeddings: it is not this model's tokenizer (give the right one with --tokenizer DIR)"
+        )
+    batches = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.int64)
+        mask = torch.zeros((len(chunk), width), dtype=torch.int64)
+        for j, r in enumerate(chunk):
+            ids[j, : len(r)] = torch.tensor(r, dtype=torch.int64)
+            mask[j, : len(r)] = 1
+        batch = {"input_ids": ids}
+        if "attention_mask" in names:
+            batch["attention_mask"] = mask
+        if "token_type_ids" in names:
+            batch["token_type_ids"] = torch.zeros_like(ids)
+        batches.append(batch)
+    return batches
+
+
+def _text_rows(texts: Sequence[str], tokenizer: TextTokenizer, max_length: int) -> list[list[int]]:
+    rows = []
+    for t in texts:
+        ids = tokenizer.encode(t, True)
+        if len(ids) > max_length:  # keep the closing special token, as truncation does
+            ids = ids[: max_length - 1] + ids[-1:]
+        if ids:
+            rows.append(ids)
+    return rows
+
+
+def _packed_rows(texts: Sequence[str], tokenizer: TextTokenizer, max_length: int) -> list[list[int]]:
+    stream: list[int] = []
+    for t in texts:
+        stream.extend(tokenizer.encode(t, False))
+        if tokenizer.eos_id is not None:
+            stream.append(tokenizer.eos_id)
+    full = len(stream) // max_length
+    if full == 0:
+        raise InputError(
+            f"the texts hold {len(stream)} tokens, fewer than one packed row of --max-length {max_length}"
+        )
+    # The tail shorter than a row is dropped: every packed row is real text, no padding.
+    return [stream[i * max_length : (i + 1) * max_length] for i in range(full)]
+
+
+def _embedding_rows(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (the largest nn.Embedding, so position
+    embeddings are not mistaken for it), if it has one."""
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(sizes) if sizes else None

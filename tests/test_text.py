@@ -1,0 +1,143 @@
+"""Text calibration: reading text files, a tokenizer built here, batches per model kind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gblr_compress.errors import InputError
+from gblr_compress.text import forward_inputs, is_causal_lm, load_tokenizer, read_texts, text_batches
+
+tokenizers = pytest.importorskip("tokenizers")
+
+WORDS = "the a cat dog sat ran on under mat log big small red blue and then".split()
+
+
+def _sentences(n: int) -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(k),), generator=g))
+            for k in torch.randint(3, 12, (n,), generator=g)]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A word-level tokenizer trained in memory, saved as a HuggingFace folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(_sentences(200), trainers.WordLevelTrainer(
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>"]))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    d = tmp_path_factory.mktemp("tok")
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "[PAD]", "eos_token": "</s>",
+        "unk_token": "[UNK]",
+    }))
+    return d
+
+
+class Encoder(nn.Module):
+    def __init__(self, vocab: int = 40) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 8)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc(self.emb(input_ids))
+
+
+class TinyForCausalLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 8)
+        self.head = nn.Linear(8, 40)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.emb(input_ids))
+
+
+def test_read_txt_and_jsonl(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("first line\n\n  second line  \n")
+    assert read_texts(tmp_path / "a.txt") == ["first line", "second line"]
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 3}\n')
+    assert read_texts(tmp_path / "b.jsonl") == ["one", "two"]
+
+
+@pytest.mark.parametrize(("name", "content", "match"), [
+    ("missing.txt", None, "not found"),
+    ("empty.txt", "\n \n", "no texts"),
+    ("bad.jsonl", '{"text": "ok"}\n{oops\n', r"bad.jsonl:2: not a JSON line"),
+    ("field.jsonl", '{"body": "x"}\n', 'field "text"'),
+])
+def test_bad_text_files(tmp_path: Path, name: str, content: str | None, match: str) -> None:
+    if content is not None:
+        (tmp_path / name).write_text(content)
+    with pytest.raises(InputError, match=match):
+        read_texts(tmp_path / name)
+
+
+def test_encoder_batches_pad_per_batch_and_follow_forward(tok_dir: Path) -> None:
+    tok = load_tokenizer(tok_dir)
+    texts = _sentences(10)
+    batches = text_batches(texts, tok, Encoder(), max_length=6, batch_size=4)
+    assert [b["input_ids"].shape[0] for b in batches] == [4, 4, 2]
+    assert set(batches[0]) == {"input_ids", "attention_mask", "token_type_ids"}
+    b = batches[0]
+    assert b["input_ids"].shape[1] <= 6 and b["input_ids"].dtype == torch.int64
+    cls, sep = tok.encode("", True)  # [CLS] [SEP]
+    lengths = b["attention_mask"].sum(1)
+    for row, n in zip(b["input_ids"], lengths):
+        assert row[0] == cls and row[n - 1] == sep  # truncation keeps the closing token
+        assert (row[n:] == tok.pad_id).all()
+
+
+def test_causal_lm_rows_are_packed_full(tok_dir: Path) -> None:
+    tok = load_tokenizer(tok_dir)
+    model = TinyForCausalLM()
+    assert is_causal_lm(model) and not is_causal_lm(Encoder())
+    batches = text_batches(_sentences(30), tok, model, max_length=16, batch_size=3)
+    assert set(batches[0]) == {"input_ids", "attention_mask"}  # no token_type_ids in its forward
+    assert all(b["input_ids"].shape[1] == 16 and bool(b["attention_mask"].all()) for b in batches)
+    flat = torch.cat([b["input_ids"].flatten() for b in batches])
+    assert (flat == tok.eos_id).any()  # texts are separated by the end-of-text token
+
+
+def test_tokenizer_errors(tok_dir: Path, tmp_path: Path) -> None:
+    tok = load_tokenizer(tok_dir)
+    with pytest.raises(InputError, match="not this model's tokenizer"):
+        text_batches(_sentences(4), tok, Encoder(vocab=10))
+    with pytest.raises(InputError, match="not input_ids"):
+        text_batches(_sentences(4), tok, nn.Linear(3, 3))
+    with pytest.raises(InputError, match="fewer than one packed row"):
+        text_batches(["the cat"], tok, TinyForCausalLM(), max_length=64)
+    with pytest.raises(InputError, match="tokenizer folder not found"):
+        load_tokenizer(tmp_path / "nope")
+    with pytest.raises(InputError, match="tokenizer"):
+        load_tokenizer(tmp_path)  # a folder without a tokenizer
+
+
+def test_forward_inputs() -> None:
+    assert forward_inputs(Encoder()) == ["input_ids", "attention_mask", "token_type_ids"]
+
+
+def test_tokenizers_alone_and_neither(tok_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    full = load_tokenizer(tok_dir)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails: not installed
+    alone = load_tokenizer(tok_dir)
+    text = "the cat sat on the mat"
+    assert alone.encode(text, True) == full.encode(text, True)
+    assert (alone.pad_id, alone.eos_id) == (full.pad_id, full.eos_id)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(InputError, match="pip install transformers"):
+        load_tokenizer(tok_dir)
