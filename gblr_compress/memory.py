@@ -1,0 +1,127 @@
+"""Memory: measure the peak per phase, and estimate a run's need before it starts.
+
+A run that cannot fit must be refused in seconds with a one-line error, not killed by
+the kernel after half an hour. The estimate counts what the pipeline holds at its peak
+(distillation): the teacher and the student copies of the model, the student's trainable
+factors with their gradients and optimizer state, the cached teacher outputs (capped),
+and the activations of one batch kept for the backward pass. It is deliberately rough
+and errs high; the report records the measured peak of each phase next to it, so the
+estimate can be checked on every run.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["MemoryEstimate", "available_bytes", "estimate_bytes", "gib", "peak_rss_bytes", "reset_peak"]
+
+
+def gib(n: float) -> str:
+    """``n`` bytes as ``"1.23 GiB"``."""
+    return f"{n / 2**30:.2f} GiB"
+
+
+def peak_rss_bytes() -> int:
+    """The process's resident-set high-water mark (since start or the last reset)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # bytes on macOS, KiB elsewhere
+
+
+def reset_peak() -> bool:
+    """Reset the high-water mark (Linux: ``/proc/self/clear_refs``), so the next
+    :func:`peak_rss_bytes` is the peak of the phase that starts now. False where the
+    system offers no reset (the figure is then the peak so far)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def available_bytes() -> int | None:
+    """Memory this process may still take: ``MemAvailable``, capped by a cgroup limit."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:
+            free = int(limit) - usage
+            avail = free if avail is None else min(avail, free)
+        break
+    return avail
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes the run needs at its peak, by part (see :func:`estimate_bytes`)."""
+
+    models: int
+    trainable: int
+    teacher_cache: int
+    activations: int
+    baseline: int
+
+    @property
+    def total(self) -> int:
+        return self.models + self.trainable + self.teacher_cache + self.activations + self.baseline
+
+    def describe(self) -> str:
+        parts = (("models", self.models), ("trainable", self.trainable), ("teacher cache", self.teacher_cache),
+                 ("activations", self.activations), ("process", self.baseline))
+        return ", ".join(f"{k} {gib(v)}" for k, v in parts if v)
+
+
+def estimate_bytes(
+    param_bytes: int,
+    target_param_bytes: int,
+    batch_tokens: int,
+    target_widths: int,
+    output_bytes_per_batch: int,
+    teacher_cache_bytes: int,
+    distilling: bool,
+    baseline: int,
+) -> MemoryEstimate:
+    """Estimate the peak of a run.
+
+    Args:
+        param_bytes: bytes of the model's parameters and buffers.
+        target_param_bytes: bytes of the target layers' weights (the GBLR factors that
+            replace them hold at most about as much, at budgets up to 1).
+        batch_tokens: rows in one batch times its sequence length.
+        target_widths: the sum over target layers of ``in_features + out_features``.
+        output_bytes_per_batch: bytes of the model's outputs on one batch.
+        teacher_cache_bytes: the cap of the cached teacher outputs.
+        distilling: whether there are distillation steps (else init and export only).
+        baseline: the process's resident size now (libraries loaded, the model read).
+
+    The loaded model, the teacher and the student are three copies; the trainable
+    factors carry a gradient and two AdamW moments; the backward pass keeps each target
+    layer's input and output and about as much again around it (norms, activations,
+    the GBLR intermediate), in float32, for the tokens of one batch; the loss holds a
+    few copies of the outputs (softmax, log-softmax, gradient).
+    """
+    models = 3 * param_bytes
+    trainable = 3 * target_param_bytes if distilling else 0
+    activations = 3 * batch_tokens * target_widths * 4 + 4 * output_bytes_per_batch
+    cache = teacher_cache_bytes if distilling else 0
+    return MemoryEstimate(models, trainable, cache, activations, baseline)

@@ -1,0 +1,32 @@
+"""Peak-memory measurement and the run estimate."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gblr_compress.memory import available_bytes, estimate_bytes, peak_rss_bytes, reset_peak
+
+
+def test_peak_rises_with_an_allocation_and_resets() -> None:
+    reset_peak()
+    before = peak_rss_bytes()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    after = peak_rss_bytes()
+    assert after >= before + 48 * 2**20
+    del block
+    if reset_peak():  # Linux: the next figure is this phase's own peak
+        assert peak_rss_bytes() < after
+
+
+def test_available_is_positive() -> None:
+    avail = available_bytes()
+    assert avail is None or avail > 0
+
+
+def test_estimate_parts() -> None:
+    est = estimate_bytes(param_bytes=100, target_param_bytes=40, batch_tokens=10, target_widths=5,
+                         output_bytes_per_batch=7, teacher_cache_bytes=1000, distilling=True, baseline=3)
+    assert (est.models, est.trainable, est.teacher_cache, est.activations) == (300, 120, 1000, 3 * 10 * 5 * 4 + 28)
+    assert est.total == 300 + 120 + 1000 + 628 + 3
+    idle = estimate_bytes(100, 40, 10, 5, 7, 1000, distilling=False, baseline=0)
+    assert idle.trainable == 0 and idle.teacher_cache == 0
