@@ -20,7 +20,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from gblr_compress.calib import Batch, augment_tokens, move_batch
+from gblr_compress.batches import Batch, move_batch, split_batches
+from gblr_compress.calib import augment_tokens
 from gblr_compress.checkpoint import (
     LoadedModel,
     check_inputs_fit,
@@ -177,46 +178,6 @@ class CompressResult:
     quality: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     max_cost: int = 0
-
-
-def _leading_size(batch: Batch) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else 1
-    values = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
-    sizes = {v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim()}
-    return sizes.pop() if len(sizes) == 1 else 1
-
-
-def _chunk(batch: Batch, lo: int, hi: int) -> Batch:
-    if isinstance(batch, torch.Tensor):
-        return batch[lo:hi]
-    if isinstance(batch, Mapping):
-        return {k: (v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() else v) for k, v in batch.items()}
-    return type(batch)(v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() else v for v in batch)
-
-
-def split_batches(
-    batches: Sequence[Batch], fraction: float, min_batches: int = 8
-) -> tuple[list[Batch], list[Batch]]:
-    """Split calibration batches into (fit, holdout).
-
-    Few large batches (e.g. one tensor of 1000 samples) are first cut along their
-    leading axis into at least ``min_batches`` pieces, so both parts get data and the
-    distillation gets several steps' worth of distinct batches. The held-out part is the
-    last ``ceil(fraction * count)`` batches (none when ``fraction`` is 0 or only one
-    batch exists).
-    """
-    batches = list(batches)
-    if 0 < len(batches) < min_batches:
-        pieces: list[Batch] = []
-        per = math.ceil(min_batches / len(batches))
-        for b in batches:
-            size = _leading_size(b)
-            step = max(1, math.ceil(size / per))
-            pieces.extend(_chunk(b, lo, min(lo + step, size)) for lo in range(0, size, step))
-        batches = pieces
-    held = math.ceil(fraction * len(batches)) if fraction > 0 and len(batches) > 1 else 0
-    return batches[: len(batches) - held], batches[len(batches) - held :]
 
 
 def compress(
