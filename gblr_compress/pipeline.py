@@ -22,15 +22,8 @@ from torch import nn
 
 from gblr_compress.batches import Batch, move_batch, split_batches
 from gblr_compress.calib import augment_tokens
-from gblr_compress.checkpoint import (
-    LoadedModel,
-    check_inputs_fit,
-    load_calib,
-    load_model,
-    parse_input_spec,
-    synthetic_inputs,
-    vocab_hint,
-)
+from gblr_compress.calibration import calibration_batches, check_inputs_fit
+from gblr_compress.checkpoint import LoadedModel, load_model
 from gblr_compress.budget import project_widths_
 from gblr_compress.distill import (
     DistillConfig,
@@ -410,36 +403,6 @@ def _check_output(path: Path, inputs: Sequence[str | None]) -> None:
             raise InputError(f"output would overwrite an input file: {path}")
 
 
-def _calibration(job: Job, loaded: LoadedModel, warnings: list[str]) -> tuple[list[Batch], bool]:
-    """Calibration batches and whether they are synthetic."""
-    if job.calib:
-        return load_calib(job.calib), False
-    if loaded.calib:
-        return list(loaded.calib), False
-    if job.input_spec:
-        spec = parse_input_spec(job.input_spec)
-    elif loaded.example_inputs is not None:
-        spec = _spec_like(loaded.example_inputs)
-    else:
-        raise InputError(
-            "no inputs to run the model on: give --calib FILE, --input-spec SPEC, "
-            "or a bundle with example_inputs"
-        )
-    warnings.append(
-        "no calibration data: using synthetic inputs; real data (--calib) gives much better results"
-    )
-    batches = synthetic_inputs(spec, job.synthetic_batches, job.config.seed, vocab_hint(loaded.model))
-    return batches, True
-
-
-def _spec_like(batch: Batch) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    if isinstance(batch, torch.Tensor):
-        return {"0": (batch.dtype, tuple(batch.shape))}
-    if isinstance(batch, Mapping):
-        return {k: (v.dtype, tuple(v.shape)) for k, v in batch.items()}
-    return {str(i): (v.dtype, tuple(v.shape)) for i, v in enumerate(batch)}
-
-
 def _layer_reports(result: CompressResult, exported: Sequence[LayerExport]) -> list[LayerReport]:
     forms = {le.name: le for le in exported}
     layers = []
@@ -531,7 +494,8 @@ def run_job(job: Job, progress: Progress | None = None) -> JobResult:
 
     t0 = time.perf_counter()
     loaded = load_model(job.model, job.factory)
-    calib, synthetic = _calibration(job, loaded, warnings)
+    calib, synthetic = calibration_batches(job.calib, loaded, job.input_spec, job.synthetic_batches,
+                                           job.config.seed, warnings)
     if not calib:
         raise InputError("the calibration data holds no batches")
     check_inputs_fit(loaded.model, calib[0])
