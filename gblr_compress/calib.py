@@ -1,69 +1,35 @@
-"""Calibration batches: calling a model on one, and reading its outputs.
+"""What calibration batches tell about a model: input moments, layer sensitivity, and
+augmented token batches.
 
-A batch is whatever the model's forward takes: a tensor, a tuple/list of tensors
-(positional arguments) or a dict of tensors (keyword arguments). Outputs may be a tensor,
-a tuple/list, a dict or a HuggingFace ``ModelOutput`` (a dict subclass).
+Batches follow the protocol of :mod:`gblr_compress.batches` (a tensor, a tuple/list or a
+dict of tensors; padded positions given by an ``attention_mask``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from gblr_compress.batches import (
+    Batch,
+    flatten_outputs,
+    per_token,
+    real_positions,
+    run_model,
+    token_ids,
+    token_mask,
+    with_token_ids,
+)
+
 __all__ = [
-    "Batch",
     "Moment",
     "augment_tokens",
     "collect_moments",
     "layer_sensitivity",
-    "run_model",
-    "flatten_outputs",
-    "real_positions",
-    "token_mask",
-    "move_batch",
 ]
-
-Batch = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
-
-
-def run_model(model: nn.Module, batch: Batch) -> Any:
-    """Call ``model`` on a batch: a tensor, positional tuple/list, or keyword dict."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    raise TypeError(f"a batch must be a tensor, tuple/list or dict, got {type(batch).__name__}")
-
-
-def flatten_outputs(out: Any) -> list[torch.Tensor]:
-    """The floating-point tensors in a model output, in a stable order.
-
-    Dicts (and ``ModelOutput``) are read in key order; nested tuples are flattened;
-    integer tensors and non-tensors are skipped, since they are not distillation targets.
-    """
-    if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in flatten_outputs(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in flatten_outputs(v)]
-    return []
-
-
-def move_batch(batch: Batch, device: torch.device | str) -> Batch:
-    """The batch with every tensor on ``device``, same container type."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: move_batch(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_batch(v, device) for v in batch)
-    return batch
 
 
 @dataclass
@@ -189,33 +155,6 @@ def collect_moments(
     return out
 
 
-def token_mask(batch: Batch) -> torch.Tensor | None:
-    """The batch's ``attention_mask`` as booleans, when it has one (dict batches).
-
-    Positions where it is 0 are padding: what a model computes there is never used, so
-    moments and distillation losses leave them out wherever a tensor's leading shape is
-    the mask's (``(batch, seq)`` for ``(batch, seq, features)``).
-    """
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() >= 1:
-            return mask != 0
-    return None
-
-
-def _per_token(t: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether ``t`` holds one vector per position of ``mask`` (its leading shape)."""
-    return mask is not None and t.dim() >= 2 and tuple(mask.shape) == tuple(t.shape[:-1])
-
-
-def real_positions(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``t``'s vectors at the unpadded positions, ``(N, features)``, when ``mask`` is
-    its leading shape; otherwise ``t`` unchanged (pooled or 2-D tensors)."""
-    if _per_token(t, mask):
-        return t[mask.to(t.device)]
-    return t
-
-
 def _rows(x: torch.Tensor, mask: torch.Tensor | None, max_rows: int | None) -> torch.Tensor:
     """``x``'s input vectors as ``(N, n)``: unpadded positions only when ``mask`` matches
     its leading shape, then at most ``max_rows`` of them, evenly strided."""
@@ -339,25 +278,9 @@ def layer_sensitivity(
 def _real(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | float:
     """1 at ``y``'s real positions and 0 at padding, broadcastable to ``y``, when ``mask``
     is its leading shape; otherwise 1."""
-    if _per_token(y, mask):
+    if per_token(y, mask):
         return mask.to(y.device, y.dtype).unsqueeze(-1)
     return 1.0
-
-
-def _token_ids(batch: Batch) -> torch.Tensor | None:
-    """The batch's token ids: a dict's ``input_ids``, a bare 2-D integer tensor, or the
-    first element of a tuple/list when that is one (other integer inputs, such as position
-    or segment ids, must not be resampled)."""
-    if isinstance(batch, Mapping):
-        ids = batch.get("input_ids")
-    elif isinstance(batch, (tuple, list)):
-        ids = batch[0] if batch else None
-    else:
-        ids = batch
-    integer = isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dtype != torch.bool
-    if integer and ids.dim() == 2:
-        return ids
-    return None
 
 
 def _interior(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -368,14 +291,6 @@ def _interior(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     inner[:, 0] = False
     last = (real.long().cumsum(1) == real.long().sum(1, keepdim=True)) & real
     return inner & ~last
-
-
-def _with_ids(batch: Batch, ids: torch.Tensor) -> Batch:
-    if isinstance(batch, Mapping):
-        return {**batch, "input_ids": ids}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)([ids, *batch[1:]])
-    return ids
 
 
 def augment_tokens(batches: Sequence[Batch], rate: float, copies: int, seed: int = 0) -> list[Batch]:
@@ -390,7 +305,7 @@ def augment_tokens(batches: Sequence[Batch], rate: float, copies: int, seed: int
 
     Args:
         batches: calibration batches; only token batches are copied (see
-            ``_token_ids``); batches of float features yield nothing.
+            :func:`~gblr_compress.batches.token_ids`); batches of float features yield nothing.
         rate: share of each row's inner tokens replaced, in [0, 1).
         copies: augmented copies made of each token batch.
         seed: seed of the draws.
@@ -402,7 +317,7 @@ def augment_tokens(batches: Sequence[Batch], rate: float, copies: int, seed: int
         raise ValueError(f"rate must be in [0, 1), got {rate}")
     if rate == 0.0 or copies < 1:
         return []
-    found = [(b, ids, _interior(ids, token_mask(b))) for b in batches if (ids := _token_ids(b)) is not None]
+    found = [(b, ids, _interior(ids, token_mask(b))) for b in batches if (ids := token_ids(b)) is not None]
     if not found:
         return []
     pool = torch.cat([ids[inner].cpu() for _, ids, inner in found])
@@ -416,5 +331,5 @@ def augment_tokens(batches: Sequence[Batch], rate: float, copies: int, seed: int
             new = ids.clone()
             draws = pool[torch.randint(pool.numel(), (int(hit.sum()),), generator=gen)]
             new[hit.to(ids.device)] = draws.to(ids.device, ids.dtype)
-            out.append(_with_ids(batch, new))
+            out.append(with_token_ids(batch, new))
     return out

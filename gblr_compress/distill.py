@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gblr_compress.batches import Batch, flatten_outputs, real_positions, run_model, token_mask
 from gblr_compress.budget import project_widths_, total_cost
-from gblr_compress.calib import Batch, flatten_outputs, real_positions, run_model, token_mask
 from gblr_compress.layer import GBLRLinear
 
 __all__ = [

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from gblr_compress.calib import Batch
+from gblr_compress.batches import Batch
 from gblr_compress.distill import DistillConfig, DistillProgress, DistillResult, distill_, gblr_layers
 from gblr_compress.layer import FrozenGBLR
 from gblr_compress.structure import LayerStructure

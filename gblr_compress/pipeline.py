@@ -20,16 +20,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from gblr_compress.calib import Batch, augment_tokens, move_batch
-from gblr_compress.checkpoint import (
-    LoadedModel,
-    check_inputs_fit,
-    load_calib,
-    load_model,
-    parse_input_spec,
-    synthetic_inputs,
-    vocab_hint,
-)
+from gblr_compress.batches import Batch, move_batch, split_batches
+from gblr_compress.calib import augment_tokens
+from gblr_compress.calibration import calibration_batches, check_inputs_fit
+from gblr_compress.checkpoint import LoadedModel, load_model
 from gblr_compress.budget import project_widths_
 from gblr_compress.distill import (
     DistillConfig,
@@ -177,46 +171,6 @@ class CompressResult:
     quality: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     max_cost: int = 0
-
-
-def _leading_size(batch: Batch) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else 1
-    values = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
-    sizes = {v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim()}
-    return sizes.pop() if len(sizes) == 1 else 1
-
-
-def _chunk(batch: Batch, lo: int, hi: int) -> Batch:
-    if isinstance(batch, torch.Tensor):
-        return batch[lo:hi]
-    if isinstance(batch, Mapping):
-        return {k: (v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() else v) for k, v in batch.items()}
-    return type(batch)(v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() else v for v in batch)
-
-
-def split_batches(
-    batches: Sequence[Batch], fraction: float, min_batches: int = 8
-) -> tuple[list[Batch], list[Batch]]:
-    """Split calibration batches into (fit, holdout).
-
-    Few large batches (e.g. one tensor of 1000 samples) are first cut along their
-    leading axis into at least ``min_batches`` pieces, so both parts get data and the
-    distillation gets several steps' worth of distinct batches. The held-out part is the
-    last ``ceil(fraction * count)`` batches (none when ``fraction`` is 0 or only one
-    batch exists).
-    """
-    batches = list(batches)
-    if 0 < len(batches) < min_batches:
-        pieces: list[Batch] = []
-        per = math.ceil(min_batches / len(batches))
-        for b in batches:
-            size = _leading_size(b)
-            step = max(1, math.ceil(size / per))
-            pieces.extend(_chunk(b, lo, min(lo + step, size)) for lo in range(0, size, step))
-        batches = pieces
-    held = math.ceil(fraction * len(batches)) if fraction > 0 and len(batches) > 1 else 0
-    return batches[: len(batches) - held], batches[len(batches) - held :]
 
 
 def compress(
@@ -449,36 +403,6 @@ def _check_output(path: Path, inputs: Sequence[str | None]) -> None:
             raise InputError(f"output would overwrite an input file: {path}")
 
 
-def _calibration(job: Job, loaded: LoadedModel, warnings: list[str]) -> tuple[list[Batch], bool]:
-    """Calibration batches and whether they are synthetic."""
-    if job.calib:
-        return load_calib(job.calib), False
-    if loaded.calib:
-        return list(loaded.calib), False
-    if job.input_spec:
-        spec = parse_input_spec(job.input_spec)
-    elif loaded.example_inputs is not None:
-        spec = _spec_like(loaded.example_inputs)
-    else:
-        raise InputError(
-            "no inputs to run the model on: give --calib FILE, --input-spec SPEC, "
-            "or a bundle with example_inputs"
-        )
-    warnings.append(
-        "no calibration data: using synthetic inputs; real data (--calib) gives much better results"
-    )
-    batches = synthetic_inputs(spec, job.synthetic_batches, job.config.seed, vocab_hint(loaded.model))
-    return batches, True
-
-
-def _spec_like(batch: Batch) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    if isinstance(batch, torch.Tensor):
-        return {"0": (batch.dtype, tuple(batch.shape))}
-    if isinstance(batch, Mapping):
-        return {k: (v.dtype, tuple(v.shape)) for k, v in batch.items()}
-    return {str(i): (v.dtype, tuple(v.shape)) for i, v in enumerate(batch)}
-
-
 def _layer_reports(result: CompressResult, exported: Sequence[LayerExport]) -> list[LayerReport]:
     forms = {le.name: le for le in exported}
     layers = []
@@ -570,7 +494,8 @@ def run_job(job: Job, progress: Progress | None = None) -> JobResult:
 
     t0 = time.perf_counter()
     loaded = load_model(job.model, job.factory)
-    calib, synthetic = _calibration(job, loaded, warnings)
+    calib, synthetic = calibration_batches(job.calib, loaded, job.input_spec, job.synthetic_batches,
+                                           job.config.seed, warnings)
     if not calib:
         raise InputError("the calibration data holds no batches")
     check_inputs_fit(loaded.model, calib[0])

@@ -14,7 +14,7 @@ import torch
 
 from gblr_compress.gaudi import component_cost, window_indices
 
-__all__ = ["Block", "canonical_block", "LayerStructure", "merge_blocks", "STRUCTURE_VERSION"]
+__all__ = ["Block", "canonical_block", "LayerStructure", "layout_from_dict", "merge_blocks", "STRUCTURE_VERSION"]
 
 STRUCTURE_VERSION = 1
 
@@ -229,3 +229,46 @@ def merge_blocks(blocks: list[Block]) -> list[Block]:
             )
         )
     return merged
+
+
+def layout_from_dict(meta: dict[str, Any]) -> LayerStructure:
+    """A :class:`LayerStructure` from :meth:`LayerStructure.to_dict` output alone: shape,
+    windows and ranks, so ``cost``, ``rank`` and the blocks are the record's own; no
+    weights (the factors are ``meta``-device tensors: shapes without memory).
+
+    For readers of JSON (reports): blocks of zero cost (a zero width or rank) are
+    dropped, as freezing drops them; a missing ``version`` is accepted (hand-written
+    layouts), a different one is not.
+
+    Raises:
+        ValueError: not a structure dict, a malformed block, or a window out of range.
+    """
+    if not isinstance(meta, dict) or not isinstance(meta.get("blocks"), list):
+        raise ValueError("structure must be an object with a 'blocks' list")
+    if meta.get("version", STRUCTURE_VERSION) != STRUCTURE_VERSION:
+        raise ValueError(f"unsupported structure version {meta.get('version')!r}")
+    try:
+        m, n = int(meta["out_features"]), int(meta["in_features"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("structure needs integer out_features and in_features") from None
+    blocks = []
+    for bm in meta["blocks"]:
+        try:
+            (rs, rw), (cs, cw), r = bm["rows"], bm["cols"], bm["rank"]
+            rs, rw, cs, cw, r = (int(v) for v in (rs, rw, cs, cw, r))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("a block needs rows [start, width], cols [start, width], rank") from None
+        if min(rw, cw, r) < 0:
+            raise ValueError(f"block window out of range: rows {[rs, rw]} cols {[cs, cw]} rank {r}")
+        if component_cost(rw, cw, r) == 0:  # dead: costs nothing, computes nothing
+            continue
+        U = torch.empty(rw, r, device="meta")  # (row_width, rank), shape only
+        V = torch.empty(r, cw, device="meta")  # (rank, col_width)
+        blocks.append(Block(rs, rw, cs, cw, U, V))
+    return LayerStructure(
+        in_features=n,
+        out_features=m,
+        blocks=blocks,
+        name=str(meta.get("name", "")),
+        info=dict(meta["info"]) if isinstance(meta.get("info"), dict) else {},
+    )

@@ -8,17 +8,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from gblr_compress.checkpoint import (
-    check_inputs_fit,
-    find_linear_names,
-    load_calib,
-    load_model,
-    parse_input_spec,
-    synthetic_inputs,
-    vocab_hint,
-)
+from gblr_compress.checkpoint import load_model
 from gblr_compress.errors import InputError
-from samples.models import DigitsMLP, tiny_encoder
+from gblr_compress.swap import find_linears
+from samples.models import DigitsMLP
 
 
 def _one_line_error(fn, *args, match: str, **kw) -> str:
@@ -52,7 +45,7 @@ def test_whole_module_bundle_state_dict_and_safetensors_load_and_run(tmp_path, m
         c = load_model(tmp_path / name, factory="samples.models:digits_mlp")
         assert c.source_format == fmt and not c.model.training
         assert torch.allclose(c.model(x), big(x))
-    assert find_linear_names(a.model) == ["fc1", "fc2", "fc3"]
+    assert find_linears(a.model) == ["fc1", "fc2", "fc3"]
 
 
 def test_bad_model_files_give_one_line_errors(tmp_path, mlp) -> None:
@@ -98,52 +91,3 @@ def test_hf_directory_needs_transformers(tmp_path) -> None:
         _one_line_error(load_model, tmp_path, match="pip install transformers")
     else:
         _one_line_error(load_model, tmp_path, match="cannot load HuggingFace")
-
-
-def test_calib_pt_and_npz(tmp_path) -> None:
-    x = torch.randn(4, 64)
-    torch.save([x, x + 1], tmp_path / "list.pt")
-    torch.save({"input_ids": torch.ones(2, 8, dtype=torch.long)}, tmp_path / "dict.pt")
-    np.savez(tmp_path / "pos.npz", x.numpy(), x.numpy())
-    np.savez(tmp_path / "one.npz", x.numpy())
-    np.savez(tmp_path / "named.npz", input_ids=np.ones((2, 8), dtype=np.int64))
-    lst = load_calib(tmp_path / "list.pt")
-    assert len(lst) == 2 and torch.equal(lst[1], x + 1)
-    assert list(load_calib(tmp_path / "dict.pt")[0]) == ["input_ids"]
-    pos = load_calib(tmp_path / "pos.npz")[0]
-    assert isinstance(pos, tuple) and len(pos) == 2 and torch.equal(pos[0], x)
-    assert torch.equal(load_calib(tmp_path / "one.npz")[0], x)
-    named = load_calib(tmp_path / "named.npz")[0]
-    assert named["input_ids"].dtype == torch.int64
-    (tmp_path / "bad.npz").write_bytes(b"garbage")
-    _one_line_error(load_calib, tmp_path / "bad.npz", match="cannot read")
-    torch.save([], tmp_path / "empty.pt")
-    _one_line_error(load_calib, tmp_path / "empty.pt", match="empty")
-
-
-def test_calib_that_does_not_fit_and_model_untouched() -> None:
-    model = nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8)).train()
-    before = model[1].running_mean.clone()
-    out = check_inputs_fit(model, torch.randn(4, 64) + 3)
-    assert out.shape == (4, 8)
-    assert model.training and model[1].training and torch.equal(model[1].running_mean, before)
-    msg = _one_line_error(check_inputs_fit, model, torch.randn(4, 63), match="does not fit the model")
-    assert "RuntimeError" in msg
-
-
-def test_input_spec_and_synthetic_inputs() -> None:
-    spec = parse_input_spec("input_ids:int64[8,16], attention_mask:int64[8,16]")
-    assert spec == {"input_ids": (torch.int64, (8, 16)), "attention_mask": (torch.int64, (8, 16))}
-    model = tiny_encoder()
-    batches = synthetic_inputs(spec, 2, seed=1, vocab_hint=vocab_hint(model))
-    assert len(batches) == 2 and int(batches[0]["attention_mask"].min()) == 1
-    assert 0 <= int(batches[0]["input_ids"].min()) and int(batches[0]["input_ids"].max()) < 1000
-    assert int(batches[0]["input_ids"].max()) > 1  # the hint widens the id range
-    assert check_inputs_fit(model, batches[0]).shape == (8, 4)
-    again = synthetic_inputs(spec, 2, seed=1, vocab_hint=1000)
-    assert torch.equal(again[1]["input_ids"], batches[1]["input_ids"])
-    pos = parse_input_spec("float32[3,64]")
-    (x,) = synthetic_inputs(pos, 1)
-    assert x.shape == (3, 64) and x.dtype == torch.float32
-    for bad in ("x:int64[8,", "x:int7[8]", "x:float32[0,3]", "x:int64[2],float32[2]", "a:int64[1],a:int64[1]", ""):
-        _one_line_error(parse_input_spec, bad, match=".")

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from gblr_compress.cli import main
 from gblr_compress.report import report_to_dict, write_report
-from tests.test_report import export_tiny, make_report, make_structure
+from tests.test_report_schema import export_tiny, make_report, make_structure
 
 
 def test_inspect_json(tmp_path: Path) -> None:

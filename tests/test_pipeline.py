@@ -11,7 +11,7 @@ from gblr_compress.calib import collect_moments
 from gblr_compress.gaudi import round_width
 from gblr_compress.init import whitened_svd_layer
 from gblr_compress.layer import FrozenGBLR
-from gblr_compress.pipeline import CompressConfig, compress, split_batches
+from gblr_compress.pipeline import CompressConfig, compress
 from gblr_compress.swap import find_linears, replace_module
 
 BUDGET = 0.1
@@ -82,13 +82,6 @@ def test_freeze_and_recovery_change_outputs_little(digits) -> None:
     change = float((after - before).norm() / before.norm())
     assert change < 0.05, change  # stated tolerance: 5% relative change of the logits
     assert recovered.recovery.heldout_after <= recovered.recovery.heldout_before
-
-
-def test_split_batches_cuts_one_big_batch() -> None:
-    fit, held = split_batches([torch.zeros(100, 3)], 0.2)
-    assert sum(b.shape[0] for b in fit + held) == 100 and len(held) == 2 and len(fit) == 6
-    fit, held = split_batches([{"a": torch.zeros(4, 2), "b": torch.ones(4, 2)}] * 10, 0.25)
-    assert len(fit) == 7 and len(held) == 3
 
 
 def test_distillation_trains_on_augmented_token_batches_and_keeps_the_budget() -> None:

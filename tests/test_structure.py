@@ -71,3 +71,24 @@ def test_full_width_windows_are_canonical_and_merge() -> None:
     record = layer.to_structure()
     assert len(record.blocks) == 1 and record.blocks[0].rank == 2  # same window once canonical
     torch.testing.assert_close(record.dense_weight(), layer.weight(hard=True).detach())
+
+
+def test_layout_from_dict_reads_windows_ranks_and_cost_without_weights() -> None:
+    from gblr_compress.structure import layout_from_dict
+
+    U, V = torch.randn(3, 2), torch.randn(2, 5)
+    s = LayerStructure(8, 6, [Block(4, 3, 1, 5, U, V), Block(0, 6, 0, 8, torch.randn(6, 1), torch.randn(1, 8))])
+    layout = layout_from_dict(s.to_dict())
+    assert (layout.cost, layout.rank, len(layout.blocks)) == (s.cost, s.rank, 2) == (30, 3, 2)
+    assert [b.window_key() for b in layout.blocks] == [b.window_key() for b in s.blocks]
+    assert layout.blocks[0].U.device.type == "meta"  # no weights held
+    dead = {"out_features": 6, "in_features": 8, "blocks": [{"rows": [0, 0], "cols": [0, 8], "rank": 2}]}
+    assert layout_from_dict(dead).blocks == []  # dead blocks dropped; no version is accepted
+    for bad, msg in (
+        ({**dead, "blocks": [{"rows": [9, 2], "cols": [0, 8], "rank": 1}]}, "out of range"),
+        ({**dead, "blocks": [{"rows": [0, 2]}]}, "a block needs"),
+        ({**dead, "version": 99}, "unsupported structure version"),
+        ([], "must be an object"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            layout_from_dict(bad)

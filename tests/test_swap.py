@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gblr_compress.calib import flatten_outputs, move_batch, run_model
 from gblr_compress.swap import as_linear, find_linears, is_linear_like, replace_module
 from samples.models import tiny_encoder
 
@@ -43,16 +42,3 @@ def test_replace_module_in_sequential() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     old = replace_module(model, "0", nn.Identity())
     assert isinstance(old, nn.Linear) and isinstance(model[0], nn.Identity)
-
-
-def test_run_model_and_flatten_outputs() -> None:
-    lin = nn.Linear(3, 2)
-    x = torch.randn(4, 3)
-    assert torch.equal(run_model(lin, x), lin(x))
-    assert torch.equal(run_model(lin, (x,)), lin(x))
-    assert torch.equal(run_model(lin, {"input": x}), lin(x))
-    out = {"a": torch.ones(2), "b": (torch.zeros(1), torch.arange(3)), "c": None}
-    flat = flatten_outputs(out)
-    assert [t.tolist() for t in flat] == [[1.0, 1.0], [0.0]]  # integer tensors skipped
-    moved = move_batch({"x": x, "y": (x, x)}, "cpu")
-    assert isinstance(moved["y"], tuple) and torch.equal(moved["x"], x)

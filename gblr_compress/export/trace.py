@@ -18,6 +18,7 @@ import onnx
 import torch
 from torch import nn
 
+from gblr_compress.batches import Batch, graph_outputs, run_model
 from gblr_compress.errors import InputError
 from gblr_compress.layer import FrozenGBLR
 
@@ -65,28 +66,12 @@ class ModelCall:
     def run(self, model: nn.Module) -> tuple[list[torch.Tensor], list[str]]:
         """The model's outputs on these inputs (no grad) and their graph names."""
         with torch.no_grad():
-            out = model(**dict(zip(self.names, self.tensors))) if self.as_kwargs else model(*self.tensors)
-        return flat_outputs(out)
+            return graph_outputs(run_model(model, self.batch))
 
-
-def flat_outputs(out: Any) -> tuple[list[torch.Tensor], list[str]]:
-    """A model output as graph outputs: tensors and names (dict keys or ``output_i``).
-
-    Raises:
-        InputError: an output the graph cannot carry (nested containers, non-tensors).
-    """
-    if isinstance(out, torch.Tensor):
-        return [out], ["output_0"]
-    if isinstance(out, (tuple, list)):
-        items = list(out)
-        names = [f"output_{i}" for i in range(len(items))]
-    elif isinstance(out, dict):
-        items, names = list(out.values()), [str(k) for k in out]
-    else:
-        raise InputError(f"model output must be a Tensor, tuple/list or dict of Tensors, got {type(out).__name__}")
-    if not all(isinstance(t, torch.Tensor) for t in items):
-        raise InputError("every model output must be a Tensor (nested outputs are not supported)")
-    return items, names
+    @property
+    def batch(self) -> Batch:
+        """The inputs as a batch: a dict under the input names, or the positional tuple."""
+        return dict(zip(self.names, self.tensors)) if self.as_kwargs else self.tensors
 
 
 class _Flat(nn.Module):
@@ -98,8 +83,8 @@ class _Flat(nn.Module):
         self.keys = keys
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(**dict(zip(self.keys, args))) if self.keys else self.model(*args)
-        return tuple(flat_outputs(out)[0])
+        batch = dict(zip(self.keys, args)) if self.keys else args
+        return tuple(graph_outputs(run_model(self.model, batch))[0])
 
 
 # The layers being exported, by placeholder index; set only inside ``_Swapped``. The

@@ -1,4 +1,5 @@
-"""The compression report: JSON round-trip, derived totals, atomic write, rendering."""
+"""The report schema: JSON round-trip, derived totals from the structures, atomic write,
+loading from .json and .onnx, malformed input."""
 
 from __future__ import annotations
 
@@ -6,26 +7,18 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from rich.console import Console
 from torch import nn
 
 from gblr_compress.errors import InputError
 from gblr_compress.layer import GBLRLayerConfig, GBLRLinear
 from gblr_compress.report import (
-    SHADES,
     CompressionReport,
     LayerReport,
-    coverage_matrix,
-    heatmap_lines,
     load_report,
-    render_inspect,
-    render_summary,
     report_from_dict,
     report_to_dict,
-    write_pngs,
     write_report,
 )
 from gblr_compress.structure import LayerStructure
@@ -199,82 +192,3 @@ def test_load_report_from_onnx_metadata(tmp_path: Path) -> None:
     bare, _ = export_tiny(tmp_path / "bare.onnx", None)
     with pytest.raises(InputError, match="no gblr.report metadata"):
         load_report(bare)
-
-
-def test_coverage_and_heatmap_handle_wrapping_windows() -> None:
-    _, s = make_structure()
-    cov = coverage_matrix(s.to_dict())  # (24, 40)
-    # Integer reference: the blocks' own index windows, summed by rank.
-    ref = np.zeros((24, 40), dtype=np.int64)
-    for b in s.blocks:
-        rows = [(b.row_start + j) % 24 for j in range(b.row_width)]
-        cols = [(b.col_start + j) % 40 for j in range(b.col_width)]
-        ref[np.ix_(rows, cols)] += b.rank
-    assert (cov == ref).all()
-    assert cov[0, 0] == 2 and cov[0, 39] == 2  # the wrapping block covers both corners
-    assert cov[0, 4] == 4 and cov[12, 20] == 0 and cov.max() == 4
-    # Nonzero pattern equals that of the dense weight the structure represents.
-    assert ((s.dense_weight().abs() > 0).numpy() <= (cov > 0)).all()
-    lines = heatmap_lines(s.to_dict())
-    assert len(lines) == 12 and {len(l) for l in lines} == {40}  # n = 40 < 48 columns
-    assert lines[0][0] == "+" and lines[0][4] == "@" and lines[0][-1] == "+" and lines[0][20] == " "
-    assert lines[7] == "    ++++++++" + " " * 28  # rows 14-15: only the 24x8 block
-    # Downsampling a big layer: at most 12 x 48 cells, thin blocks stay visible.
-    big = {
-        "in_features": 1000, "out_features": 500,
-        "blocks": [{"rows": [490, 20], "cols": [3, 1], "rank": 1}, {"rows": [100, 100], "cols": [500, 500], "rank": 4}],
-    }
-    lines = heatmap_lines(big)
-    assert len(lines) == 12 and {len(l) for l in lines} == {48}
-    assert set("".join(lines)) <= set(SHADES)
-    # One input column of 1000 in a 42 x 21 cell: the lightest visible shade, at both
-    # ends of the row axis because the window wraps (rows 490..499 and 0..9).
-    assert lines[0][0] == lines[-1][0] == SHADES[1] and lines[0][1] == " "
-    # Cell rows start at (i * 500) // 12: cell 3 (rows 125-165) lies inside the rank-4
-    # block, cell 2 (rows 83-124) only 25 of 42 rows: mean 4*25/42 -> level ceil(5.36) = 6.
-    assert lines[3][30] == SHADES[-1] and lines[2][30] == SHADES[6] and lines[3][23] == " "
-
-
-def test_render_summary_text() -> None:
-    console = Console(record=True, width=120, force_terminal=False)
-    render_summary(make_report(), console)
-    out = console.export_text()
-    assert "\x1b[" not in out
-    assert "Layers: 1 compressed, 1 skipped (of 2 linear layers)" in out
-    assert "linear multiply-adds / token     1,200         460  0.38x" in out
-    assert "whole-model params               1,234         800  0.65x" in out
-    assert "requested 30.0% of linear cost (360 multiply-adds), achieved 38.33% (460)" in out
-    assert "frozen  0.9930     0.1000      -" in out and "init    0.9700     0.2000  90.0%" in out
-    assert "ONNX Runtime parity: ok (max abs diff 2e-06, tolerance 0.0001)" in out
-    assert "6.5s" in out and "onnx: out/m.onnx" in out and "report: out/m.json" in out
-
-
-def test_render_inspect_text() -> None:
-    console = Console(record=True, width=120, force_terminal=False)
-    rep = make_report()
-    render_inspect(rep, console)
-    out = console.export_text()
-    assert "\x1b[" not in out
-    row = next(l for l in out.splitlines() if l.strip().startswith("enc.fc1") and "24 x 40" in l)
-    for cell in ("compressed", "2, 2, 2", "12x20", "220", "61.1%", "0.125 / 0.200", "1.00", "segments"):
-        assert cell in row
-    head = next(l for l in out.splitlines() if l.strip().startswith("head "))
-    assert "10 x 24" in head and "skipped" in head and "240" in head
-    assert "head: skipped: too small to pay off" in out
-    assert "|++++@@@@@@@@                    ++++++++|" in out
-    assert out.count("+" + "-" * 40 + "+") == 2  # one framed heatmap (the skipped layer has none)
-    plain = Console(record=True, width=120, force_terminal=False)
-    render_inspect(rep, plain, heatmaps=False)
-    text = plain.export_text()
-    assert "@@@@" not in text and "enc.fc1" in text and "2, 2, 2" in text
-
-
-def test_write_pngs(tmp_path: Path) -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        with pytest.raises(InputError, match="--png needs matplotlib"):
-            write_pngs(make_report(), tmp_path)
-        pytest.skip("matplotlib not installed")
-    paths = write_pngs(make_report(), tmp_path / "png")
-    assert [p.name for p in paths] == ["enc.fc1.png"] and paths[0].read_bytes()[:4] == b"\x89PNG"

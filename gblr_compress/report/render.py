@@ -1,0 +1,191 @@
+"""The report as rich text: the end-of-run summary and ``inspect``'s per-layer tables and
+block-layout heatmaps. The only module of the report that imports rich."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from gblr_compress.report.heatmap import SHADES, coverage_matrix, heatmap_lines
+from gblr_compress.report.schema import CompressionReport, LayerReport
+
+__all__ = ["render_inspect", "render_summary"]
+
+
+def _int(v: int | None) -> str:
+    return "-" if v is None else f"{v:,}"
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _num(v: Any, fmt: str = ".4f") -> str:
+    return "-" if v is None else format(float(v), fmt)
+
+
+def _ratio(a: int | None, b: int | None) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}x"
+
+
+_WRAPPING = {"layer": 16, "ranks": 8, "windows": 12}
+
+
+def _table(console: Console, title: str, *columns: str) -> Table:
+    # The title is printed as its own line: a table title wraps to the table's width.
+    console.print(Text(title, style="bold"))
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for c in columns:
+        left = c in ("", "layer", "phase", "status", "form", "windows")
+        # Figures never wrap; long dotted names fold and the per-block lists (ranks,
+        # windows) wrap at ", ", each keeping a readable minimum width.
+        t.add_column(
+            c,
+            justify="left" if left else "right",
+            no_wrap=c not in _WRAPPING,
+            overflow="fold",
+            min_width=_WRAPPING.get(c),
+            max_width=12 if c == "ranks" else None,
+        )
+    return t
+
+
+def render_summary(report: CompressionReport, console: Console) -> None:
+    """Print the end-of-run summary: sizes, budget, held-out agreement, parity, timings."""
+    n_lin = len(report.layers)
+    console.print(
+        f"Layers: {report.compressed_count} compressed, {report.skipped_count} skipped "
+        f"(of {n_lin} linear layers)"
+    )
+    t = _table(console, "Size", "", "dense", "compressed", "ratio")
+    t.add_row(
+        "linear multiply-adds / token",
+        _int(report.linear_dense_cost),
+        _int(report.linear_cost),
+        _ratio(report.linear_cost, report.linear_dense_cost),
+    )
+    # Parameters equal cost for linear weights (GBLR.md s.2); the exporter's count shows
+    # any padding the chosen forms store.
+    exported = [l.export_params for l in report.layers if l.compressed]
+    if exported and all(p is not None for p in exported):
+        dense_rest = sum(l.dense_cost for l in report.layers if not l.compressed)
+        stored = sum(exported) + dense_rest  # type: ignore[arg-type]
+        t.add_row(
+            "linear weight params (exported)",
+            _int(report.linear_dense_cost),
+            _int(stored),
+            _ratio(stored, report.linear_dense_cost),
+        )
+    mp = report.model_params
+    if mp.get("dense") is not None and mp.get("compressed") is not None:
+        t.add_row("whole-model params", _int(mp["dense"]), _int(mp["compressed"]), _ratio(mp["compressed"], mp["dense"]))
+    console.print(t)
+
+    b = report.budget
+    console.print(
+        f"Budget: requested {_pct(b)} of linear cost ({_int(report.budget_cost)} multiply-adds), "
+        f"achieved {_pct(report.achieved, 2)} ({_int(report.linear_cost)})"
+    )
+
+    if report.quality:
+        q = _table(console, "Held-out agreement (teacher vs student)", "phase", "cosine", "rel error", "top-1")
+        for phase, vals in report.quality.items():
+            top1 = vals.get("top1")
+            q.add_row(phase, _num(vals.get("cosine")), _num(vals.get("rel_error")), _pct(top1) if top1 is not None else "-")
+        console.print(q)
+
+    p = report.parity
+    if p is None:
+        console.print("ONNX Runtime parity: not checked")
+    else:
+        verdict = "ok" if p.get("ok") else "FAILED"
+        console.print(
+            f"ONNX Runtime parity: {verdict} (max abs diff {_num(p.get('max_abs_diff'), '.3g')}, "
+            f"tolerance {_num(p.get('tolerance'), '.3g')})"
+        )
+
+    if report.seconds:
+        s = _table(console, "Time", *report.seconds.keys())
+        s.add_row(*(f"{float(v):.1f}s" for v in report.seconds.values()))
+        console.print(s)
+    for kind, out in report.outputs.items():
+        console.print(f"{kind}: {out}")
+
+
+def _block_cols(layer: LayerReport) -> tuple[str, str]:
+    s = layer.layout()
+    blocks = [] if s is None else s.blocks
+    ranks = ", ".join(str(b.rank) for b in blocks) or "-"
+    windows = ", ".join(f"{b.row_width}x{b.col_width}" for b in blocks) or "-"
+    return ranks, windows
+
+
+def render_inspect(report: CompressionReport, console: Console, heatmaps: bool = True) -> None:
+    """Print the per-layer table and, per compressed layer, a block-layout heatmap.
+
+    Args:
+        report: the report to show.
+        console: where to print; colours are only used on a terminal.
+        heatmaps: draw the ``m x n`` layout of each compressed layer (rows = outputs,
+            columns = inputs), shaded by total rank with :data:`SHADES`.
+    """
+    src = report.source.get("model", "?")
+    console.print(f"gblr-compress report v{report.version} (tool {report.tool_version}, {report.created}) for {src}")
+    t = _table(
+        console,
+        "Layers (windows: rows x cols per block; err / svd: init held-out error / whitened SVD at equal cost; "
+        "sens.: weight in the budget split, largest = 1)", "layer", "m x n", "status", "blocks", "ranks", "windows",
+        "cost", "share", "err / svd", "sens.", "form",
+    )
+    top = max((l.sensitivity for l in report.layers if l.sensitivity), default=None)
+    for l in report.layers:
+        ranks, windows = _block_cols(l)
+        t.add_row(
+            l.name,
+            f"{l.out_features} x {l.in_features}",
+            l.status,
+            str(l.blocks) if l.compressed else "-",
+            ranks,
+            windows,
+            _int(l.cost),
+            _pct(report.budget_share(l)),
+            f"{_num(l.heldout_error, '.3f')} / {_num(l.baseline_heldout_error, '.3f')}",
+            _num(None if top is None or l.sensitivity is None else l.sensitivity / top, ".2f"),
+            l.export_form or "-",
+        )
+    t.add_row(
+        "total", "", f"{report.compressed_count}/{len(report.layers)}", "", "", "",
+        _int(report.linear_cost),
+        _pct(report.linear_cost / report.budget_cost if report.budget_cost else None), "", "", "",
+        end_section=False,
+    )
+    console.print(t)
+    for l in report.layers:
+        if l.reason:
+            how = f"init {l.init_kind}" if l.compressed else "skipped"
+            console.print(Text(f"{l.name}: {how}: {l.reason}"))
+    console.print(
+        f"Budget: requested {_pct(report.budget)}, achieved {_pct(report.achieved, 2)} of "
+        f"{_int(report.linear_dense_cost)} dense multiply-adds per token"
+    )
+    if not heatmaps:
+        return
+    for l in report.layers:
+        if not l.compressed or l.structure is None:
+            continue
+        lines = heatmap_lines(l.structure)
+        top = int(coverage_matrix(l.structure).max())
+        console.print()
+        console.print(
+            Text(
+                f"{l.name}  {l.out_features} x {l.in_features}  ({len(lines)} x {len(lines[0]) if lines else 0} cells, "
+                f"'{SHADES[1]}' low .. '{SHADES[-1]}' rank {top})"
+            )
+        )
+        border = "+" + "-" * (len(lines[0]) if lines else 0) + "+"
+        # Text() keeps rich from reading [..] in the art as markup.
+        console.print(Text("\n".join([border, *(f"|{row}|" for row in lines), border])), highlight=False)

@@ -1,0 +1,355 @@
+"""The compression report's schema: a versioned JSON record and its file I/O.
+
+The pipeline fills a :class:`CompressionReport`; this module defines it and writes and
+reads it (a ``.json`` file, or the ``gblr.report`` metadata of an exported ``.onnx``).
+Every cost figure comes from the per-layer structure dicts (``LayerStructure.to_dict()``)
+read back with :func:`~gblr_compress.structure.layout_from_dict`, the structure's own
+parser, never trusted from JSON, so a report cannot disagree with the structures it
+carries. The schema is documented in ``docs/report-schema.md``.
+
+Example:
+    >>> report = load_report("model.onnx")
+    >>> report.linear_cost <= report.budget_cost
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gblr_compress import __version__
+from gblr_compress.errors import InputError
+from gblr_compress.structure import LayerStructure, layout_from_dict
+
+__all__ = [
+    "REPORT_METADATA_KEY",
+    "REPORT_VERSION",
+    "CompressionReport",
+    "LayerReport",
+    "load_report",
+    "report_from_dict",
+    "report_to_dict",
+    "write_report",
+]
+
+REPORT_VERSION = 1
+REPORT_METADATA_KEY = "gblr.report"
+_STATUSES = ("compressed", "skipped")
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class LayerReport:
+    """What happened to one linear layer.
+
+    Attributes:
+        name: dotted module path.
+        in_features, out_features: ``n`` and ``m`` of the dense layer.
+        status: ``"compressed"`` or ``"skipped"``.
+        reason: why it was skipped, or which init won.
+        dense_cost: ``m * n``.
+        allocated_cost: the init's share of the global budget.
+        structure: ``LayerStructure.to_dict()`` of the frozen layer (None when skipped).
+        init_kind: ``"gblr"``, ``"lowrank"`` or ``"skipped"``.
+        calib_error, heldout_error: init relative output error on fit / held-out data.
+        baseline_heldout_error: whitened SVD at equal cost, held-out.
+        export_form: form chosen by the exporter (``"lowrank"``, ``"segments"``, ...).
+        export_params: weight parameters the exported layer really stores.
+        sensitivity: the layer's weight in the init's budget split (how much its relative
+            error moves the model's outputs); None when not measured (data-free init).
+    """
+
+    name: str
+    in_features: int
+    out_features: int
+    status: str
+    reason: str = ""
+    dense_cost: int = 0
+    allocated_cost: int = 0
+    structure: dict[str, Any] | None = None
+    init_kind: str = "gblr"
+    calib_error: float | None = None
+    heldout_error: float | None = None
+    baseline_heldout_error: float | None = None
+    export_form: str | None = None
+    export_params: int | None = None
+    sensitivity: float | None = None
+
+    @property
+    def compressed(self) -> bool:
+        """True when the layer was replaced by a GBLR layer."""
+        return self.status == "compressed"
+
+    def layout(self) -> LayerStructure | None:
+        """The frozen structure's windows and ranks (no weights), parsed from
+        :attr:`structure`; None when skipped or without a structure."""
+        if not self.compressed or self.structure is None:
+            return None
+        return layout_from_dict(self.structure)
+
+    @property
+    def cost(self) -> int:
+        """Exact multiply-adds per token of the structure's live blocks (dense when skipped)."""
+        s = self.layout()
+        return self.dense_cost if s is None else s.cost
+
+    @property
+    def blocks(self) -> int:
+        """Number of live blocks (0 when skipped)."""
+        s = self.layout()
+        return 0 if s is None else len(s.blocks)
+
+    @property
+    def total_rank(self) -> int:
+        """Sum of the ranks of the live blocks (0 when skipped)."""
+        s = self.layout()
+        return 0 if s is None else s.rank
+
+
+@dataclass(kw_only=True)
+class CompressionReport:
+    """The whole run: inputs, settings, per-layer results, quality, parity and timings.
+
+    Attributes:
+        version: schema version (:data:`REPORT_VERSION`).
+        tool_version: gblr-compress version that wrote it.
+        created: ISO 8601 UTC time stamp.
+        source: ``{"model", "format", "calib", "calib_batches", "synthetic_calib"}``.
+        settings: run settings (``budget``, ``steps``, ``lr``, ``seed``, ...).
+        layers: one :class:`LayerReport` per targeted linear layer.
+        quality: phase (``init``, ``distilled``, ``frozen``) ->
+            ``{"rel_error", "cosine", "top1"?}``, held-out teacher vs student.
+        parity: ``{"max_abs_diff", "tolerance", "ok"}`` from ONNX verification, or None.
+        seconds: wall time per phase (``load``, ``init``, ..., ``total``).
+        outputs: ``{"onnx": path, "report": path}``.
+        model_params: ``{"dense": before, "compressed": after}`` for the whole model.
+    """
+
+    version: int = REPORT_VERSION
+    tool_version: str = __version__
+    created: str = field(default_factory=_utc_now)
+    source: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    layers: list[LayerReport] = field(default_factory=list)
+    quality: dict[str, dict[str, float]] = field(default_factory=dict)
+    parity: dict[str, Any] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    model_params: dict[str, int] = field(default_factory=dict)
+
+    # Derived totals: one place, from the per-layer structures.
+    @property
+    def linear_dense_cost(self) -> int:
+        """Sum of ``m * n`` over the reported linear layers."""
+        return sum(l.dense_cost for l in self.layers)
+
+    @property
+    def linear_cost(self) -> int:
+        """Sum of exact layer costs (skipped layers count dense)."""
+        return sum(l.cost for l in self.layers)
+
+    @property
+    def budget(self) -> float | None:
+        """The requested budget fraction, if the settings carry one."""
+        b = self.settings.get("budget")
+        return None if b is None else float(b)
+
+    @property
+    def budget_cost(self) -> int | None:
+        """``floor(budget * linear_dense_cost)``: the multiply-adds the run was allowed."""
+        b = self.budget
+        return None if b is None else math.floor(b * self.linear_dense_cost)
+
+    @property
+    def achieved(self) -> float | None:
+        """``linear_cost / linear_dense_cost`` (None without layers)."""
+        d = self.linear_dense_cost
+        return self.linear_cost / d if d else None
+
+    @property
+    def compressed_count(self) -> int:
+        """Number of compressed layers."""
+        return sum(l.compressed for l in self.layers)
+
+    @property
+    def skipped_count(self) -> int:
+        """Number of skipped layers."""
+        return sum(not l.compressed for l in self.layers)
+
+    def budget_share(self, layer: LayerReport) -> float | None:
+        """``layer.cost / budget_cost`` (None when the budget is unknown or zero)."""
+        bc = self.budget_cost
+        return layer.cost / bc if bc else None
+
+    def totals(self) -> dict[str, Any]:
+        """The derived totals, as written under ``"totals"`` for readers of the JSON."""
+        return {
+            "linear_dense_cost": self.linear_dense_cost,
+            "linear_cost": self.linear_cost,
+            "budget_cost": self.budget_cost,
+            "achieved": self.achieved,
+            "compressed": self.compressed_count,
+            "skipped": self.skipped_count,
+            "layers": {
+                l.name: {
+                    "cost": l.cost,
+                    "blocks": l.blocks,
+                    "rank": l.total_rank,
+                    "share": self.budget_share(l),
+                }
+                for l in self.layers
+            },
+        }
+
+
+# ------------------------------------------------------------------- JSON round-trip
+def report_to_dict(report: CompressionReport) -> dict[str, Any]:
+    """JSON-able dict of ``report``, with the derived totals under ``"totals"``.
+
+    ``"totals"`` is for readers (dashboards, jq); :func:`report_from_dict` ignores it and
+    recomputes everything from the structures.
+    """
+    d: dict[str, Any] = {f.name: getattr(report, f.name) for f in fields(report) if f.name != "layers"}
+    d["layers"] = [{f.name: getattr(l, f.name) for f in fields(l)} for l in report.layers]
+    d["totals"] = report.totals()
+    return json.loads(json.dumps(d))  # a deep, plain copy: no shared dicts with the report
+
+
+def _bad(msg: str) -> InputError:
+    return InputError(f"malformed report: {msg}")
+
+
+def _check_structure(name: str, s: Any, m: int, n: int) -> None:
+    """The structure parses (:func:`~gblr_compress.structure.layout_from_dict`) and has
+    the layer's shape."""
+    try:
+        layout = layout_from_dict(s)
+    except ValueError as exc:
+        raise _bad(f"layer {name!r}: {exc}") from None
+    if (layout.out_features, layout.in_features) != (m, n):
+        raise _bad(f"layer {name!r}: structure shape does not match {m} x {n}")
+
+
+def _layer_from_dict(d: Any) -> LayerReport:
+    if not isinstance(d, dict):
+        raise _bad("each layer must be an object")
+    known = {f.name for f in fields(LayerReport)}
+    missing = [k for k in ("name", "in_features", "out_features", "status") if k not in d]
+    if missing:
+        raise _bad(f"layer is missing {', '.join(missing)}")
+    try:
+        layer = LayerReport(**{k: v for k, v in d.items() if k in known})
+        layer.in_features, layer.out_features = int(layer.in_features), int(layer.out_features)
+        layer.dense_cost = int(layer.dense_cost) or layer.in_features * layer.out_features
+        layer.allocated_cost = int(layer.allocated_cost)
+        if layer.sensitivity is not None:
+            if isinstance(layer.sensitivity, (str, bool)):
+                raise TypeError("sensitivity must be a number")
+            layer.sensitivity = float(layer.sensitivity)
+    except (TypeError, ValueError):
+        raise _bad(f"layer {d.get('name')!r} has fields of the wrong type") from None
+    if layer.status not in _STATUSES:
+        raise _bad(f"layer {layer.name!r}: status must be compressed or skipped, got {layer.status!r}")
+    if layer.dense_cost != layer.in_features * layer.out_features:
+        raise _bad(f"layer {layer.name!r}: dense_cost is not out_features * in_features")
+    if layer.structure is not None:
+        _check_structure(layer.name, layer.structure, layer.out_features, layer.in_features)
+    elif layer.compressed:
+        raise _bad(f"layer {layer.name!r} is compressed but has no structure")
+    return layer
+
+
+def report_from_dict(d: Any) -> CompressionReport:
+    """Rebuild a report from :func:`report_to_dict` output.
+
+    Derived figures (``"totals"``, block ``"cost"`` entries) are ignored: they are
+    recomputed from the block windows and ranks.
+
+    Raises:
+        InputError: unknown version, or a dict that is not a well-formed report.
+    """
+    if not isinstance(d, dict):
+        raise InputError("not a gblr-compress report: expected a JSON object")
+    if "version" not in d or "layers" not in d:
+        raise InputError("not a gblr-compress report: no 'version' and 'layers' keys")
+    if d["version"] != REPORT_VERSION:
+        raise InputError(f"unsupported report version {d['version']!r} (this tool reads version {REPORT_VERSION})")
+    if not isinstance(d["layers"], list):
+        raise _bad("'layers' must be a list")
+    kw: dict[str, Any] = {}
+    for f in fields(CompressionReport):
+        if f.name in ("layers", "version") or f.name not in d:
+            continue
+        kw[f.name] = d[f.name]
+    for key in ("source", "settings", "quality", "seconds", "outputs", "model_params"):
+        if key in kw and not isinstance(kw[key], dict):
+            raise _bad(f"{key!r} must be an object")
+    if kw.get("parity") is not None and not isinstance(kw["parity"], dict):
+        raise _bad("'parity' must be an object or null")
+    budget = kw.get("settings", {}).get("budget")
+    if budget is not None and not isinstance(budget, (int, float)):
+        raise _bad("settings.budget must be a number")
+    return CompressionReport(version=REPORT_VERSION, layers=[_layer_from_dict(l) for l in d["layers"]], **kw)
+
+
+def write_report(report: CompressionReport, path: str | Path) -> Path:
+    """Write ``report`` as indented JSON, atomically.
+
+    The text goes to a temporary file in the same directory, then ``os.replace`` puts it in
+    place, so a reader never sees a partial report and a failure leaves no file behind.
+
+    Raises:
+        InputError: the output directory does not exist.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"output directory does not exist: {path.parent}")
+    text = json.dumps(report_to_dict(report), indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def load_report(path: str | Path) -> CompressionReport:
+    """Read a report from a ``.json`` file or from an exported ``.onnx`` file's metadata.
+
+    Raises:
+        InputError: missing file, a file that is not a report, or an ONNX file without
+            a ``gblr.report`` entry.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"file not found: {path}")
+    if path.suffix.lower() == ".onnx":
+        # Lazy: onnx is only needed for this branch and must stay under export/.
+        from gblr_compress.export.metadata import read_metadata
+
+        meta = read_metadata(path)
+        if REPORT_METADATA_KEY not in meta:
+            raise InputError(f"ONNX file has no {REPORT_METADATA_KEY} metadata: {path}")
+        text, where = meta[REPORT_METADATA_KEY], f"{path} ({REPORT_METADATA_KEY})"
+    else:
+        try:
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError:
+            raise InputError(f"not a JSON report (binary data): {path}") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not a JSON report: {where}: {exc.msg} at line {exc.lineno}") from None
+    return report_from_dict(d)
