@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gblr_compress.calib import Batch, flatten_outputs, run_model
+from gblr_compress.batches import Batch, flatten_outputs, run_model
 
 __all__ = ["LayerUsage", "UNUSED", "find_usage", "tied_weights"]
 
