@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 
 from gblr_compress import __version__
 from gblr_compress.errors import InputError
+from gblr_compress.files import write_text_atomic
 from gblr_compress.structure import LayerStructure, layout_from_dict
 
 __all__ = [
@@ -315,14 +314,7 @@ def write_report(report: CompressionReport, path: str | Path) -> Path:
     if not path.parent.is_dir():
         raise InputError(f"output directory does not exist: {path.parent}")
     text = json.dumps(report_to_dict(report), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return write_text_atomic(path, text)
 
 
 def load_report(path: str | Path) -> CompressionReport:
