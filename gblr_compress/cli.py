@@ -248,7 +248,8 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
     """
     import json
 
-    from gblr_compress.pipeline import CompressConfig, Job, run_job
+    from gblr_compress.job import Job, run_job
+    from gblr_compress.pipeline import CompressConfig
     from gblr_compress.report import render_summary
 
     if device.startswith("cuda"):

@@ -1,0 +1,211 @@
+"""The product's job: load -> compress -> export -> verify -> report -> save.
+
+:func:`run_job` is what the ``gblr-compress`` command runs: files in, an ONNX file and a
+report out. The compression itself is :func:`gblr_compress.pipeline.compress`; this
+module adds everything around it that touches files: loading the checkpoint and the
+calibration data, the export and its verification, the report, and writing both
+outputs atomically (a failure leaves neither).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gblr_compress.calibration import calibration_batches, check_inputs_fit
+from gblr_compress.checkpoint import LoadedModel, load_model
+from gblr_compress.errors import InputError
+from gblr_compress.export import ExportResult, LayerExport, Parity, build_onnx, save_onnx, verify_graph
+from gblr_compress.pipeline import CompressConfig, CompressResult, Progress, compress
+from gblr_compress.report import CompressionReport, LayerReport, report_to_dict, write_report
+
+__all__ = ["Job", "JobResult", "build_report", "default_report_path", "run_job"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of the product: a checkpoint in, an ONNX file and a report out.
+
+    Attributes:
+        model: checkpoint path (see :func:`gblr_compress.checkpoint.load_model`).
+        output: the ``.onnx`` path to write.
+        factory: ``package.module:function`` building the architecture for a
+            state_dict / safetensors checkpoint (the safe path: nothing is unpickled).
+        calib: calibration file (``.pt`` / ``.npz``); else the bundle's, else synthetic.
+        input_spec: e.g. ``input_ids:int64[8,128],attention_mask:int64[8,128]``, for
+            synthetic inputs when there is no calibration data.
+        report: report path (default: next to the output, ``<stem>.report.json``).
+        opset: ONNX opset.
+        verify: compare the ONNX model with the PyTorch student in onnxruntime.
+        synthetic_batches: how many synthetic batches to make without real data.
+        config: the compression settings.
+    """
+
+    model: str
+    output: str
+    factory: str | None = None
+    calib: str | None = None
+    input_spec: str | None = None
+    report: str | None = None
+    opset: int = 18
+    verify: bool = True
+    synthetic_batches: int = 16
+    config: CompressConfig = CompressConfig()
+
+
+@dataclass
+class JobResult:
+    """What :func:`run_job` wrote and measured."""
+
+    report: CompressionReport
+    compress: CompressResult
+    export: ExportResult
+    report_path: Path
+    warnings: list[str] = field(default_factory=list)
+
+
+def default_report_path(output: str | Path) -> Path:
+    """``model.onnx`` -> ``model.report.json`` in the same folder."""
+    out = Path(output)
+    return out.with_name(out.stem + ".report.json")
+
+
+def _check_output(path: Path, inputs: Sequence[str | None]) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output folder is not writable: {parent}")
+    if path.is_dir():
+        raise InputError(f"output path is a folder: {path}")
+    for given in inputs:
+        if given and Path(given).resolve() == path.resolve():
+            raise InputError(f"output would overwrite an input file: {path}")
+
+
+def _layer_reports(result: CompressResult, exported: Sequence[LayerExport]) -> list[LayerReport]:
+    forms = {le.name: le for le in exported}
+    layers = []
+    for name in result.targets:
+        rec = result.init.layers[name]
+        frozen = result.records.get(name)
+        le = forms.get(name)
+        layers.append(
+            LayerReport(
+                name=name,
+                in_features=rec.in_features,
+                out_features=rec.out_features,
+                status="compressed" if frozen is not None else "skipped",
+                reason=rec.reason or ("window search kept" if rec.status == "gblr" else ""),
+                dense_cost=rec.dense_cost,
+                allocated_cost=rec.allocated_cost,
+                structure=None if frozen is None else frozen.to_dict(),
+                init_kind=rec.status,
+                calib_error=rec.calib_error,
+                heldout_error=rec.heldout_error,
+                baseline_heldout_error=rec.baseline_heldout_error,
+                export_form=None if le is None else le.form,
+                export_params=None if le is None else le.params,
+                sensitivity=rec.sensitivity,
+            )
+        )
+    return layers
+
+
+def build_report(
+    job: Job,
+    loaded: LoadedModel,
+    result: CompressResult,
+    exported: Sequence[LayerExport],
+    parity: Parity | None,
+    seconds: Mapping[str, float],
+    synthetic: bool,
+    calib_batches: int,
+) -> CompressionReport:
+    """The :class:`~gblr_compress.report.CompressionReport` of a finished run."""
+    cfg = job.config
+    settings = {
+        "budget": cfg.budget, "steps": cfg.steps, "lr": cfg.lr, "structure_lr": cfg.structure_lr,
+        "seed": cfg.seed, "data_free": cfg.data_free, "max_blocks": cfg.max_blocks,
+        "include": list(cfg.include), "exclude": list(cfg.exclude),
+        "holdout_fraction": cfg.holdout_fraction, "augment": cfg.augment,
+        "augment_copies": cfg.augment_copies, "loss": cfg.loss, "opset": job.opset, "verify": job.verify,
+        "device": cfg.device,
+    }
+    checked = None if parity is None else {
+        "max_abs_diff": parity.max_abs_diff, "tolerance": parity.tolerance, "ok": True,
+    }
+    return CompressionReport(
+        source={
+            "model": str(job.model), "format": loaded.source_format, "calib": job.calib,
+            "calib_batches": calib_batches, "synthetic_calib": synthetic,
+        },
+        settings=settings,
+        layers=_layer_reports(result, exported),
+        quality=result.quality,
+        parity=checked,
+        seconds=dict(seconds),
+        outputs={"onnx": str(job.output), "report": str(job.report or default_report_path(job.output))},
+        model_params={
+            "dense": sum(p.numel() for p in loaded.model.parameters()),
+            "compressed": sum(p.numel() for p in result.model.parameters()),
+        },
+    )
+
+
+def run_job(job: Job, progress: Progress | None = None) -> JobResult:
+    """Load, compress, export, verify and report: the whole product as one call.
+
+    Outputs are written atomically; when a later step fails, files this run wrote are
+    removed, so a failure never leaves a model without its report. The input files are
+    only read.
+
+    Raises:
+        InputError: anything the user can fix (paths, formats, data that does not fit).
+        VerificationError: the ONNX model does not match the PyTorch student.
+    """
+    t_start = time.perf_counter()
+    out = Path(job.output)
+    report_path = Path(job.report) if job.report else default_report_path(out)
+    _check_output(out, [job.model, job.calib])
+    _check_output(report_path, [job.model, job.calib, job.output])
+    seconds: dict[str, float] = {}
+    warnings: list[str] = []
+
+    t0 = time.perf_counter()
+    loaded = load_model(job.model, job.factory)
+    calib, synthetic = calibration_batches(job.calib, loaded, job.input_spec, job.synthetic_batches,
+                                           job.config.seed, warnings)
+    if not calib:
+        raise InputError("the calibration data holds no batches")
+    check_inputs_fit(loaded.model, calib[0])
+    example = loaded.example_inputs if loaded.example_inputs is not None else calib[0]
+    seconds["load"] = time.perf_counter() - t0
+
+    result = compress(loaded.model, job.config, calib, progress)
+    seconds.update(result.seconds)
+
+    t0 = time.perf_counter()
+    if progress is not None:
+        progress("export", 0, 1, {})
+    graph = build_onnx(result.model, example, opset=job.opset)
+    parity = verify_graph(graph, result.model) if job.verify else None
+    seconds["export"] = time.perf_counter() - t0
+    # The report holds the verification figures and the time of the whole run, and it
+    # travels inside the ONNX file: build it before the file is written.
+    seconds["total"] = time.perf_counter() - t_start
+    report = build_report(job, loaded, result, graph.layers, parity, seconds, synthetic, len(calib))
+    exported = save_onnx(graph, out, {"gblr.report": json.dumps(report_to_dict(report))}, parity)
+    exported.seconds = seconds["export"]
+    if progress is not None:
+        progress("export", 1, 1, {})
+    try:
+        write_report(report, report_path)
+    except BaseException:
+        out.unlink(missing_ok=True)  # never leave a model without its report
+        raise
+    return JobResult(report, result, exported, report_path, warnings)
