@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -129,6 +130,51 @@ class GBLRLinear(nn.Module):
                 layer.bias.copy_(linear.bias.detach())
         return layer
 
+    @classmethod
+    @torch.no_grad()
+    def from_blocks(
+        cls,
+        blocks: Sequence[Block],
+        in_features: int,
+        out_features: int,
+        bias: torch.Tensor | None = None,
+        rank: int | None = None,
+        num_groups: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "GBLRLinear":
+        """A layer whose group ``k`` is ``blocks[k]`` at its exact windows (the inverse of
+        :meth:`to_blocks`).
+
+        Groups have rank ``rank`` (default: the largest block rank; lower-rank blocks are
+        zero-padded) and there are ``num_groups`` of them (default: one per block; extra
+        groups get zero widths, i.e. are dead). Windows are not canonicalized, so a block
+        keeps its start even when it spans its whole axis. The layer is filled in
+        float64 and then cast to ``dtype`` (default float32) on ``device``.
+
+        Example:
+            >>> layer = GBLRLinear.from_blocks(structure.blocks, n, m, structure.bias)
+            >>> layer.exact_cost() == structure.cost
+            True
+        """
+        m, n = out_features, in_features
+        K = max(num_groups or len(blocks), 1)
+        r = max(rank if rank is not None else max((b.rank for b in blocks), default=1), 1)
+        f64 = torch.float64
+        layer = cls(n, m, GBLRLayerConfig(num_groups=K, rank=r), bias=bias is not None, dtype=f64)
+        layer.widths.zero_()
+        for k, b in enumerate(blocks):
+            R, J = b.row_indices(m), b.col_indices(n)
+            layer.U[k, R, : b.rank] = b.U.to(f64)
+            layer.V[k, : b.rank, J] = b.V.to(f64)
+            layer.widths[0, k] = b.row_width / m
+            layer.widths[1, k] = b.col_width / n
+            layer.locations[0, k] = b.row_start / m
+            layer.locations[1, k] = b.col_start / n
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer.to(device=device, dtype=torch.float32 if dtype is None else dtype)
+
     @torch.no_grad()
     def split_groups(self, num_groups: int) -> "GBLRLinear":
         """A layer with ``num_groups`` groups made by splitting each group's rank.
@@ -238,8 +284,10 @@ class GBLRLinear(nn.Module):
 
     # ----------------------------------------------------------------------- freeze
     @torch.no_grad()
-    def to_structure(self, name: str = "") -> LayerStructure:
-        """Freeze: round windows, drop dead groups, crop factors, merge identical windows."""
+    def to_blocks(self) -> list[Block]:
+        """The live groups as blocks at their rounded windows, factors cropped and copied
+        (dtype and device of the layer), in group order; dead groups (zero cost) are
+        dropped. Windows are as rounded: neither canonicalized nor merged."""
         m, n = self.out_features, self.in_features
         win = self.integer_windows()
         blocks = []
@@ -250,8 +298,14 @@ class GBLRLinear(nn.Module):
                 continue
             rows = torch.tensor(window_indices(rs, rw, m), device=self.U.device)
             cols = torch.tensor(window_indices(cs, cw, n), device=self.V.device)
-            block = Block(rs, rw, cs, cw, self.U[k][rows].clone(), self.V[k][:, cols].clone())
-            blocks.append(canonical_block(block, m, n))
+            blocks.append(Block(rs, rw, cs, cw, self.U[k][rows].clone(), self.V[k][:, cols].clone()))
+        return blocks
+
+    @torch.no_grad()
+    def to_structure(self, name: str = "") -> LayerStructure:
+        """Freeze: round windows, drop dead groups, crop factors, merge identical windows."""
+        m, n = self.out_features, self.in_features
+        blocks = [canonical_block(b, m, n) for b in self.to_blocks()]
         bias = None if self.bias is None else self.bias.detach().clone()
         return LayerStructure(n, m, merge_blocks(blocks), bias, name=name)
 

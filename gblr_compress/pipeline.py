@@ -30,7 +30,7 @@ from gblr_compress.distill import (
 )
 from gblr_compress.errors import InputError
 from gblr_compress.freeze import freeze_, recover_
-from gblr_compress.init import InitConfig, InitResult, initialize_
+from gblr_compress.init import InitConfig, InitResult, allocate, collect_stats, init_layers_
 from gblr_compress.structure import LayerStructure
 from gblr_compress.swap import find_linears, replace_module
 
@@ -207,8 +207,10 @@ def compress(
         data_free=config.data_free or not fit,
         seed=config.seed,
     )
-    init = initialize_(student, init_cfg, calib=fit or None, holdout=held or None,
-                       names=targets, progress=init_progress)
+    # Statistics of the dense layers -> the budget split -> each layer searched and swapped.
+    stats = collect_stats(student, init_cfg, fit or None, held or None, targets, init_progress)
+    allocation = allocate(stats, init_cfg)
+    init = init_layers_(student, init_cfg, stats, allocation, init_progress)
     dense_total = sum(rec.dense_cost for rec in init.layers.values())
     skipped_dense = sum(r.dense_cost for r in init.layers.values() if r.status == "skipped")
     max_cost = math.floor(config.budget * dense_total) - skipped_dense

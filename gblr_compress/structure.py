@@ -23,6 +23,10 @@ STRUCTURE_VERSION = 1
 class Block:
     """One rank-``rank`` block: ``y[rows] += U @ (V @ x[cols])``.
 
+    The one block record: the init's search fits them (float64), a GBLRLinear is built
+    from them (:meth:`~gblr_compress.layer.GBLRLinear.from_blocks`) and freezes back into
+    them, and a :class:`LayerStructure` holds them for the frozen layer, export and report.
+
     Attributes:
         row_start, row_width: output window (cyclic) over ``out_features``.
         col_start, col_width: input window (cyclic) over ``in_features``.
@@ -62,6 +66,16 @@ class Block:
     def window_key(self) -> tuple[int, int, int, int]:
         """Identity of the block's windows; blocks with equal keys merge."""
         return (self.row_start, self.row_width, self.col_start, self.col_width)
+
+    def row_indices(self, m: int) -> torch.Tensor:
+        """``(row_width,)`` int64 output indices of the window over ``m`` outputs, in
+        window order (the order of ``U``'s rows)."""
+        return torch.tensor(window_indices(self.row_start, self.row_width, m))
+
+    def col_indices(self, n: int) -> torch.Tensor:
+        """``(col_width,)`` int64 input indices of the window over ``n`` inputs, in window
+        order (the order of ``V``'s columns)."""
+        return torch.tensor(window_indices(self.col_start, self.col_width, n))
 
 
 def canonical_block(block: Block, m: int, n: int) -> Block:
@@ -133,8 +147,7 @@ class LayerStructure:
         dtype = self.blocks[0].U.dtype if self.blocks else torch.float32
         w = torch.zeros(self.out_features, self.in_features, dtype=dtype)
         for b in self.blocks:
-            rows = torch.tensor(window_indices(b.row_start, b.row_width, self.out_features))
-            cols = torch.tensor(window_indices(b.col_start, b.col_width, self.in_features))
+            rows, cols = b.row_indices(self.out_features), b.col_indices(self.in_features)
             w[rows[:, None], cols[None, :]] += b.U.detach() @ b.V.detach()
         return w
 

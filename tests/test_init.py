@@ -225,3 +225,49 @@ def test_budget_goes_to_the_layer_the_outputs_depend_on() -> None:
     assert abs(alloc[0]["loud"] - alloc[0]["quiet"]) < 24 + 24
     assert alloc[2]["loud"] > alloc[2]["quiet"] + 2 * (24 + 24)
     assert alloc[2]["loud"] + alloc[2]["quiet"] <= math.floor(0.4 * 2 * 24 * 24)
+
+
+def test_stages_stats_allocate_init_layers_equal_initialize_(digits) -> None:
+    from gblr_compress.init import allocate, collect_stats, init_layers_
+
+    fit, held = [digits.X_train[:600]], [digits.X_train[600:]]
+    cfg = InitConfig(budget=0.3, refine_steps=0)
+    names = ["fc1", "fc2", "fc3"]
+    seen: list[str] = []
+    model = copy.deepcopy(digits.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = collect_stats(model, cfg, fit, held, names, lambda s, i, n: seen.append(s))
+    assert list(dict.fromkeys(seen)) == ["moments", "holdout", "sensitivity", "spectra"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
+    assert stats.names == names and not stats.data_free
+    assert set(stats.moments) == set(stats.holdout) == set(stats.spectra) == set(names)
+    allocation = allocate(stats, cfg)
+    assert sum(allocation.costs.values()) <= allocation.budget_cost
+    assert allocation.budget_cost == math.floor(0.3 * sum(m * n for m, n in stats.shapes.values()))
+    staged = init_layers_(model, cfg, stats, allocation, lambda s, i, n: seen.append(s))
+    assert seen[-1] == "layers"
+
+    whole = copy.deepcopy(digits.model)
+    result = initialize_(whole, cfg, calib=fit, holdout=held, names=names)
+    assert {n: r.allocated_cost for n, r in staged.layers.items()} == allocation.costs
+    for name, rec in result.layers.items():
+        other = staged.layers[name]
+        assert (other.status, other.allocated_cost, other.exact_cost) == (
+            rec.status, rec.allocated_cost, rec.exact_cost
+        )
+        assert other.heldout_error == rec.heldout_error
+    for k, v in whole.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_data_free_stats_have_only_spectra() -> None:
+    from gblr_compress.init import allocate, collect_stats
+
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 6))
+    stats = collect_stats(model, InitConfig(budget=0.5))
+    assert stats.data_free and not stats.moments and not stats.sensitivity
+    assert stats.names == ["0", "2"] and stats.shapes == {"0": (8, 12), "2": (6, 8)}
+    W = model[0].weight.detach().double()
+    s2 = torch.linalg.svdvals(W) ** 2  # data-free: C = I, no damping
+    torch.testing.assert_close(stats.spectra["0"], s2, rtol=1e-8, atol=1e-10)
+    assert allocate(stats, InitConfig(budget=0.5)).budget_cost == (8 * 12 + 6 * 8) // 2

@@ -178,3 +178,36 @@ def test_split_groups_keeps_the_function_when_rank_divides() -> None:
     torch.testing.assert_close(split.eval()(x), layer.eval()(x))
     with pytest.raises(ValueError):
         layer.split_groups(3)
+
+
+def test_from_blocks_inverts_to_blocks_on_random_structures() -> None:
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(6):
+        layer = random_gblr(11 + trial, 9 + 2 * trial, 4, 2, gen, dead=trial % 3).eval()
+        blocks = layer.to_blocks()
+        assert len(blocks) == sum(c > 0 for c in layer.group_costs())
+        again = GBLRLinear.from_blocks(
+            blocks, layer.in_features, layer.out_features, layer.bias, dtype=torch.float64
+        ).eval()
+        assert again.exact_cost() == layer.exact_cost() == sum(b.cost for b in blocks)
+        assert [b.window_key() for b in again.to_blocks()] == [b.window_key() for b in blocks]
+        x = torch.randn(5, layer.in_features, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(again(x), layer(x), rtol=1e-12, atol=1e-12)
+        s = layer.to_structure()
+        assert again.to_structure().to_dict() == s.to_dict()
+
+
+def test_from_blocks_pads_lower_rank_blocks_and_adds_dead_groups() -> None:
+    from gblr_compress.structure import Block
+
+    gen = torch.Generator().manual_seed(3)
+    b1 = Block(2, 5, 7, 4, torch.randn(5, 3, generator=gen), torch.randn(3, 4, generator=gen))
+    b2 = Block(0, 8, 0, 10, torch.randn(8, 1, generator=gen), torch.randn(1, 10, generator=gen))
+    layer = GBLRLinear.from_blocks([b1, b2], 10, 8, num_groups=3)
+    assert (layer.num_groups, layer.rank, layer.bias) == (3, 3, None)
+    assert layer.U.dtype == torch.float32
+    assert layer.group_costs() == [b1.cost, 8 * 3 + 10 * 3, 0]  # b2 padded to rank 3
+    W = torch.zeros(8, 10)
+    for b in (b1, b2):
+        W[b.row_indices(8)[:, None], b.col_indices(10)[None, :]] += b.U @ b.V
+    torch.testing.assert_close(layer.weight(hard=True).detach(), W)

@@ -1,0 +1,290 @@
+"""Model level: statistics -> budget split -> per-layer init, as three visible stages.
+
+1. :func:`collect_stats`: the target layers' input moments on the fit and held-out
+   batches, their sensitivity and their whitened spectra (progress stages ``"moments"``,
+   ``"holdout"``, ``"sensitivity"``, ``"spectra"``).
+2. :func:`allocate`: the global budget split across layers from those spectra.
+3. :func:`init_layers_`: each layer searched within its allocation by
+   :func:`~gblr_compress.init.init_layer` and swapped in (stage ``"layers"``).
+
+:func:`initialize_` runs the three for a caller that has only batches.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from gblr_compress.budget import dense_budget, greedy_allocation
+from gblr_compress.batches import Batch
+from gblr_compress.calib import Moment, collect_moments, layer_sensitivity
+from gblr_compress.errors import InputError
+from gblr_compress.init.config import InitConfig, InitResult, LayerInit
+from gblr_compress.init.layer import init_layer
+from gblr_compress.init.linalg import cholesky, gram_spectrum, regularized_moment
+from gblr_compress.swap import as_linear, find_linears, is_linear_like, replace_module
+
+__all__ = [
+    "InitStats",
+    "Allocation",
+    "target_layers",
+    "collect_stats",
+    "allocate",
+    "init_layers_",
+    "initialize_",
+]
+
+_F64 = torch.float64
+
+InitProgress = Callable[[str, int, int], None]
+
+
+@dataclass
+class InitStats:
+    """What the init knows about the target layers before any of them is replaced.
+
+    Attributes:
+        names: dotted names of the target layers, in model order.
+        shapes: ``(out_features, in_features)`` of each layer.
+        moments: input second moment of each layer on the fit batches (empty when
+            data-free).
+        holdout: the same on the held-out batches (empty without them).
+        sensitivity: each layer's weight in the budget split (empty: weigh alike).
+        spectra: squared singular values of each whitened weight ``W L``, descending.
+        data_free: whether the weight error (no activation statistics) is used.
+        seconds: wall time of the stage.
+    """
+
+    names: list[str]
+    shapes: dict[str, tuple[int, int]]
+    moments: dict[str, Moment] = field(default_factory=dict)
+    holdout: dict[str, Moment] = field(default_factory=dict)
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)
+    data_free: bool = True
+    seconds: float = 0.0
+
+
+@dataclass
+class Allocation:
+    """The budget split: ``costs[name]`` is the exact cost layer ``name`` may use;
+    ``budget_cost`` is ``floor(budget * total dense cost)`` of all target layers."""
+
+    costs: dict[str, int]
+    budget_cost: int
+
+
+def target_layers(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, nn.Module]:
+    """The linear-like modules to initialize by dotted name (default: every one).
+
+    Raises:
+        InputError: no layers, an unknown name, or a name that is not a Linear.
+    """
+    names = list(find_linears(model) if names is None else names)
+    if not names:
+        raise InputError("no linear layers to initialize")
+    modules = {}
+    for name in names:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise InputError(f"no module named {name!r} in the model") from None
+        if not is_linear_like(mod):
+            raise InputError(f"module {name!r} is a {type(mod).__name__}, not a Linear")
+        modules[name] = mod
+    return modules
+
+
+def _row_cap(batches: Sequence[Batch], cfg: InitConfig) -> int | None:
+    """Rows per batch that spread ``cfg.moment_tokens`` over the batches (no cap without
+    a token budget or batches)."""
+    if cfg.moment_tokens is None or len(batches) == 0:
+        return None
+    return -(-cfg.moment_tokens // len(batches))
+
+
+def collect_stats(
+    model: nn.Module,
+    cfg: InitConfig,
+    calib: Iterable[Batch] | None = None,
+    holdout: Iterable[Batch] | None = None,
+    names: Sequence[str] | None = None,
+    progress: InitProgress | None = None,
+) -> InitStats:
+    """Stage 1: moments, held-out moments, sensitivity and whitened spectra.
+
+    Args:
+        model: the dense model (left as it is; run in eval mode for the sensitivity).
+        cfg: ``data_free``, ``damping``, ``moment_tokens``, ``sensitivity_batches``, ``seed``.
+        calib: fit batches; without them (or with ``cfg.data_free``) only the weights'
+            own spectra are taken.
+        holdout: held-out batches, whose moments judge windowed structures.
+        names: dotted names of the layers (default: every linear-like module).
+        progress: ``progress(stage, i, total)`` with stages ``"moments"``, ``"holdout"``,
+            ``"sensitivity"`` and ``"spectra"``.
+
+    Raises:
+        InputError: bad layer names, or calibration batches that never reach the layers.
+    """
+    t0 = time.perf_counter()
+    modules = target_layers(model, names)
+    names = list(modules)
+    data_free = cfg.data_free or calib is None
+
+    def stage(label: str) -> Callable[[int, int], None] | None:
+        if progress is None:
+            return None
+        return lambda i, total: progress(label, i, total)
+
+    fit_m: dict[str, Moment] = {}
+    hold_m: dict[str, Moment] = {}
+    weights: dict[str, float] = {}
+    if not data_free:
+        calib = calib if isinstance(calib, Sequence) else list(calib)
+        cap = _row_cap(calib, cfg)
+        fit_m = collect_moments(model, names, calib, stage("moments"), cap)
+        if holdout is not None:
+            # Held-out batches only judge structures: the fit batches' row cap serves.
+            hold_m = collect_moments(model, names, holdout, stage("holdout"), cap)
+        if all(mo.count == 0 for mo in fit_m.values()):
+            raise InputError("calibration batches produced no inputs for the target layers")
+        if cfg.sensitivity_batches > 0:
+            was_training = model.training
+            model.eval()  # dropout would add its own noise to the probes
+            try:
+                first = calib[: cfg.sensitivity_batches]
+                weights = layer_sensitivity(model, names, first, probes=2, seed=cfg.seed)
+            finally:
+                model.train(was_training)
+            if not any(w > 0.0 for w in weights.values()):
+                weights = {}  # outputs unreachable by gradients: weigh layers alike
+            if progress is not None:
+                progress("sensitivity", 1, 1)
+
+    spectra, shapes = {}, {}
+    for i, name in enumerate(names):
+        lin = as_linear(modules[name])
+        W = lin.weight.detach().to("cpu", _F64)  # (m, n)
+        C = regularized_moment(fit_m.get(name), W.shape[1], cfg.damping)  # (n, n)
+        spectra[name] = gram_spectrum(W @ cholesky(C))
+        shapes[name] = (lin.out_features, lin.in_features)
+        if progress is not None:
+            progress("spectra", i + 1, len(names))
+    return InitStats(names, shapes, fit_m, hold_m, weights, spectra, data_free,
+                     time.perf_counter() - t0)
+
+
+def allocate(stats: InitStats, cfg: InitConfig) -> Allocation:
+    """Stage 2: split ``floor(cfg.budget * total dense cost)`` across the layers.
+
+    :func:`~gblr_compress.budget.greedy_allocation` works on each layer's whitened
+    spectrum normalized by the layer's output energy and, when measured, weighted by the
+    layer's sensitivity (how much its relative error moves the model's outputs,
+    :func:`~gblr_compress.calib.layer_sensitivity`). An allocation may reach the dense
+    cost: that layer then stays dense.
+    """
+    energies, shapes = [], []
+    for name in stats.names:
+        s2 = stats.spectra[name]
+        total = float(s2.sum())
+        weight = stats.sensitivity.get(name, 0.0) if stats.sensitivity else 1.0
+        energies.append(s2 * weight / total if total > 0 else s2)
+        shapes.append(stats.shapes[name])
+    budget = dense_budget([m * n for m, n in shapes], cfg.budget)
+    alloc = greedy_allocation(energies, shapes, budget)
+    return Allocation(dict(zip(stats.names, alloc)), budget)
+
+
+def init_layers_(
+    model: nn.Module,
+    cfg: InitConfig,
+    stats: InitStats,
+    allocation: Allocation,
+    progress: InitProgress | None = None,
+) -> InitResult:
+    """Stage 3: replace each target layer in place by its :func:`init_layer` result.
+
+    Layers whose allocation reaches their dense cost stay as they are (``skipped``) and
+    count at their dense cost.
+
+    Args:
+        model: the model whose layers ``stats.names`` are replaced (in place).
+        cfg: search settings.
+        stats: :func:`collect_stats` output (moments judge and fit each layer).
+        allocation: :func:`allocate` output.
+        progress: ``progress("layers", i, total)``.
+
+    Returns:
+        An :class:`InitResult`; ``result.max_cost`` is what the GBLR layers may share.
+    """
+    t0 = time.perf_counter()
+    names = stats.names
+    modules = target_layers(model, names)
+    fit_m, hold_m, weights = stats.moments, stats.holdout, stats.sensitivity
+    budget = allocation.budget_cost
+    result = InitResult(budget_cost=budget, data_free=stats.data_free)
+
+    def one(i: int) -> tuple[nn.Module, LayerInit]:
+        name = names[i]
+        cost = allocation.costs[name]
+        return init_layer(modules[name], cost, cfg, fit_m.get(name), hold_m.get(name), name)
+
+    # Layers are independent and their searches are many small LAPACK calls that use two
+    # cores poorly, so two layers run at once with one thread each (1.25x on 2 cores).
+    threads = torch.get_num_threads()
+    workers = max(1, min(threads, len(names)))
+    try:
+        if workers > 1:
+            torch.set_num_threads(1)
+        with ThreadPoolExecutor(workers) as pool:
+            for i, (module, rec) in enumerate(pool.map(one, range(len(names)))):
+                if rec.status != "skipped":
+                    replace_module(model, names[i], module)
+                rec.sensitivity = weights.get(names[i])
+                result.layers[names[i]] = rec
+                if progress is not None:
+                    progress("layers", i + 1, len(names))
+    finally:
+        torch.set_num_threads(threads)
+    skipped = sum(r.dense_cost for r in result.layers.values() if r.status == "skipped")
+    result.max_cost = budget - skipped
+    result.seconds = stats.seconds + time.perf_counter() - t0
+    assert result.exact_cost <= budget, "init must meet the global budget"
+    return result
+
+
+def initialize_(
+    model: nn.Module,
+    cfg: InitConfig,
+    calib: Iterable[Batch] | None = None,
+    holdout: Iterable[Batch] | None = None,
+    names: Sequence[str] | None = None,
+    progress: InitProgress | None = None,
+) -> InitResult:
+    """Replace the target layers of ``model`` in place by initialized GBLRLinear layers:
+    :func:`collect_stats`, then :func:`allocate`, then :func:`init_layers_`.
+
+    Args:
+        model: the model (modified in place).
+        cfg: settings (budget, groups, damping, ...).
+        calib: fit batches; activation-aware init unless ``cfg.data_free``.
+        holdout: held-out batches, to judge windowed structures (recommended).
+        names: dotted names of the layers (default: every linear-like module).
+        progress: ``progress(stage, i, total)`` with stages ``"moments"``,
+            ``"holdout"``, ``"sensitivity"``, ``"spectra"`` and ``"layers"``.
+
+    Returns:
+        An :class:`InitResult`; ``result.max_cost`` is what the GBLR layers may share.
+
+    Example:
+        >>> result = initialize_(model, InitConfig(budget=0.3), calib=fit, holdout=held)
+        >>> result.exact_cost <= result.budget_cost
+        True
+    """
+    stats = collect_stats(model, cfg, calib, holdout, names, progress)
+    return init_layers_(model, cfg, stats, allocate(stats, cfg), progress)
