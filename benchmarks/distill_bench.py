@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from gblr_compress.distill import DistillConfig
 from gblr_compress.pipeline import CompressConfig, compress
 from samples.models import bert_small
 
@@ -28,7 +29,7 @@ def main() -> None:
     defaults = CompressConfig()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=defaults.budget)
-    ap.add_argument("--steps", type=int, default=defaults.steps)
+    ap.add_argument("--steps", type=int, default=defaults.distill.steps)
     ap.add_argument("--seqs", type=int, default=256)
     ap.add_argument("--len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
@@ -39,7 +40,7 @@ def main() -> None:
     model = bert_small().eval()
     ids = torch.randint(0, 8000, (args.seqs, args.len))
     calib = [{"input_ids": ids[i : i + args.batch]} for i in range(0, args.seqs, args.batch)]
-    config = CompressConfig(budget=args.budget, steps=args.steps)
+    config = CompressConfig(budget=args.budget, distill=DistillConfig(steps=args.steps))
     t = time.perf_counter()
     result = compress(model, config, calib=calib)
     total = time.perf_counter() - t

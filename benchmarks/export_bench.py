@@ -137,10 +137,10 @@ def bench_layers(tmp: Path, rounds: int, reps: int) -> bool:
                 export(nn.Sequential(FrozenGBLR(s)), x, tmp / f"{key}.onnx", form=form)
                 sessions[key] = session(tmp / f"{key}.onnx")
                 variants[key] = (s, form, s.cost / s.dense_cost)
-        runners = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
+        runners = {k: (lambda s=s, feed=feed: s.run(None, feed)) for k, s in sessions.items()}
         ratios = interleaved_ratios(runners, "dense", rounds, reps)
         targets = {"windowed": 2.0, "full-row": 2.5}
-        for key, (s, form, frac) in variants.items():
+        for key, (_s, form, frac) in variants.items():
             if key == "dense":
                 continue
             tgt = targets.get(key)

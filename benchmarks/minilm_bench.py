@@ -26,15 +26,14 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from minilm.cli_run import run_cli
 from minilm import contenders
+from minilm.cli_run import run_cli
 from minilm.contenders import CONTENDERS, PENDING, set_distill_hook
 from minilm.data import load_calib, load_eval
 from minilm.metrics import fidelity, paired
 from minilm.model import embed, encoder_linears, load_dense, make_batches
 from minilm.speed import SpeedResult, export_encoder, latency_ratio, make_session, measure_speed, ort_embed
+from torch import nn
 
 from gblr_compress.errors import InputError
 

@@ -31,13 +31,12 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
-
 from minilm import contenders
 from minilm.contenders import CONTENDERS
 from minilm.data import load_calib, load_eval, split_eval
 from minilm.metrics import fidelity, paraphrase_margins
 from minilm.model import embed, load_dense, make_batches
+from torch.nn import functional as F
 
 from gblr_compress.errors import InputError
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -123,7 +123,7 @@ def greedy_allocation(
             continue
         ranks[i] += 1
         push(i)
-    for neg_ratio, i in sorted(pending):
+    for _neg_ratio, i in sorted(pending):
         if dense[i] or left <= 0:
             continue
         m, n = shapes[i]

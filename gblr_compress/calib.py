@@ -7,8 +7,8 @@ dict of tensors; padded positions given by an ``attention_mask``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -173,7 +174,7 @@ class _Bars:
                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console,
             )
 
-    def __enter__(self) -> "_Bars":
+    def __enter__(self) -> _Bars:
         if self.progress is not None:
             self.progress.start()
         return self
@@ -200,6 +201,23 @@ class _Bars:
         elif total and done == total:
             took = time.perf_counter() - self.started[phase]
             self.console.print(f"{label}: {done}/{total} in {took:.1f} s" + (f" ({text})" if text else ""))
+
+
+# Config fields by the flag that sets them, so a field error reads as a flag error.
+_FLAGS = {
+    "budget": "--budget", "seed": "--seed", "augment": "--augment", "steps": "--steps", "lr": "--lr",
+    "loss": "--loss", "max_groups": "--max-blocks", "teacher_cache_mb": "--teacher-cache-mb",
+}
+
+
+def _config(build: Callable[[], Any]) -> Any:
+    """``build()`` (the configs from the flags); a field error names the flag."""
+    from gblr_compress.errors import ConfigError
+
+    try:
+        return build()
+    except ConfigError as exc:
+        raise InputError(f"{_FLAGS.get(exc.field, exc.field)} {exc.problem}") from None
 
 
 @main.command("compress", hidden=True)
@@ -248,6 +266,8 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
     """
     import json
 
+    from gblr_compress.distill import DistillConfig
+    from gblr_compress.init import InitConfig
     from gblr_compress.job import Job, run_job
     from gblr_compress.pipeline import CompressConfig
     from gblr_compress.report import render_summary
@@ -257,9 +277,11 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
 
         if not torch.cuda.is_available():
             raise InputError(f"--device {device}: CUDA is not available on this machine")
-    config = CompressConfig(budget=budget, steps=steps, lr=lr, loss=loss, augment=augment, seed=seed,
-                            data_free=data_free, max_blocks=max_blocks, include=include, exclude=exclude,
-                            device=device)
+    config = _config(lambda: CompressConfig(
+        budget=budget, seed=seed, include=include, exclude=exclude, augment=augment, device=device,
+        init=InitConfig(max_groups=max_blocks, data_free=data_free),
+        distill=DistillConfig(steps=steps, lr=lr, loss=loss),
+    ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
               report=report, opset=opset, verify=not no_verify, config=config)
     console = _console()

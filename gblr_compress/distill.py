@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from gblr_compress.batches import Batch, flatten_outputs, real_positions, run_model, token_mask
 from gblr_compress.budget import project_widths_, total_cost
+from gblr_compress.errors import ConfigError
 from gblr_compress.layer import GBLRLinear
 
 __all__ = [
@@ -84,21 +85,25 @@ class DistillConfig:
     warmup_fraction: float = 0.05
     eval_every: int = 20
     seed: int = 0
-    teacher_cache_mb: float = 4096.0
+    teacher_cache_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if not (self.lr >= 0 and self.structure_lr >= 0):
-            raise ValueError("learning rates must be >= 0")
+            raise ConfigError("steps", f"must be >= 0, got {self.steps}")
+        if not self.lr >= 0:
+            raise ConfigError("lr", f"must be >= 0, got {self.lr}")
+        if not self.structure_lr >= 0:
+            raise ConfigError("structure_lr", f"must be >= 0, got {self.structure_lr}")
         if self.loss not in ("auto", "mse", "kl"):
-            raise ValueError(f"loss must be auto, mse or kl, got {self.loss!r}")
-        if not 0.0 <= self.ste_fraction <= 1.0 or not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError("ste_fraction must be in [0, 1] and warmup_fraction in [0, 1)")
+            raise ConfigError("loss", f"must be auto, mse or kl, got {self.loss!r}")
+        if not 0.0 <= self.ste_fraction <= 1.0:
+            raise ConfigError("ste_fraction", f"must be in [0, 1], got {self.ste_fraction}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ConfigError("warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
         if self.eval_every < 1:
-            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+            raise ConfigError("eval_every", f"must be >= 1, got {self.eval_every}")
         if not self.teacher_cache_mb >= 0:
-            raise ValueError(f"teacher_cache_mb must be >= 0, got {self.teacher_cache_mb}")
+            raise ConfigError("teacher_cache_mb", f"must be >= 0, got {self.teacher_cache_mb}")
 
 
 @dataclass

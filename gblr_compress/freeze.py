@@ -9,8 +9,8 @@ identical windows merged) that computes the same function without a dense weight
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Callable, Sequence
 
 from torch import nn
 
@@ -28,7 +28,7 @@ def recover_(
     teacher: nn.Module,
     calib: Sequence[Batch],
     max_cost: int,
-    config: DistillConfig = DistillConfig(steps=50, lr=3e-4),
+    config: DistillConfig,
     holdout: Sequence[Batch] = (),
     progress: Callable[[DistillProgress], None] | None = None,
 ) -> DistillResult:

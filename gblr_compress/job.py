@@ -16,12 +16,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torch import nn
+
 from gblr_compress.calibration import calibration_batches, check_inputs_fit
 from gblr_compress.checkpoint import LoadedModel, load_model
 from gblr_compress.errors import InputError
 from gblr_compress.export import ExportResult, LayerExport, Parity, build_onnx, save_onnx, verify_graph
 from gblr_compress.pipeline import CompressConfig, CompressResult, Progress, compress
 from gblr_compress.report import CompressionReport, LayerReport, report_to_dict, write_report
+from gblr_compress.swap import as_linear
 
 __all__ = ["Job", "JobResult", "build_report", "default_report_path", "run_job"]
 
@@ -87,7 +90,9 @@ def _check_output(path: Path, inputs: Sequence[str | None]) -> None:
             raise InputError(f"output would overwrite an input file: {path}")
 
 
-def _layer_reports(result: CompressResult, exported: Sequence[LayerExport]) -> list[LayerReport]:
+def _layer_reports(
+    result: CompressResult, exported: Sequence[LayerExport], shapes: Mapping[str, tuple[int, int]]
+) -> list[LayerReport]:
     forms = {le.name: le for le in exported}
     layers = []
     for name in result.targets:
@@ -113,7 +118,17 @@ def _layer_reports(result: CompressResult, exported: Sequence[LayerExport]) -> l
                 sensitivity=rec.sensitivity,
             )
         )
+    for name, reason in result.left_dense.items():
+        m, n = shapes[name]
+        layers.append(LayerReport(name=name, in_features=n, out_features=m, status="excluded",
+                                  reason=reason, dense_cost=m * n, init_kind="skipped"))
     return layers
+
+
+def _shapes(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """``(out_features, in_features)`` of the named Linear-like layers."""
+    modules = dict(model.named_modules())
+    return {n: tuple(as_linear(modules[n]).weight.shape) for n in names}
 
 
 def build_report(
@@ -127,15 +142,9 @@ def build_report(
     calib_batches: int,
 ) -> CompressionReport:
     """The :class:`~gblr_compress.report.CompressionReport` of a finished run."""
-    cfg = job.config
-    settings = {
-        "budget": cfg.budget, "steps": cfg.steps, "lr": cfg.lr, "structure_lr": cfg.structure_lr,
-        "seed": cfg.seed, "data_free": cfg.data_free, "max_blocks": cfg.max_blocks,
-        "include": list(cfg.include), "exclude": list(cfg.exclude),
-        "holdout_fraction": cfg.holdout_fraction, "augment": cfg.augment,
-        "augment_copies": cfg.augment_copies, "loss": cfg.loss, "opset": job.opset, "verify": job.verify,
-        "device": cfg.device,
-    }
+    # The config itself, so the report cannot drift from what ran; the job's own
+    # export settings beside it.
+    settings = {**job.config.settings(), "opset": job.opset, "verify": job.verify}
     checked = None if parity is None else {
         "max_abs_diff": parity.max_abs_diff, "tolerance": parity.tolerance, "ok": True,
     }
@@ -145,7 +154,7 @@ def build_report(
             "calib_batches": calib_batches, "synthetic_calib": synthetic,
         },
         settings=settings,
-        layers=_layer_reports(result, exported),
+        layers=_layer_reports(result, exported, _shapes(loaded.model, result.left_dense)),
         quality=result.quality,
         parity=checked,
         seconds=dict(seconds),

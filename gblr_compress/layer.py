@@ -9,8 +9,8 @@ windows, so a layer can be a few large blocks, which is what runs fast after exp
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -97,7 +97,7 @@ class GBLRLinear(nn.Module):
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, config: GBLRLayerConfig = GBLRLayerConfig()
-    ) -> "GBLRLinear":
+    ) -> GBLRLinear:
         """Full-width truncated-SVD start: group ``k`` takes singular triplets
         ``k*r .. (k+1)*r - 1`` of the dense weight, split as ``P sqrt(S)`` and
         ``sqrt(S) Q^T``. With ``K*r = min(m, n)`` the layer reproduces the weight;
@@ -142,7 +142,7 @@ class GBLRLinear(nn.Module):
         num_groups: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> "GBLRLinear":
+    ) -> GBLRLinear:
         """A layer whose group ``k`` is ``blocks[k]`` at its exact windows (the inverse of
         :meth:`to_blocks`).
 
@@ -176,7 +176,7 @@ class GBLRLinear(nn.Module):
         return layer.to(device=device, dtype=torch.float32 if dtype is None else dtype)
 
     @torch.no_grad()
-    def split_groups(self, num_groups: int) -> "GBLRLinear":
+    def split_groups(self, num_groups: int) -> GBLRLinear:
         """A layer with ``num_groups`` groups made by splitting each group's rank.
 
         Each group's ``r`` components are cut into consecutive runs of rank
@@ -309,7 +309,7 @@ class GBLRLinear(nn.Module):
         bias = None if self.bias is None else self.bias.detach().clone()
         return LayerStructure(n, m, merge_blocks(blocks), bias, name=name)
 
-    def to_frozen(self, name: str = "") -> "FrozenGBLR":
+    def to_frozen(self, name: str = "") -> FrozenGBLR:
         """A :class:`FrozenGBLR` computing the same eval-mode function."""
         return FrozenGBLR(self.to_structure(name))
 

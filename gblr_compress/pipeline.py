@@ -9,17 +9,19 @@ progress from the ``progress`` callback.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
 
 from gblr_compress.batches import Batch, move_batch, split_batches
-from gblr_compress.calib import augment_tokens
 from gblr_compress.budget import project_widths_
+from gblr_compress.calib import augment_tokens
 from gblr_compress.distill import (
     DistillConfig,
     DistillProgress,
@@ -28,14 +30,16 @@ from gblr_compress.distill import (
     distill_,
     gblr_layers,
 )
-from gblr_compress.errors import InputError
+from gblr_compress.errors import ConfigError, InputError
 from gblr_compress.freeze import freeze_, recover_
 from gblr_compress.init import InitConfig, InitResult, allocate, collect_stats, init_layers_
 from gblr_compress.structure import LayerStructure
 from gblr_compress.swap import find_linears, replace_module
+from gblr_compress.usage import find_usage, tied_weights
 
 __all__ = [
     "CompressConfig",
+    "RecoverConfig",
     "CompressResult",
     "Progress",
     "compress",
@@ -49,87 +53,125 @@ Progress = Callable[[str, int, int, Mapping[str, float]], None]
 
 
 @dataclass(frozen=True)
+class RecoverConfig:
+    """How the content-only recovery after distillation derives from the distillation.
+
+    The recovery is defined relative to the distillation (a quarter of its steps at 0.3
+    of its learning rate), so the rule is what is configured, and :meth:`derive` turns
+    it into the :class:`~gblr_compress.distill.DistillConfig` that runs.
+
+    Attributes:
+        steps: content-only steps (None: a quarter of the distillation steps).
+        lr_scale: the recovery's peak learning rate as a fraction of the distillation's.
+        eval_every: held-out evaluation period (at most the steps).
+    """
+
+    steps: int | None = None
+    lr_scale: float = 0.3
+    eval_every: int = 20
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 0:
+            raise ConfigError("steps", f"must be >= 0, got {self.steps}")
+        if not self.lr_scale > 0:
+            raise ConfigError("lr_scale", f"must be > 0, got {self.lr_scale}")
+        if self.eval_every < 1:
+            raise ConfigError("eval_every", f"must be >= 1, got {self.eval_every}")
+
+    def derive(self, distill: DistillConfig) -> DistillConfig:
+        """The recovery's settings: its own seed (``distill.seed + 1``), the same loss
+        and teacher cache, the other settings at their defaults."""
+        steps = distill.steps // 4 if self.steps is None else self.steps
+        return DistillConfig(steps=steps, lr=distill.lr * self.lr_scale, seed=distill.seed + 1,
+                             loss=distill.loss, eval_every=max(1, min(self.eval_every, steps)),
+                             teacher_cache_mb=distill.teacher_cache_mb)
+
+
+def _default_distill() -> DistillConfig:
+    return DistillConfig(steps=100)  # the product's default: 100 steps (the loop's own is 200)
+
+
+@dataclass(frozen=True)
 class CompressConfig:
-    """What to compress and how hard to try.
+    """What to compress and how hard to try: the run's own settings plus one config
+    per stage (``init``, ``distill``, ``recover``), each validated where it is defined.
+
+    ``budget`` and ``seed`` are the run's; the stage configs take them over on
+    construction (``init.budget``, ``init.seed`` and ``distill.seed`` are set from them),
+    so ``dataclasses.asdict`` of a config is exactly what ran. The report's settings are
+    that dict.
 
     Attributes:
         budget: global fraction of the target layers' dense multiply-adds, in (0, 1].
-        steps: distillation steps (0: init + freeze only).
-        lr: peak learning rate of the distilled content (U, V, bias).
-        structure_lr: peak learning rate of block widths and locations.
-        seed: makes the whole run reproducible.
-        data_free: initialize from the weights alone (calibration data, when given, is
-            still used for distillation and held-out figures).
-        max_blocks: most component groups (blocks) per layer; few run fast.
+        seed: makes the whole run reproducible (the recovery uses ``seed + 1``).
         include: glob patterns of layer names to compress (default: every Linear).
         exclude: glob patterns of layer names to leave dense.
+        compress_tied: also compress layers whose weight is tied to another module
+            (an ``lm_head`` sharing the token embedding); off: they stay dense, and the
+            report says why. Compressing one unties it, so the model stays correct.
         holdout_fraction: share of the calibration batches held out (never trained on)
             to pick the best state and report agreement.
-        recovery_steps: content-only steps after the structure is fixed
-            (default: a quarter of ``steps``).
         overcomplete: with distillation, initialize at ``overcomplete * budget`` with each
-            layer's rank split over up to ``max_blocks`` groups, and let the proximal
-            projection prune to the budget (the structure then has room to move).
-            Off by default: the first projection onto the budget cuts every group's
-            widths at once, and on all-MiniLM-L6-v2 at budget 0.5 ``overcomplete=1.5``
-            ended at 0.811 eval embedding cosine against 0.878 without it.
+            layer's rank split over up to ``init.max_groups`` groups, and let the
+            proximal projection prune to the budget (the structure then has room to
+            move). Off by default: the first projection onto the budget cuts every
+            group's widths at once, and on all-MiniLM-L6-v2 at budget 0.5
+            ``overcomplete=1.5`` ended at 0.811 eval embedding cosine against 0.878
+            without it.
         augment: share of the inner tokens resampled in augmented copies of token-id
             calibration batches used for distillation (0: none; float inputs are never
             augmented), see :func:`~gblr_compress.calib.augment_tokens`. Held-out
-            batches stay real. Copies are made only when ``steps`` is at least 4 times
-            the number of fit batches (each would be seen 4+ times).
+            batches stay real. Copies are made only when the distillation steps are at
+            least 4 times the number of fit batches (each would be seen 4+ times).
         augment_copies: most augmented copies of each fit batch (fewer when the steps
             would not draw each batch about twice).
-        loss: distillation loss on the model outputs: ``"auto"`` (KL on a single 2-D
-            output, taken as classifier logits; normalized MSE otherwise), ``"mse"``
-            (use it for 2-D outputs that are embeddings, not logits) or ``"kl"``.
         device: where init and distillation run (``cpu`` or ``cuda``).
+        init: the initialization (:class:`~gblr_compress.init.InitConfig`;
+            ``max_groups`` is the most blocks per layer, ``data_free`` ignores the
+            activation statistics).
+        distill: the distillation (:class:`~gblr_compress.distill.DistillConfig`:
+            steps, learning rates, loss, teacher cache); ``steps=0``: init + freeze only.
+        recover: how the content-only recovery derives from ``distill``.
     """
 
     budget: float = 0.3
-    steps: int = 100
-    lr: float = 1e-3
-    structure_lr: float = 1e-2
     seed: int = 0
-    data_free: bool = False
-    max_blocks: int = 4
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    compress_tied: bool = False
     holdout_fraction: float = 0.2
-    recovery_steps: int | None = None
     overcomplete: float = 1.0
     augment: float = 0.2
     augment_copies: int = 4
-    loss: str = "auto"
     device: str = "cpu"
+    init: InitConfig = field(default_factory=InitConfig)
+    distill: DistillConfig = field(default_factory=_default_distill)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
 
     @property
     def logits(self) -> bool:
-        """Whether held-out agreement may score argmax top-1: ``--loss mse`` says a 2-D
+        """Whether held-out agreement may score argmax top-1: ``loss="mse"`` says a 2-D
         output is an embedding, where an argmax means nothing."""
-        return self.loss != "mse"
+        return self.distill.loss != "mse"
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not 0.0 < float(self.budget) <= 1.0:
-            raise InputError(f"--budget must be in (0, 1], got {self.budget}")
-        if self.steps < 0:
-            raise InputError(f"--steps must be >= 0, got {self.steps}")
-        if not (self.lr > 0 and self.structure_lr >= 0):
-            raise InputError(f"--lr must be > 0, got {self.lr}")
-        if self.max_blocks < 1:
-            raise InputError(f"--max-blocks must be >= 1, got {self.max_blocks}")
+            raise ConfigError("budget", f"must be in (0, 1], got {self.budget}")
         if not 0.0 <= self.holdout_fraction < 1.0:
-            raise InputError(f"holdout fraction must be in [0, 1), got {self.holdout_fraction}")
-        if self.loss not in ("auto", "mse", "kl"):
-            raise InputError(f"--loss must be auto, mse or kl, got {self.loss!r}")
+            raise ConfigError("holdout_fraction", f"must be in [0, 1), got {self.holdout_fraction}")
         if not 0.0 <= self.augment < 1.0:
-            raise InputError(f"--augment must be in [0, 1), got {self.augment}")
+            raise ConfigError("augment", f"must be in [0, 1), got {self.augment}")
         if self.augment_copies < 0:
-            raise InputError(f"augment copies must be >= 0, got {self.augment_copies}")
+            raise ConfigError("augment_copies", f"must be >= 0, got {self.augment_copies}")
         if not self.overcomplete >= 1.0:
-            raise InputError(f"overcomplete must be >= 1, got {self.overcomplete}")
-        if self.recovery_steps is not None and self.recovery_steps < 0:
-            raise InputError(f"recovery steps must be >= 0, got {self.recovery_steps}")
+            raise ConfigError("overcomplete", f"must be >= 1, got {self.overcomplete}")
+        # The stages take the run's budget and seed, so the config says what ran.
+        object.__setattr__(self, "init", replace(self.init, budget=float(self.budget), seed=self.seed))
+        object.__setattr__(self, "distill", replace(self.distill, seed=self.seed))
+
+    def settings(self) -> dict[str, Any]:
+        """``dataclasses.asdict`` of the config, JSON-ready (tuples as lists)."""
+        return json.loads(json.dumps(asdict(self)))
 
 
 @dataclass
@@ -139,7 +181,7 @@ class CompressResult:
     Attributes:
         model: the frozen student (compressed layers are FrozenGBLR), eval mode.
         records: the frozen structure of each compressed layer, by dotted name.
-        targets: names of all target layers (compressed and skipped).
+        targets: names of the target layers compressed or tried (skipped by the init).
         init: the initialization record (allocation, per-layer status and errors).
         distill: the distillation record (None when ``steps == 0``).
         recovery: the content-only recovery record (None when skipped).
@@ -148,6 +190,8 @@ class CompressResult:
             :func:`~gblr_compress.distill.agreement`; empty without held-out data.
         seconds: wall time per phase.
         max_cost: exact cost the compressed layers were allowed (skipped layers excluded).
+        left_dense: target layers left dense before the init and kept out of the
+            budget, with the reason (not used by the outputs, weight tied).
     """
 
     model: nn.Module
@@ -159,6 +203,7 @@ class CompressResult:
     quality: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     max_cost: int = 0
+    left_dense: dict[str, str] = field(default_factory=dict)
 
 
 def compress(
@@ -191,24 +236,34 @@ def compress(
     student = copy.deepcopy(model).to(device).eval()
     targets = find_linears(student, config.include or None, config.exclude or None)
     if not targets:
-        raise InputError("the model has no Linear layers to compress (check --include/--exclude)")
+        raise InputError("the model has no Linear layers to compress (check include/exclude)")
 
     fit: list[Batch] = []
     held: list[Batch] = []
     if calib:
         fit, held = split_batches([move_batch(b, device) for b in calib], config.holdout_fraction)
 
+    # Layers the outputs never use, and tied ones, stay dense and out of the budget.
+    left_dense: dict[str, str] = {}
+    if fit:
+        left_dense = find_usage(student, fit[0], targets, include_tied=config.compress_tied).dense
+    else:
+        left_dense = {} if config.compress_tied else tied_weights(student, targets)
+    usable = [n for n in targets if n not in left_dense]
+    if not usable:
+        raise InputError("none of the model's Linear layers can be compressed: "
+                         + "; ".join(f"{n}: {r}" for n, r in left_dense.items()))
+
     init_progress = None if progress is None else (lambda stage, i, n: progress(stage, i, n, {}))
-    distilling = config.steps > 0 and bool(fit)
+    distilling = config.distill.steps > 0 and bool(fit)
     t0 = time.perf_counter()
-    init_cfg = InitConfig(
+    init_cfg = replace(  # the run's init: over-complete while distilling, data-free without data
+        config.init,
         budget=min(1.0, config.budget * config.overcomplete) if distilling else config.budget,
-        max_groups=config.max_blocks,
-        data_free=config.data_free or not fit,
-        seed=config.seed,
+        data_free=config.init.data_free or not fit,
     )
     # Statistics of the dense layers -> the budget split -> each layer searched and swapped.
-    stats = collect_stats(student, init_cfg, fit or None, held or None, targets, init_progress)
+    stats = collect_stats(student, init_cfg, fit or None, held or None, usable, init_progress)
     allocation = allocate(stats, init_cfg)
     init = init_layers_(student, init_cfg, stats, allocation, init_progress)
     dense_total = sum(rec.dense_cost for rec in init.layers.values())
@@ -217,7 +272,7 @@ def compress(
     if max_cost < 0:  # only possible when over-complete init kept too many layers dense
         raise InputError(f"budget {config.budget} is too small for the layers left dense")
     if distilling and config.overcomplete > 1.0:
-        _split_for_pruning(student, config.max_blocks)
+        _split_for_pruning(student, config.init.max_groups)
     project_widths_(list(gblr_layers(student).values()), max_cost)
     seconds["init"] = time.perf_counter() - t0
     quality: dict[str, dict[str, float]] = {}
@@ -240,8 +295,8 @@ def compress(
     cost = sum(r.cost for r in records.values())
     if cost > max_cost:  # the projection guarantees this; a breach is a bug, not bad input
         raise RuntimeError(f"frozen cost {cost} exceeds the budget's {max_cost}")
-    return CompressResult(student, records, targets, init, distilled, recovery, quality,
-                          seconds, max_cost)
+    return CompressResult(student, records, usable, init, distilled, recovery, quality,
+                          seconds, max_cost, left_dense)
 
 
 def _copies(config: CompressConfig, fit_batches: int) -> int:
@@ -252,7 +307,7 @@ def _copies(config: CompressConfig, fit_batches: int) -> int:
     held-out batches."""
     if fit_batches == 0:
         return 0
-    return max(0, min(config.augment_copies, config.steps // (2 * fit_batches) - 1))
+    return max(0, min(config.augment_copies, config.distill.steps // (2 * fit_batches) - 1))
 
 
 def distill_and_recover(
@@ -267,9 +322,9 @@ def distill_and_recover(
     quality: dict[str, dict[str, float]] | None = None,
 ) -> tuple[DistillResult, DistillResult | None]:
     """The distillation phases of :func:`compress` on a student whose target layers are
-    GBLRLinear: ``config.steps`` proximal distillation steps, then the content-only
+    GBLRLinear: ``config.distill`` proximal distillation steps, then the content-only
     recovery, both on ``fit`` plus its augmented copies (``config.augment``).
-    ``config.structure_lr=0`` keeps the structure fixed throughout.
+    ``config.distill.structure_lr=0`` keeps the structure fixed throughout.
 
     Args:
         student: trained in place; left with GBLRLinear layers (not frozen).
@@ -289,19 +344,15 @@ def distill_and_recover(
     seconds = {} if seconds is None else seconds
     t0 = time.perf_counter()
     fit = list(fit) + augment_tokens(fit, config.augment, _copies(config, len(fit)), config.seed)
-    dcfg = DistillConfig(steps=config.steps, lr=config.lr, structure_lr=config.structure_lr,
-                         seed=config.seed, loss=config.loss)
-    distilled = distill_(student, teacher, fit, max_cost, dcfg, holdout=held,
+    distilled = distill_(student, teacher, fit, max_cost, config.distill, holdout=held,
                          progress=_relay_steps("distill", progress))
     seconds["distill"] = time.perf_counter() - t0
     if held and quality is not None:
         quality["distilled"] = agreement(student.eval(), teacher, held, config.logits)
     recovery = None
-    rsteps = config.steps // 4 if config.recovery_steps is None else config.recovery_steps
-    if rsteps > 0:
+    rcfg = config.recover.derive(config.distill)
+    if rcfg.steps > 0:
         t0 = time.perf_counter()
-        rcfg = DistillConfig(steps=rsteps, lr=config.lr * 0.3, seed=config.seed + 1, loss=config.loss,
-                             eval_every=max(1, min(20, rsteps)))
         recovery = recover_(student, teacher, fit, max_cost, rcfg, holdout=held,
                             progress=_relay_steps("recover", progress))
         seconds["recover"] = time.perf_counter() - t0

@@ -186,7 +186,7 @@ class LayerStructure:
     @classmethod
     def from_dict(
         cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str = ""
-    ) -> "LayerStructure":
+    ) -> LayerStructure:
         """Rebuild from :meth:`to_dict` output and :meth:`tensors` output.
 
         Raises:

@@ -6,8 +6,8 @@ Module names are the dotted paths of ``model.named_modules()`` (``encoder.0.fc1`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fnmatch import fnmatchcase
-from typing import Sequence
 
 import torch
 from torch import nn

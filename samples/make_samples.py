@@ -159,7 +159,7 @@ def make_encoder(out: Path, steps: int = 200, seed: int = 0) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1))
     model.train()
-    for step in range(steps):
+    for _step in range(steps):
         idx = torch.randint(0, len(ytr), (64,), generator=gen)
         logits = model(train["input_ids"][idx], train["attention_mask"][idx])  # (64, 4)
         loss = F.cross_entropy(logits, ytr[idx])

@@ -9,7 +9,6 @@ from torch import nn
 from gblr_compress.calib import augment_tokens, collect_moments, layer_sensitivity
 from samples.models import TinyEncoder
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -102,7 +102,7 @@ def test_steps_zero_and_data_free(files, tmp_path) -> None:
     code, text = _run([str(files["bundle"]), "--budget", "0.2", "--steps", "0", "--data-free", "-o", str(tmp_path / "m.onnx"), "--quiet"])
     assert code == 0, text
     report = json.loads((tmp_path / "m.report.json").read_text())
-    assert report["settings"]["data_free"] and "distill" not in report["seconds"]
+    assert report["settings"]["init"]["data_free"] and "distill" not in report["seconds"]
     assert all(layer["sensitivity"] is None for layer in report["layers"])
 
 
@@ -162,3 +162,24 @@ def test_huggingface_directory(tmp_path) -> None:
     report = json.loads((tmp_path / "m.report.json").read_text())
     assert report["source"]["format"] == "huggingface" and report["parity"]["ok"]
     assert report["totals"]["compressed"] >= 1
+
+
+def test_report_settings_are_the_config_that_ran(files, tmp_path) -> None:
+    """No drift: the report's settings are asdict of the config (plus the job's export
+    settings), whatever flags set it."""
+    from gblr_compress.distill import DistillConfig
+    from gblr_compress.init import InitConfig
+    from gblr_compress.pipeline import CompressConfig
+
+    code, text = _run([str(files["bundle"]), *FAST, "--seed", "3", "--max-blocks", "2", "--lr", "0.002",
+                       "-o", str(tmp_path / "m.onnx"), "--quiet"])
+    assert code == 0, text
+    report = json.loads((tmp_path / "m.report.json").read_text())
+    expected = CompressConfig(budget=0.3, seed=3, init=InitConfig(max_groups=2),
+                              distill=DistillConfig(steps=4, lr=0.002)).settings()
+    assert report["settings"] == {**expected, "opset": 18, "verify": True}
+
+
+def test_field_errors_name_the_flag(files, tmp_path) -> None:
+    code, text = _run([str(files["bundle"]), "--budget", "0.3", "--lr", "-1", "-o", str(tmp_path / "m.onnx")])
+    assert code == 2 and "--lr" in text and "\n" == text[-1] and text.count("\n") == 1

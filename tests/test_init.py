@@ -23,7 +23,6 @@ from gblr_compress.init import (
 )
 from gblr_compress.layer import GBLRLinear
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -60,7 +59,7 @@ def test_block_sparse_matrix_beats_truncated_svd_at_equal_cost() -> None:
     gen = torch.Generator().manual_seed(1)
     m = n = 64
     W = torch.zeros(m, n)
-    for b, (r0, c0) in enumerate([(0, 8), (16, 40), (32, 56), (48, 24)]):
+    for r0, c0 in ((0, 8), (16, 40), (32, 56), (48, 24)):
         cols = [(c0 + j) % n for j in range(16)]  # one block wraps past the end
         W[r0 : r0 + 16, cols] = torch.randn(16, 16, generator=gen)
     cost = 4 * 16 * (16 + 16)  # block-sparse cost: 4 dense 16x16 blocks

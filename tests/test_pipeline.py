@@ -5,13 +5,15 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 
 from gblr_compress.calib import collect_moments
+from gblr_compress.distill import DistillConfig
 from gblr_compress.gaudi import round_width
 from gblr_compress.init import whitened_svd_layer
 from gblr_compress.layer import FrozenGBLR
-from gblr_compress.pipeline import CompressConfig, compress
+from gblr_compress.pipeline import CompressConfig, RecoverConfig, compress
 from gblr_compress.swap import find_linears, replace_module
 
 BUDGET = 0.1
@@ -54,7 +56,7 @@ def test_distill_and_freeze_beat_whitened_svd_and_stay_near_dense(digits) -> Non
 
 
 def test_proximal_step_moves_widths_kills_groups_and_reallocates(digits) -> None:
-    config = CompressConfig(budget=BUDGET, steps=200, overcomplete=1.5)
+    config = CompressConfig(budget=BUDGET, distill=DistillConfig(steps=200), overcomplete=1.5)
     result = compress(digits.model, config, calib=_calib(digits))
     history = result.distill.history
     first, last = history[0], history[-1]
@@ -74,7 +76,7 @@ def test_proximal_step_moves_widths_kills_groups_and_reallocates(digits) -> None
 
 def test_freeze_and_recovery_change_outputs_little(digits) -> None:
     calib = _calib(digits)
-    no_recovery = compress(digits.model, CompressConfig(budget=BUDGET, recovery_steps=0), calib=calib)
+    no_recovery = compress(digits.model, CompressConfig(budget=BUDGET, recover=RecoverConfig(steps=0)), calib=calib)
     recovered = compress(digits.model, CompressConfig(budget=BUDGET), calib=calib)
     with torch.no_grad():
         before = no_recovery.model(digits.X_test)  # distilled student, frozen as is
@@ -100,14 +102,38 @@ def test_distillation_trains_on_augmented_token_batches_and_keeps_the_budget() -
     results = {}
     for augment in (0.0, 0.3):
         seen.clear()
-        config = CompressConfig(budget=0.4, steps=36, recovery_steps=0, augment=augment, augment_copies=3)
+        config = CompressConfig(budget=0.4, distill=DistillConfig(steps=36), recover=RecoverConfig(steps=0),
+                                augment=augment, augment_copies=3)
         results[augment] = compress(model, config, calib=calib)
         # 6 fit + 2 held-out batches, and with augmentation 2 new copies of each fit batch:
         # 36 steps draw each of the 18 batches twice (3 copies would be drawn < 2 times).
         assert len(set(seen)) == (6 + 2 + 2 * 6 if augment else 6 + 2)
     # With the fit batches drawn fewer than 4 times each, no copies are made.
     seen.clear()
-    compress(model, CompressConfig(budget=0.4, steps=20, recovery_steps=0, augment=0.3), calib=calib)
+    compress(model, CompressConfig(budget=0.4, distill=DistillConfig(steps=20), recover=RecoverConfig(steps=0),
+                            augment=0.3), calib=calib)
     assert len(set(seen)) == 6 + 2
     for res in results.values():
         assert sum(r.cost for r in res.records.values()) <= res.max_cost
+
+
+def test_config_composes_stages_and_errors_name_fields() -> None:
+    from dataclasses import asdict
+
+    from gblr_compress.errors import ConfigError
+    from gblr_compress.init import InitConfig
+
+    cfg = CompressConfig(budget=0.4, seed=7, init=InitConfig(max_groups=2), distill=DistillConfig(steps=8))
+    # The stages take the run's budget and seed: the dict is what runs.
+    assert (cfg.init.budget, cfg.init.seed, cfg.distill.seed) == (0.4, 7, 7)
+    assert asdict(cfg)["init"]["max_groups"] == 2 and cfg.settings()["distill"]["steps"] == 8
+    rec = cfg.recover.derive(cfg.distill)  # the named derivation, not literals at a call site
+    assert (rec.steps, rec.lr, rec.seed, rec.loss) == (2, cfg.distill.lr * 0.3, 8, cfg.distill.loss)
+    assert RecoverConfig(steps=5).derive(cfg.distill).steps == 5
+    for build, field in ((lambda: CompressConfig(budget=2.0), "budget"),
+                         (lambda: DistillConfig(steps=-1), "steps"),
+                         (lambda: InitConfig(max_groups=0), "max_groups"),
+                         (lambda: RecoverConfig(lr_scale=0), "lr_scale")):
+        with pytest.raises(ConfigError) as err:
+            build()
+        assert err.value.field == field and "--" not in str(err.value)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from gblr_compress.distill import DistillConfig
 from gblr_compress.pipeline import CompressConfig, compress
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -213,7 +214,7 @@ def _check(model: nn.Module, batches: list[torch.Tensor], key: tuple) -> None:
     _, steps, budget = key
     want = FIGURES[key]
     torch.manual_seed(0)
-    res = compress(model, CompressConfig(seed=0, steps=steps, budget=budget), calib=batches)
+    res = compress(model, CompressConfig(seed=0, distill=DistillConfig(steps=steps), budget=budget), calib=batches)
     assert sum(r.cost for r in res.records.values()) == want["cost"]
     assert res.max_cost == want["max_cost"]
     assert set(res.quality) == set(want["quality"])

@@ -123,10 +123,13 @@ def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool) 
     the library call the CLI makes: compress the HuggingFace BertModel itself (its
     outputs, every token's last hidden state and the pooler output, are the
     distillation targets, default loss), then put the mean pooling back on top."""
+    from gblr_compress.distill import DistillConfig
+    from gblr_compress.init import InitConfig
     from gblr_compress.pipeline import CompressConfig, compress
 
-    config = CompressConfig(budget=budget, include=_bert_names(dense), data_free=data_free, seed=SEED,
-                            steps=0 if data_free else 100)
+    config = CompressConfig(budget=budget, include=_bert_names(dense), seed=SEED,
+                            init=InitConfig(data_free=data_free),
+                            distill=DistillConfig(steps=0 if data_free else 100))
     bert = compress(dense.bert, config, calib=None if data_free else calib).model
     return SentenceEncoder(bert).eval()
 
@@ -165,6 +168,7 @@ def whitened_svd_distilled(dense: nn.Module, calib: list[Batch], budget: float) 
     """The whitened-SVD row's model, then the distillation ``gblr-calibrated`` gets
     (gblr-compress's own distillation phases, same defaults, held-out share and loss),
     structure fixed: separates what the structure buys from what the distillation buys."""
+    from gblr_compress.distill import DistillConfig
     from gblr_compress.freeze import freeze_
     from gblr_compress.pipeline import CompressConfig, distill_and_recover, split_batches
     from gblr_compress.swap import replace_module
@@ -172,7 +176,7 @@ def whitened_svd_distilled(dense: nn.Module, calib: list[Batch], budget: float) 
     student = whitened_svd(dense, calib, budget)
     for name in encoder_linears(dense):
         replace_module(student, name, _as_gblr(student.get_submodule(name)))
-    config = CompressConfig(budget=budget, structure_lr=0.0, seed=SEED)
+    config = CompressConfig(budget=budget, distill=DistillConfig(steps=100, structure_lr=0.0), seed=SEED)
     fit, held = split_batches(list(calib), config.holdout_fraction)
     max_cost = sum(student.get_submodule(n).exact_cost() for n in encoder_linears(dense))
     # The same targets gblr-calibrated distills on: the BertModel's outputs; and the same

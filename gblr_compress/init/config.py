@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gblr_compress.errors import InputError
+from gblr_compress.errors import ConfigError
 
 __all__ = ["InitConfig", "LayerInit", "InitResult"]
 
@@ -65,25 +65,25 @@ class InitConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
-            raise InputError(f"budget must be in (0, 1], got {self.budget}")
+            raise ConfigError("budget", f"must be in (0, 1], got {self.budget}")
         if self.max_groups < 1:
-            raise InputError(f"max_groups must be >= 1, got {self.max_groups}")
+            raise ConfigError("max_groups", f"must be >= 1, got {self.max_groups}")
         if not self.damping >= 0.0:
-            raise InputError(f"damping must be >= 0, got {self.damping}")
+            raise ConfigError("damping", f"must be >= 0, got {self.damping}")
         if not all(0.0 < f < 1.0 for f in self.width_fractions):
-            raise InputError(f"width_fractions must be in (0, 1), got {self.width_fractions}")
+            raise ConfigError("width_fractions", f"must be in (0, 1), got {self.width_fractions}")
         if self.refine_steps < 0 or self.refit_sweeps < 0:
-            raise InputError("refine_steps and refit_sweeps must be >= 0")
+            raise ConfigError("refine_steps", "and refit_sweeps must be >= 0")
         if not self.refine_lr > 0.0:
-            raise InputError(f"refine_lr must be > 0, got {self.refine_lr}")
+            raise ConfigError("refine_lr", f"must be > 0, got {self.refine_lr}")
         if not self.refine_within >= 0.0:
-            raise InputError(f"refine_within must be >= 0, got {self.refine_within}")
+            raise ConfigError("refine_within", f"must be >= 0, got {self.refine_within}")
         if self.moment_tokens is not None and self.moment_tokens < 1:
-            raise InputError(f"moment_tokens must be >= 1 or None, got {self.moment_tokens}")
+            raise ConfigError("moment_tokens", f"must be >= 1 or None, got {self.moment_tokens}")
         if self.sensitivity_batches < 0:
-            raise InputError(f"sensitivity_batches must be >= 0, got {self.sensitivity_batches}")
+            raise ConfigError("sensitivity_batches", f"must be >= 0, got {self.sensitivity_batches}")
         if not 0.0 <= self.min_gain < 1.0:
-            raise InputError(f"min_gain must be in [0, 1), got {self.min_gain}")
+            raise ConfigError("min_gain", f"must be in [0, 1), got {self.min_gain}")
 
 
 @dataclass

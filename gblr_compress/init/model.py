@@ -13,15 +13,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from gblr_compress.budget import dense_budget, greedy_allocation
 from gblr_compress.batches import Batch
+from gblr_compress.budget import dense_budget, greedy_allocation
 from gblr_compress.calib import Moment, collect_moments, layer_sensitivity
 from gblr_compress.errors import InputError
 from gblr_compress.init.config import InitConfig, InitResult, LayerInit

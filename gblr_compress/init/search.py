@@ -17,7 +17,7 @@ one full-width block (:func:`lowrank_blocks`). Fitted blocks are
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

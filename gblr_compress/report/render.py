@@ -58,9 +58,13 @@ def render_summary(report: CompressionReport, console: Console) -> None:
     """Print the end-of-run summary: sizes, budget, held-out agreement, parity, timings."""
     n_lin = len(report.layers)
     console.print(
-        f"Layers: {report.compressed_count} compressed, {report.skipped_count} skipped "
-        f"(of {n_lin} linear layers)"
+        f"Layers: {report.compressed_count} compressed, {report.skipped_count} skipped"
+        + (f", {report.excluded_count} left dense outside the budget" if report.excluded_count else "")
+        + f" (of {n_lin} linear layers)"
     )
+    for l in report.layers:
+        if l.status == "excluded":
+            console.print(Text(f"  {l.name}: left dense: {l.reason}"))
     t = _table(console, "Size", "", "dense", "compressed", "ratio")
     t.add_row(
         "linear multiply-adds / token",
@@ -166,7 +170,7 @@ def render_inspect(report: CompressionReport, console: Console, heatmaps: bool =
     console.print(t)
     for l in report.layers:
         if l.reason:
-            how = f"init {l.init_kind}" if l.compressed else "skipped"
+            how = f"init {l.init_kind}" if l.compressed else ("left dense" if l.status == "excluded" else "skipped")
             console.print(Text(f"{l.name}: {how}: {l.reason}"))
     console.print(
         f"Budget: requested {_pct(report.budget)}, achieved {_pct(report.achieved, 2)} of "

@@ -40,7 +40,7 @@ __all__ = [
 
 REPORT_VERSION = 1
 REPORT_METADATA_KEY = "gblr.report"
-_STATUSES = ("compressed", "skipped")
+_STATUSES = ("compressed", "skipped", "excluded")
 
 
 def _utc_now() -> str:
@@ -54,8 +54,10 @@ class LayerReport:
     Attributes:
         name: dotted module path.
         in_features, out_features: ``n`` and ``m`` of the dense layer.
-        status: ``"compressed"`` or ``"skipped"``.
-        reason: why it was skipped, or which init won.
+        status: ``"compressed"``, ``"skipped"`` (the init left it dense; it counts in
+            the budget at its dense cost) or ``"excluded"`` (left dense before the init
+            and kept out of the budget: not used by the outputs, or its weight is tied).
+        reason: why it was skipped or excluded, or which init won.
         dense_cost: ``m * n``.
         allocated_cost: the init's share of the global budget.
         structure: ``LayerStructure.to_dict()`` of the frozen layer (None when skipped).
@@ -88,6 +90,11 @@ class LayerReport:
     def compressed(self) -> bool:
         """True when the layer was replaced by a GBLR layer."""
         return self.status == "compressed"
+
+    @property
+    def in_budget(self) -> bool:
+        """False for a layer excluded from the budget (unused or tied)."""
+        return self.status != "excluded"
 
     def layout(self) -> LayerStructure | None:
         """The frozen structure's windows and ranks (no weights), parsed from
@@ -149,13 +156,13 @@ class CompressionReport:
     # Derived totals: one place, from the per-layer structures.
     @property
     def linear_dense_cost(self) -> int:
-        """Sum of ``m * n`` over the reported linear layers."""
-        return sum(l.dense_cost for l in self.layers)
+        """Sum of ``m * n`` over the reported linear layers in the budget."""
+        return sum(l.dense_cost for l in self.layers if l.in_budget)
 
     @property
     def linear_cost(self) -> int:
-        """Sum of exact layer costs (skipped layers count dense)."""
-        return sum(l.cost for l in self.layers)
+        """Sum of exact layer costs in the budget (skipped layers count dense)."""
+        return sum(l.cost for l in self.layers if l.in_budget)
 
     @property
     def budget(self) -> float | None:
@@ -182,8 +189,13 @@ class CompressionReport:
 
     @property
     def skipped_count(self) -> int:
-        """Number of skipped layers."""
-        return sum(not l.compressed for l in self.layers)
+        """Number of layers the init left dense (in the budget)."""
+        return sum(l.status == "skipped" for l in self.layers)
+
+    @property
+    def excluded_count(self) -> int:
+        """Number of layers left dense and out of the budget (unused or tied)."""
+        return sum(l.status == "excluded" for l in self.layers)
 
     def budget_share(self, layer: LayerReport) -> float | None:
         """``layer.cost / budget_cost`` (None when the budget is unknown or zero)."""
@@ -199,6 +211,7 @@ class CompressionReport:
             "achieved": self.achieved,
             "compressed": self.compressed_count,
             "skipped": self.skipped_count,
+            "excluded": self.excluded_count,
             "layers": {
                 l.name: {
                     "cost": l.cost,
@@ -258,7 +271,7 @@ def _layer_from_dict(d: Any) -> LayerReport:
     except (TypeError, ValueError):
         raise _bad(f"layer {d.get('name')!r} has fields of the wrong type") from None
     if layer.status not in _STATUSES:
-        raise _bad(f"layer {layer.name!r}: status must be compressed or skipped, got {layer.status!r}")
+        raise _bad(f"layer {layer.name!r}: status must be compressed, skipped or excluded, got {layer.status!r}")
     if layer.dense_cost != layer.in_features * layer.out_features:
         raise _bad(f"layer {layer.name!r}: dense_cost is not out_features * in_features")
     if layer.structure is not None:
