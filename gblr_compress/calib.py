@@ -23,6 +23,7 @@ from gblr_compress.batches import (
     token_mask,
     with_token_ids,
 )
+from gblr_compress.progress import Progress, ProgressEvent
 
 __all__ = [
     "Moment",
@@ -65,8 +66,9 @@ def collect_moments(
     model: nn.Module,
     names: Sequence[str],
     batches: Iterable[Batch],
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     max_rows: int | None = None,
+    phase: str = "moments",
 ) -> dict[str, Moment]:
     """Stream ``X^T X`` of each named layer's input over calibration batches.
 
@@ -83,12 +85,13 @@ def collect_moments(
         model: the model; it runs in eval mode under ``no_grad`` (its mode is restored).
         names: dotted names of the layers (e.g. from ``swap.find_linears``).
         batches: calibration batches, anything :func:`run_model` accepts.
-        progress: called as ``progress(i, total)`` after each batch (``total`` is 0
-            when ``batches`` has no length).
+        progress: gets ``ProgressEvent(phase, i, total)`` after each batch (``total``
+            is 0 when ``batches`` has no length).
         max_rows: use at most this many input vectors per layer and batch, evenly
             strided (``None``: all). Neighbouring tokens are strongly correlated, so
             half the rows of a long-sequence batch estimate the moment nearly as well
             at half the cost.
+        phase: the phase the events name (``"moments"``, or ``"holdout"``).
 
     Returns:
         ``{name: Moment}`` for every name.
@@ -139,7 +142,7 @@ def collect_moments(
             state["mask"] = token_mask(batch)
             run_model(model, batch)
             if progress is not None:
-                progress(i + 1, total)
+                progress(ProgressEvent(phase, i + 1, total))
     finally:
         cache.clear()
         for h in handles:

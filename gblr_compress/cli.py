@@ -154,13 +154,6 @@ def _budget(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
 class _Bars:
     """rich progress bars on a terminal; one line per finished phase elsewhere (CI logs)."""
 
-    LABELS = {
-        "moments": "activation statistics", "holdout": "held-out statistics",
-        "sensitivity": "layer sensitivity",
-        "spectra": "spectra", "layers": "init (per layer)", "distill": "distillation",
-        "recover": "recovery (content only)", "export": "export + verification",
-    }
-
     def __init__(self, console: Any, quiet: bool) -> None:
         self.console, self.quiet = console, quiet
         self.tasks: dict[str, Any] = {}
@@ -183,15 +176,18 @@ class _Bars:
         if self.progress is not None:
             self.progress.stop()
 
-    def __call__(self, phase: str, done: int, total: int, info: Any) -> None:
+    def __call__(self, event: Any) -> None:
         if self.quiet:
             return
         import time
 
-        label = self.LABELS.get(phase, phase)
+        from gblr_compress.progress import PHASES
+
+        phase, done, total = event.phase, event.done, event.total
+        label = PHASES.get(phase, phase)
         text = ""
-        if "loss" in info:
-            text = f"loss {info['loss']:.4g}  cost {info['cost']:,}/{info['max_cost']:,}"
+        if event.loss is not None:
+            text = f"loss {event.loss:.4g}  cost {event.cost:,}/{event.max_cost:,}"
         if phase not in self.started:
             self.started[phase] = time.perf_counter()
             if self.progress is not None:

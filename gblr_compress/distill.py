@@ -33,10 +33,10 @@ from gblr_compress.batches import Batch, flatten_outputs, real_positions, run_mo
 from gblr_compress.budget import project_widths_, total_cost
 from gblr_compress.errors import ConfigError
 from gblr_compress.layer import GBLRLinear
+from gblr_compress.progress import Progress, ProgressEvent
 
 __all__ = [
     "DistillConfig",
-    "DistillProgress",
     "DistillResult",
     "gblr_layers",
     "normalized_mse",
@@ -104,18 +104,6 @@ class DistillConfig:
             raise ConfigError("eval_every", f"must be >= 1, got {self.eval_every}")
         if not self.teacher_cache_mb >= 0:
             raise ConfigError("teacher_cache_mb", f"must be >= 0, got {self.teacher_cache_mb}")
-
-
-@dataclass
-class DistillProgress:
-    """What the progress callback receives after each step."""
-
-    step: int
-    steps: int
-    loss: float
-    cost: int
-    max_cost: int
-    heldout: float | None = None
 
 
 @dataclass
@@ -295,7 +283,8 @@ def distill_(
     max_cost: int,
     config: DistillConfig = DistillConfig(),
     holdout: Sequence[Batch] = (),
-    progress: Callable[[DistillProgress], None] | None = None,
+    progress: Progress | None = None,
+    phase: str = "distill",
 ) -> DistillResult:
     """Train the student's GBLR layers in place to match the teacher within ``max_cost``.
 
@@ -306,7 +295,9 @@ def distill_(
         max_cost: exact cost the GBLR layers may share (e.g. ``InitResult.max_cost``).
         config: loop settings.
         holdout: batches never trained on; they pick the best state.
-        progress: called after every step with a :class:`DistillProgress`.
+        progress: gets a :class:`~gblr_compress.progress.ProgressEvent` after every
+            step (loss, exact cost and its bound, and the held-out loss when measured).
+        phase: the phase the events name (``"distill"``; the recovery's ``"recover"``).
 
     Returns:
         A :class:`DistillResult`; the student holds the best held-out state (or the last
@@ -396,7 +387,8 @@ def distill_(
                 if held is not None and held < best:
                     best, best_state, result.best_step = held, _gblr_state(layers), done
             if progress is not None:
-                progress(DistillProgress(done, config.steps, loss.item(), total_cost(layer_list), max_cost, held))
+                progress(ProgressEvent(phase, done, config.steps, loss=loss.item(),
+                                       cost=total_cost(layer_list), max_cost=max_cost, heldout=held))
     finally:
         for taps in (s_taps, t_taps):
             if taps is not None:

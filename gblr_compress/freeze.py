@@ -9,14 +9,15 @@ identical windows merged) that computes the same function without a dense weight
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 from torch import nn
 
 from gblr_compress.batches import Batch
-from gblr_compress.distill import DistillConfig, DistillProgress, DistillResult, distill_, gblr_layers
+from gblr_compress.distill import DistillConfig, DistillResult, distill_, gblr_layers
 from gblr_compress.layer import FrozenGBLR
+from gblr_compress.progress import Progress
 from gblr_compress.structure import LayerStructure
 from gblr_compress.swap import replace_module
 
@@ -30,7 +31,7 @@ def recover_(
     max_cost: int,
     config: DistillConfig,
     holdout: Sequence[Batch] = (),
-    progress: Callable[[DistillProgress], None] | None = None,
+    progress: Progress | None = None,
 ) -> DistillResult:
     """Content-only fine-tune with the structure fixed at its rounded windows.
 
@@ -40,7 +41,7 @@ def recover_(
     """
     # ste_fraction=1 runs every step on exact boxcars (sigma = inf).
     fixed = replace(config, structure_lr=0.0, ste_fraction=1.0)
-    return distill_(student, teacher, calib, max_cost, fixed, holdout=holdout, progress=progress)
+    return distill_(student, teacher, calib, max_cost, fixed, holdout=holdout, progress=progress, phase="recover")
 
 
 def freeze_(model: nn.Module) -> dict[str, LayerStructure]:

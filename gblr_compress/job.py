@@ -22,7 +22,8 @@ from gblr_compress.calibration import calibration_batches, check_inputs_fit
 from gblr_compress.checkpoint import LoadedModel, load_model
 from gblr_compress.errors import InputError
 from gblr_compress.export import ExportResult, LayerExport, Parity, build_onnx, save_onnx, verify_graph
-from gblr_compress.pipeline import CompressConfig, CompressResult, Progress, compress
+from gblr_compress.pipeline import CompressConfig, CompressResult, compress
+from gblr_compress.progress import Progress, ProgressEvent
 from gblr_compress.report import CompressionReport, LayerReport, report_to_dict, write_report
 from gblr_compress.swap import as_linear
 
@@ -200,7 +201,7 @@ def run_job(job: Job, progress: Progress | None = None) -> JobResult:
 
     t0 = time.perf_counter()
     if progress is not None:
-        progress("export", 0, 1, {})
+        progress(ProgressEvent("export", 0, 1))
     graph = build_onnx(result.model, example, opset=job.opset)
     parity = verify_graph(graph, result.model) if job.verify else None
     seconds["export"] = time.perf_counter() - t0
@@ -211,7 +212,7 @@ def run_job(job: Job, progress: Progress | None = None) -> JobResult:
     exported = save_onnx(graph, out, {"gblr.report": json.dumps(report_to_dict(report))}, parity)
     exported.seconds = seconds["export"]
     if progress is not None:
-        progress("export", 1, 1, {})
+        progress(ProgressEvent("export", 1, 1))
     try:
         write_report(report, report_path)
     except BaseException:

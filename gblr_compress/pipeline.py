@@ -3,7 +3,7 @@
 ``compress`` takes a dense model and calibration batches and returns a frozen student
 (every compressed layer a :class:`~gblr_compress.layer.FrozenGBLR`) plus everything the
 report needs. It never modifies the model it is given and prints nothing; the CLI draws
-progress from the ``progress`` callback.
+progress from the ``progress`` events.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -24,7 +24,6 @@ from gblr_compress.budget import project_widths_
 from gblr_compress.calib import augment_tokens
 from gblr_compress.distill import (
     DistillConfig,
-    DistillProgress,
     DistillResult,
     agreement,
     distill_,
@@ -33,6 +32,7 @@ from gblr_compress.distill import (
 from gblr_compress.errors import ConfigError, InputError
 from gblr_compress.freeze import freeze_, recover_
 from gblr_compress.init import InitConfig, InitResult, allocate, collect_stats, init_layers_
+from gblr_compress.progress import Progress
 from gblr_compress.structure import LayerStructure
 from gblr_compress.swap import find_linears, replace_module
 from gblr_compress.usage import find_usage, tied_weights
@@ -47,9 +47,6 @@ __all__ = [
     "split_batches",
 ]
 
-# progress(phase, done, total, info): phases "moments", "holdout", "sensitivity", "spectra",
-# "layers" (init), "distill", "recover" (info: loss, cost, max_cost, heldout).
-Progress = Callable[[str, int, int, Mapping[str, float]], None]
 
 
 @dataclass(frozen=True)
@@ -219,7 +216,7 @@ def compress(
         config: budget, steps, layers and the rest (:class:`CompressConfig`).
         calib: calibration batches (each one forward call's input). Without them the
             init is data-free and there is no distillation.
-        progress: ``progress(phase, done, total, info)`` callback.
+        progress: gets a :class:`~gblr_compress.progress.ProgressEvent` per unit of work.
 
     Returns:
         A :class:`CompressResult` whose ``model`` is the frozen student.
@@ -254,7 +251,6 @@ def compress(
         raise InputError("none of the model's Linear layers can be compressed: "
                          + "; ".join(f"{n}: {r}" for n, r in left_dense.items()))
 
-    init_progress = None if progress is None else (lambda stage, i, n: progress(stage, i, n, {}))
     distilling = config.distill.steps > 0 and bool(fit)
     t0 = time.perf_counter()
     init_cfg = replace(  # the run's init: over-complete while distilling, data-free without data
@@ -263,9 +259,9 @@ def compress(
         data_free=config.init.data_free or not fit,
     )
     # Statistics of the dense layers -> the budget split -> each layer searched and swapped.
-    stats = collect_stats(student, init_cfg, fit or None, held or None, usable, init_progress)
+    stats = collect_stats(student, init_cfg, fit or None, held or None, usable, progress)
     allocation = allocate(stats, init_cfg)
-    init = init_layers_(student, init_cfg, stats, allocation, init_progress)
+    init = init_layers_(student, init_cfg, stats, allocation, progress)
     dense_total = sum(rec.dense_cost for rec in init.layers.values())
     skipped_dense = sum(r.dense_cost for r in init.layers.values() if r.status == "skipped")
     max_cost = math.floor(config.budget * dense_total) - skipped_dense
@@ -332,8 +328,7 @@ def distill_and_recover(
         fit: batches trained on; ``held``: held-out batches (may be empty).
         max_cost: exact cost the GBLR layers share.
         config: steps, learning rates, seed, loss and recovery steps.
-        progress: ``progress(phase, done, total, info)`` with phases ``"distill"``,
-            ``"recover"``.
+        progress: gets the ``"distill"`` and ``"recover"`` phases' events.
         seconds: wall time per phase is added here when given.
         quality: held-out agreement after distillation (``"distilled"``) is added here
             when given and there are held-out batches.
@@ -345,7 +340,7 @@ def distill_and_recover(
     t0 = time.perf_counter()
     fit = list(fit) + augment_tokens(fit, config.augment, _copies(config, len(fit)), config.seed)
     distilled = distill_(student, teacher, fit, max_cost, config.distill, holdout=held,
-                         progress=_relay_steps("distill", progress))
+                         progress=progress)
     seconds["distill"] = time.perf_counter() - t0
     if held and quality is not None:
         quality["distilled"] = agreement(student.eval(), teacher, held, config.logits)
@@ -354,7 +349,7 @@ def distill_and_recover(
     if rcfg.steps > 0:
         t0 = time.perf_counter()
         recovery = recover_(student, teacher, fit, max_cost, rcfg, holdout=held,
-                            progress=_relay_steps("recover", progress))
+                            progress=progress)
         seconds["recover"] = time.perf_counter() - t0
     return distilled, recovery
 
@@ -367,16 +362,3 @@ def _split_for_pruning(model: nn.Module, max_blocks: int) -> None:
             per -= 1
         if per > 1:
             replace_module(model, name, layer.split_groups(layer.num_groups * per))
-
-
-def _relay_steps(phase: str, progress: Progress | None) -> Callable[[DistillProgress], None] | None:
-    if progress is None:
-        return None
-
-    def relay(p: DistillProgress) -> None:
-        info = {"loss": p.loss, "cost": p.cost, "max_cost": p.max_cost}
-        if p.heldout is not None:
-            info["heldout"] = p.heldout
-        progress(phase, p.step, p.steps, info)
-
-    return relay

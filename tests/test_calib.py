@@ -26,7 +26,7 @@ def test_moments_match_stacked_activations_for_3d_inputs() -> None:
     model = _Seq().double()
     batches = [torch.randn(4, 7, 6, dtype=torch.float64) for _ in range(3)]
     calls = []
-    moments = collect_moments(model, ["a", "b"], batches, progress=lambda i, t: calls.append((i, t)))
+    moments = collect_moments(model, ["a", "b"], batches, progress=lambda e: calls.append((e.done, e.total)))
     X = torch.cat([x.reshape(-1, 6) for x in batches])  # (84, 6)
     H = torch.relu(model.a(X)).detach()
     assert moments["a"].count == 84 and moments["b"].count == 84

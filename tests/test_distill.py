@@ -9,7 +9,6 @@ import torch
 from gblr_compress.budget import budget_cost, total_cost
 from gblr_compress.distill import (
     DistillConfig,
-    DistillProgress,
     agreement,
     distill_,
     gblr_layers,
@@ -18,6 +17,7 @@ from gblr_compress.distill import (
 )
 from gblr_compress.freeze import freeze_, recover_
 from gblr_compress.layer import FrozenGBLR, GBLRLayerConfig, GBLRLinear
+from gblr_compress.progress import ProgressEvent
 from gblr_compress.swap import find_linears, replace_module
 from samples.models import TinyEncoder
 
@@ -46,11 +46,11 @@ def test_dict_input_encoder_runs_the_whole_loop() -> None:
     layers = list(gblr_layers(student).values())
     max_cost = budget_cost(layers, 0.3)
     calib, hold = _token_batches(gen, 6), _token_batches(gen, 2)
-    seen: list[DistillProgress] = []
+    seen: list[ProgressEvent] = []
     result = distill_(
         student, teacher, calib, max_cost, DistillConfig(steps=12, eval_every=4), holdout=hold, progress=seen.append
     )
-    assert [p.step for p in seen] == list(range(1, 13))
+    assert [p.done for p in seen] == list(range(1, 13)) and {p.phase for p in seen} == {"distill"}
     assert all(p.cost <= max_cost for p in seen)
     assert result.heldout_after <= result.heldout_before
     rec = recover_(student, teacher, calib, max_cost, DistillConfig(steps=4, eval_every=2), holdout=hold)

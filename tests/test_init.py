@@ -235,7 +235,7 @@ def test_stages_stats_allocate_init_layers_equal_initialize_(digits) -> None:
     seen: list[str] = []
     model = copy.deepcopy(digits.model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    stats = collect_stats(model, cfg, fit, held, names, lambda s, i, n: seen.append(s))
+    stats = collect_stats(model, cfg, fit, held, names, lambda e: seen.append(e.phase))
     assert list(dict.fromkeys(seen)) == ["moments", "holdout", "sensitivity", "spectra"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
     assert stats.names == names and not stats.data_free
@@ -243,7 +243,7 @@ def test_stages_stats_allocate_init_layers_equal_initialize_(digits) -> None:
     allocation = allocate(stats, cfg)
     assert sum(allocation.costs.values()) <= allocation.budget_cost
     assert allocation.budget_cost == math.floor(0.3 * sum(m * n for m, n in stats.shapes.values()))
-    staged = init_layers_(model, cfg, stats, allocation, lambda s, i, n: seen.append(s))
+    staged = init_layers_(model, cfg, stats, allocation, lambda e: seen.append(e.phase))
     assert seen[-1] == "layers"
 
     whole = copy.deepcopy(digits.model)

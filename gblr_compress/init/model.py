@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -27,6 +27,7 @@ from gblr_compress.errors import InputError
 from gblr_compress.init.config import InitConfig, InitResult, LayerInit
 from gblr_compress.init.layer import init_layer
 from gblr_compress.init.linalg import cholesky, gram_spectrum, regularized_moment
+from gblr_compress.progress import Progress, ProgressEvent
 from gblr_compress.swap import as_linear, find_linears, is_linear_like, replace_module
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
 
 _F64 = torch.float64
 
-InitProgress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -114,7 +114,7 @@ def collect_stats(
     calib: Iterable[Batch] | None = None,
     holdout: Iterable[Batch] | None = None,
     names: Sequence[str] | None = None,
-    progress: InitProgress | None = None,
+    progress: Progress | None = None,
 ) -> InitStats:
     """Stage 1: moments, held-out moments, sensitivity and whitened spectra.
 
@@ -125,7 +125,7 @@ def collect_stats(
             own spectra are taken.
         holdout: held-out batches, whose moments judge windowed structures.
         names: dotted names of the layers (default: every linear-like module).
-        progress: ``progress(stage, i, total)`` with stages ``"moments"``, ``"holdout"``,
+        progress: ``ProgressEvent``s of the phases ``"moments"``, ``"holdout"``,
             ``"sensitivity"`` and ``"spectra"``.
 
     Raises:
@@ -136,21 +136,16 @@ def collect_stats(
     names = list(modules)
     data_free = cfg.data_free or calib is None
 
-    def stage(label: str) -> Callable[[int, int], None] | None:
-        if progress is None:
-            return None
-        return lambda i, total: progress(label, i, total)
-
     fit_m: dict[str, Moment] = {}
     hold_m: dict[str, Moment] = {}
     weights: dict[str, float] = {}
     if not data_free:
         calib = calib if isinstance(calib, Sequence) else list(calib)
         cap = _row_cap(calib, cfg)
-        fit_m = collect_moments(model, names, calib, stage("moments"), cap)
+        fit_m = collect_moments(model, names, calib, progress, cap, phase="moments")
         if holdout is not None:
             # Held-out batches only judge structures: the fit batches' row cap serves.
-            hold_m = collect_moments(model, names, holdout, stage("holdout"), cap)
+            hold_m = collect_moments(model, names, holdout, progress, cap, phase="holdout")
         if all(mo.count == 0 for mo in fit_m.values()):
             raise InputError("calibration batches produced no inputs for the target layers")
         if cfg.sensitivity_batches > 0:
@@ -164,7 +159,7 @@ def collect_stats(
             if not any(w > 0.0 for w in weights.values()):
                 weights = {}  # outputs unreachable by gradients: weigh layers alike
             if progress is not None:
-                progress("sensitivity", 1, 1)
+                progress(ProgressEvent("sensitivity", 1, 1))
 
     spectra, shapes = {}, {}
     for i, name in enumerate(names):
@@ -174,7 +169,7 @@ def collect_stats(
         spectra[name] = gram_spectrum(W @ cholesky(C))
         shapes[name] = (lin.out_features, lin.in_features)
         if progress is not None:
-            progress("spectra", i + 1, len(names))
+            progress(ProgressEvent("spectra", i + 1, len(names)))
     return InitStats(names, shapes, fit_m, hold_m, weights, spectra, data_free,
                      time.perf_counter() - t0)
 
@@ -205,7 +200,7 @@ def init_layers_(
     cfg: InitConfig,
     stats: InitStats,
     allocation: Allocation,
-    progress: InitProgress | None = None,
+    progress: Progress | None = None,
 ) -> InitResult:
     """Stage 3: replace each target layer in place by its :func:`init_layer` result.
 
@@ -217,7 +212,7 @@ def init_layers_(
         cfg: search settings.
         stats: :func:`collect_stats` output (moments judge and fit each layer).
         allocation: :func:`allocate` output.
-        progress: ``progress("layers", i, total)``.
+        progress: ``ProgressEvent("layers", i, total)`` after each layer.
 
     Returns:
         An :class:`InitResult`; ``result.max_cost`` is what the GBLR layers may share.
@@ -248,7 +243,7 @@ def init_layers_(
                 rec.sensitivity = weights.get(names[i])
                 result.layers[names[i]] = rec
                 if progress is not None:
-                    progress("layers", i + 1, len(names))
+                    progress(ProgressEvent("layers", i + 1, len(names)))
     finally:
         torch.set_num_threads(threads)
     skipped = sum(r.dense_cost for r in result.layers.values() if r.status == "skipped")
@@ -264,7 +259,7 @@ def initialize_(
     calib: Iterable[Batch] | None = None,
     holdout: Iterable[Batch] | None = None,
     names: Sequence[str] | None = None,
-    progress: InitProgress | None = None,
+    progress: Progress | None = None,
 ) -> InitResult:
     """Replace the target layers of ``model`` in place by initialized GBLRLinear layers:
     :func:`collect_stats`, then :func:`allocate`, then :func:`init_layers_`.
@@ -275,7 +270,7 @@ def initialize_(
         calib: fit batches; activation-aware init unless ``cfg.data_free``.
         holdout: held-out batches, to judge windowed structures (recommended).
         names: dotted names of the layers (default: every linear-like module).
-        progress: ``progress(stage, i, total)`` with stages ``"moments"``,
+        progress: ``ProgressEvent``s of the phases ``"moments"``,
             ``"holdout"``, ``"sensitivity"``, ``"spectra"`` and ``"layers"``.
 
     Returns:
