@@ -12,7 +12,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-__all__ = ["is_linear_like", "as_linear", "find_linears", "get_module", "replace_module"]
+__all__ = ["is_linear_like", "as_linear", "find_linears", "replace_module"]
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -71,11 +71,6 @@ def find_linears(
             continue
         names.append(name)
     return names
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule at a dotted name."""
-    return model.get_submodule(name)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
