@@ -225,6 +225,15 @@ def _config(build: Callable[[], Any]) -> Any:
               help="Builds the architecture for a state_dict / .safetensors MODEL (safe: nothing is unpickled).")
 @click.option("--calib", default=None, type=click.Path(path_type=str),
               help="Calibration data: .pt or .npz with a tensor, tuple/dict of tensors, or a list of batches.")
+@click.option("--calib-text", default=None, type=click.Path(path_type=str),
+              help="Calibration texts: .txt (one per line) or .jsonl (a \"text\" field per line), tokenized "
+                   "with the model folder's tokenizer (or --tokenizer).")
+@click.option("--tokenizer", default=None, type=click.Path(path_type=str), metavar="DIR",
+              help="Folder holding the tokenizer for --calib-text (default: the model folder).")
+@click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per text row (truncation; causal LMs: packed row length).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Rows per calibration batch made from --calib-text.")
 @click.option("--input-spec", default=None, metavar="SPEC",
               help="Input names, dtypes and shapes for synthetic inputs, e.g. input_ids:int64[8,128].")
 @click.option("--steps", default=100, show_default=True, type=click.IntRange(min=0),
@@ -242,6 +251,13 @@ def _config(build: Callable[[], Any]) -> Any:
               help="Most blocks per layer; few large blocks run fast.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only compress Linear layers whose name matches (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave Linear layers whose name matches dense (repeatable).")
+@click.option("--compress-tied", is_flag=True,
+              help="Also compress layers whose weight is tied to another module (default: left dense, reported).")
+@click.option("--teacher-cache-mb", default=1024.0, show_default=True, type=click.FloatRange(min=0),
+              help="Memory for cached teacher outputs during distillation (results do not change, only time).")
+@click.option("--max-memory", default=None, type=click.FloatRange(min=0, min_open=True), metavar="GB",
+              help="Memory the run may use (default: what the machine has available); a run estimated to "
+                   "need more is refused before the work.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda when available.")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(min=18))
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-PyTorch check.")
@@ -251,8 +267,10 @@ def _config(build: Callable[[], Any]) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @verbose_option
 def compress_cmd(model: str, budget: float, output: str, factory: str | None, calib: str | None,
+                 calib_text: str | None, tokenizer: str | None, max_length: int, batch_size: int,
                  input_spec: str | None, steps: int, lr: float, loss: str, augment: float, seed: int,
                  data_free: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
+                 compress_tied: bool, teacher_cache_mb: float, max_memory: float | None,
                  device: str, opset: int, no_verify: bool, report: str | None, quiet: bool, as_json: bool) -> None:
     """Compress MODEL's Linear layers to a FLOP budget and export ONNX + a report.
 
@@ -275,10 +293,12 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
             raise InputError(f"--device {device}: CUDA is not available on this machine")
     config = _config(lambda: CompressConfig(
         budget=budget, seed=seed, include=include, exclude=exclude, augment=augment, device=device,
-        init=InitConfig(max_groups=max_blocks, data_free=data_free),
-        distill=DistillConfig(steps=steps, lr=lr, loss=loss),
+        compress_tied=compress_tied, init=InitConfig(max_groups=max_blocks, data_free=data_free),
+        distill=DistillConfig(steps=steps, lr=lr, loss=loss, teacher_cache_mb=teacher_cache_mb),
     ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
+              calib_text=calib_text, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
+              max_memory_gb=max_memory,
               report=report, opset=opset, verify=not no_verify, config=config)
     console = _console()
     err_console = _console(stderr=True)

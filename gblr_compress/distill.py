@@ -39,6 +39,7 @@ __all__ = [
     "DistillConfig",
     "DistillResult",
     "gblr_layers",
+    "output_kind",
     "normalized_mse",
     "output_loss",
     "agreement",
@@ -127,8 +128,24 @@ def gblr_layers(model: nn.Module) -> dict[str, GBLRLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, GBLRLinear)}
 
 
+def output_kind(t: torch.Tensor) -> str:
+    """What a model output is, for ``loss="auto"`` and the held-out top-1:
+
+    - ``"embedding"``: 2-D with unit-norm rows (a normalized sentence embedding); a
+      softmax over its coordinates means nothing, so it is matched by normalized MSE;
+    - ``"logits"``: any other 2-D output with more than one column (a classifier), KL;
+    - ``"features"``: everything else (per-token states, scalars), normalized MSE.
+    """
+    if t.dim() != 2 or t.shape[1] < 2:
+        return "features"
+    norms = t.detach().double().norm(dim=1)
+    if bool(((norms - 1.0).abs() < 1e-3).all()):
+        return "embedding"
+    return "logits"
+
+
 def _is_logits(t: torch.Tensor) -> bool:
-    return t.dim() == 2 and t.shape[1] > 1
+    return output_kind(t) == "logits"
 
 
 def normalized_mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,8 +165,9 @@ def output_loss(
     """Distance between student and teacher outputs (any nesting of tensors).
 
     Normalized MSE ``mean((s - t)^2) / mean(t^2)`` per tensor, averaged; with ``"kl"`` (or
-    ``"auto"`` on a single 2-D output, i.e. classifier logits) the KL divergence of the
-    tempered softmaxes, scaled by ``T^2``. ``mask`` is the batch's boolean attention mask
+    ``"auto"`` on a single output that :func:`output_kind` takes for classifier logits:
+    2-D, rows not unit-norm) the KL divergence of the tempered softmaxes, scaled by
+    ``T^2``. ``mask`` is the batch's boolean attention mask
     (:func:`~gblr_compress.calib.token_mask`): per-token outputs are compared at the
     unpadded positions only, since what a model computes at padding is never used.
     """

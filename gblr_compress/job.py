@@ -10,22 +10,26 @@ outputs atomically (a failure leaves neither).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from gblr_compress.batches import Batch, flatten_outputs, graph_outputs
 from gblr_compress.calibration import calibration_batches, check_inputs_fit
 from gblr_compress.checkpoint import LoadedModel, load_model
 from gblr_compress.errors import InputError
 from gblr_compress.export import ExportResult, LayerExport, Parity, build_onnx, save_onnx, verify_graph
+from gblr_compress.memory import MemoryEstimate, available_bytes, estimate_bytes, gib, peak_rss_bytes, reset_peak
 from gblr_compress.pipeline import CompressConfig, CompressResult, compress
 from gblr_compress.progress import Progress, ProgressEvent
 from gblr_compress.report import CompressionReport, LayerReport, report_to_dict, write_report
-from gblr_compress.swap import as_linear
+from gblr_compress.swap import as_linear, find_linears
 
 __all__ = ["Job", "JobResult", "build_report", "default_report_path", "run_job"]
 
@@ -46,6 +50,13 @@ class Job:
         opset: ONNX opset.
         verify: compare the ONNX model with the PyTorch student in onnxruntime.
         synthetic_batches: how many synthetic batches to make without real data.
+        calib_text: calibration texts (``.txt``: one per line; ``.jsonl``: a ``text``
+            field per line), tokenized with ``tokenizer`` (see :mod:`gblr_compress.text`).
+        tokenizer: folder holding the tokenizer (default: the model folder itself).
+        max_length: tokens per text row (truncation; packed row length for causal LMs).
+        batch_size: rows per calibration batch made from text.
+        max_memory_gb: the memory the run may use (default: what the machine has
+            available); a run estimated to need more is refused before the work.
         config: the compression settings.
     """
 
@@ -58,7 +69,12 @@ class Job:
     opset: int = 18
     verify: bool = True
     synthetic_batches: int = 16
-    config: CompressConfig = CompressConfig()
+    calib_text: str | None = None
+    tokenizer: str | None = None
+    max_length: int = 128
+    batch_size: int = 32
+    max_memory_gb: float | None = None
+    config: CompressConfig = field(default_factory=CompressConfig)
 
 
 @dataclass
@@ -132,6 +148,93 @@ def _shapes(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[int, int]
     return {n: tuple(as_linear(modules[n]).weight.shape) for n in names}
 
 
+class _PhasePeaks:
+    """Passes progress events on, and records the resident-set peak of each phase: the
+    high-water mark is read and reset when the next phase's first event arrives."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.peak: dict[str, int] = {}
+        self.phase: str | None = None
+        reset_peak()
+
+    def close(self, name: str | None = None) -> None:
+        """End the running phase; ``name`` labels work done outside any event phase
+        (loading). Work after a phase's last event (freezing after the recovery) counts
+        in that phase."""
+        label = self.phase or name
+        if label is not None:
+            self.peak[label] = max(self.peak.get(label, 0), peak_rss_bytes())
+        self.phase = None
+        reset_peak()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.phase != self.phase:
+            self.close()
+            self.phase = event.phase
+        if self.progress is not None:
+            self.progress(event)
+
+
+def _disable_kv_cache(model: nn.Module) -> None:
+    """Turn off the KV cache of HuggingFace models inside ``model`` (in memory only)."""
+    for mod in model.modules():
+        config = getattr(mod, "config", None)
+        if getattr(config, "use_cache", False):  # only HF configs carry the flag
+            config.use_cache = False
+
+
+def _text_calibration(job: Job, loaded: LoadedModel) -> list[Batch]:
+    """Calibration batches tokenized from ``job.calib_text``."""
+    from gblr_compress.text import load_tokenizer, read_texts, text_batches
+
+    folder = job.tokenizer
+    if folder is None:
+        if not Path(job.model).is_dir():
+            raise InputError("--calib-text needs the model's tokenizer: give --tokenizer DIR "
+                             "(a HuggingFace folder holding it)")
+        folder = job.model
+    texts = read_texts(job.calib_text)
+    tokenizer = load_tokenizer(folder)
+    return text_batches(texts, tokenizer, loaded.model, job.max_length, job.batch_size)
+
+
+def _check_memory(
+    job: Job, model: nn.Module, calib: Sequence[Batch], outputs: object
+) -> tuple[MemoryEstimate, int | None]:
+    """Estimate the run's peak and refuse it (one line, exit 2) when it cannot fit."""
+    targets = find_linears(model, job.config.include or None, job.config.exclude or None)
+    modules = dict(model.named_modules())
+    param_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    weights = [modules[n].weight for n in targets]
+    target_bytes = sum(w.numel() * 4 for w in weights)  # factors train in float32
+    widths = sum(sum(w.shape) for w in weights)
+    tokens = max(_tokens(b) for b in calib)
+    out_bytes = sum(t.numel() * 4 for t in flatten_outputs(outputs))
+    distilling = job.config.distill.steps > 0
+    estimate = estimate_bytes(param_bytes, target_bytes, tokens, widths, out_bytes,
+                              int(job.config.distill.teacher_cache_mb * 2**20), distilling, peak_rss_bytes())
+    limit = available_bytes() if job.max_memory_gb is None else int(job.max_memory_gb * 2**30)
+    if limit is not None and estimate.total > limit:
+        raise InputError(
+            f"this run needs about {gib(estimate.total)} ({estimate.describe()}) but "
+            f"{gib(limit)} is available: lower --teacher-cache-mb or --batch-size, --exclude "
+            "large layers, or run on a larger machine"
+        )
+    return estimate, limit
+
+
+def _tokens(batch: Batch) -> int:
+    """Positions one batch runs through the layers: every element of an integer (token
+    id) input, all but the feature axis of a float one."""
+    first = next(iter(batch.values())) if isinstance(batch, Mapping) else (
+        batch if isinstance(batch, torch.Tensor) else batch[0])
+    shape = tuple(first.shape)
+    if first.is_floating_point():
+        shape = shape[:-1]
+    return max(1, math.prod(shape))
+
+
 def build_report(
     job: Job,
     loaded: LoadedModel,
@@ -151,7 +254,7 @@ def build_report(
     }
     return CompressionReport(
         source={
-            "model": str(job.model), "format": loaded.source_format, "calib": job.calib,
+            "model": str(job.model), "format": loaded.source_format, "calib": job.calib or job.calib_text,
             "calib_batches": calib_batches, "synthetic_calib": synthetic,
         },
         settings=settings,
@@ -181,23 +284,43 @@ def run_job(job: Job, progress: Progress | None = None) -> JobResult:
     t_start = time.perf_counter()
     out = Path(job.output)
     report_path = Path(job.report) if job.report else default_report_path(out)
-    _check_output(out, [job.model, job.calib])
-    _check_output(report_path, [job.model, job.calib, job.output])
+    if job.calib and job.calib_text:
+        raise InputError("give calibration data once: --calib FILE or --calib-text FILE, not both")
+    _check_output(out, [job.model, job.calib, job.calib_text])
+    _check_output(report_path, [job.model, job.calib, job.calib_text, job.output])
     seconds: dict[str, float] = {}
     warnings: list[str] = []
+    peaks = _PhasePeaks(progress)
+    progress = peaks
 
     t0 = time.perf_counter()
     loaded = load_model(job.model, job.factory)
-    calib, synthetic = calibration_batches(job.calib, loaded, job.input_spec, job.synthetic_batches,
-                                           job.config.seed, warnings)
+    # A causal LM returns its KV cache next to the logits; the deployed graph returns
+    # the logits only, and the cache is no distillation target.
+    _disable_kv_cache(loaded.model)
+    if job.calib_text:
+        calib, synthetic = _text_calibration(job, loaded), False
+    else:
+        calib, synthetic = calibration_batches(job.calib, loaded, job.input_spec, job.synthetic_batches,
+                                               job.config.seed, warnings)
     if not calib:
         raise InputError("the calibration data holds no batches")
-    check_inputs_fit(loaded.model, calib[0])
+    # Everything that can refuse the model or its inputs runs now, on one batch, before
+    # the first long phase: the data fits, the outputs are what a graph can carry, and
+    # the run fits in memory.
+    outputs = check_inputs_fit(loaded.model, calib[0])
+    try:
+        graph_outputs(outputs)
+    except InputError as exc:
+        raise InputError(f"the model's outputs cannot be exported: {exc}") from None
+    estimate, available = _check_memory(job, loaded.model, calib, outputs)
     example = loaded.example_inputs if loaded.example_inputs is not None else calib[0]
     seconds["load"] = time.perf_counter() - t0
+    peaks.close("load")
 
     result = compress(loaded.model, job.config, calib, progress)
     seconds.update(result.seconds)
+    peaks.close("freeze")
 
     t0 = time.perf_counter()
     if progress is not None:
@@ -208,7 +331,9 @@ def run_job(job: Job, progress: Progress | None = None) -> JobResult:
     # The report holds the verification figures and the time of the whole run, and it
     # travels inside the ONNX file: build it before the file is written.
     seconds["total"] = time.perf_counter() - t_start
+    peaks.close("export")
     report = build_report(job, loaded, result, graph.layers, parity, seconds, synthetic, len(calib))
+    report.memory = {"estimate": estimate.total, "available": available, "peak": dict(peaks.peak)}
     exported = save_onnx(graph, out, {"gblr.report": json.dumps(report_to_dict(report))}, parity)
     exported.seconds = seconds["export"]
     if progress is not None:

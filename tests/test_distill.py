@@ -147,3 +147,27 @@ def test_agreement_masks_padding_and_skips_top1_for_embeddings() -> None:
     assert got["rel_error"] == 0.0 and abs(got["cosine"] - 1.0) < 1e-9
     lin = torch.nn.Linear(5, 4)
     assert "top1" not in agreement(lin, lin, [torch.randn(6, 5)], logits=False)
+
+
+def test_auto_loss_follows_what_the_output_is() -> None:
+    from torch.nn import functional as F
+
+    from gblr_compress.distill import output_kind, output_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 10, generator=gen) * 3
+    emb = F.normalize(torch.randn(6, 10, generator=gen), dim=1)
+    tokens = torch.randn(2, 5, 10, generator=gen)
+    assert [output_kind(t) for t in (logits, emb, tokens)] == ["logits", "embedding", "features"]
+    other = torch.randn(6, 10, generator=gen)
+    # logits: KL (shift-invariant: adding a constant per row changes nothing)
+    assert float(output_loss(logits + 5.0, logits)) < 1e-6
+    # a unit-norm embedding is matched by normalized MSE, not a softmax
+    moved = F.normalize(emb + 0.1 * other, dim=1)
+    expected = (moved - emb).pow(2).mean() / emb.pow(2).mean()
+    torch.testing.assert_close(output_loss(moved, emb), expected)
+    # per-token outputs: normalized MSE at the real positions only
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    noisy = tokens.clone()
+    noisy[0, 3:] += 100.0  # padding garbage
+    torch.testing.assert_close(output_loss(noisy, tokens, mask=mask), torch.tensor(0.0))

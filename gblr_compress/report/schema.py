@@ -139,6 +139,9 @@ class CompressionReport:
         seconds: wall time per phase (``load``, ``init``, ..., ``total``).
         outputs: ``{"onnx": path, "report": path}``.
         model_params: ``{"dense": before, "compressed": after}`` for the whole model.
+        memory: ``{"estimate": bytes, "available": bytes or None, "peak": {phase:
+            bytes}}``: the estimate the run was checked against, and the resident-set
+            high-water mark of each phase (empty in reports of older versions).
     """
 
     version: int = REPORT_VERSION
@@ -152,6 +155,7 @@ class CompressionReport:
     seconds: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     model_params: dict[str, int] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
 
     # Derived totals: one place, from the per-layer structures.
     @property
@@ -303,7 +307,7 @@ def report_from_dict(d: Any) -> CompressionReport:
         if f.name in ("layers", "version") or f.name not in d:
             continue
         kw[f.name] = d[f.name]
-    for key in ("source", "settings", "quality", "seconds", "outputs", "model_params"):
+    for key in ("source", "settings", "quality", "seconds", "outputs", "model_params", "memory"):
         if key in kw and not isinstance(kw[key], dict):
             raise _bad(f"{key!r} must be an object")
     if kw.get("parity") is not None and not isinstance(kw["parity"], dict):
