@@ -29,3 +29,40 @@ class NoLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * 2
+
+
+class SentenceWrapper(nn.Module):
+    """The usual sentence-embedding wrapper, in small: token embedding, two layers, the
+    L2-normalized mean over real tokens. ``pooler`` is computed and thrown away, as a
+    wrapped HuggingFace ``BertModel``'s pooler is."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, hidden)
+        self.fc1 = nn.Linear(hidden, 64)
+        self.fc2 = nn.Linear(64, hidden)
+        self.pooler = nn.Linear(hidden, hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids)
+        h = h + self.fc2(torch.relu(self.fc1(h)))  # (B, T, H)
+        _ = torch.tanh(self.pooler(h[:, 0]))  # unused by the output
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+class TiedLM(nn.Module):
+    """A tiny causal-LM-like model whose output head shares the token embedding."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, hidden)
+        self.fc1 = nn.Linear(hidden, 64)
+        self.fc2 = nn.Linear(64, hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.lm_head.weight = self.emb.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids)
+        return self.lm_head(h + self.fc2(torch.relu(self.fc1(h))))  # (B, T, vocab)

@@ -9,8 +9,11 @@ then replaces each placeholder with its sliced-GEMM subgraph.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +149,58 @@ def _default_dynamic_axes(call: ModelCall) -> dict[str, dict[int, str]]:
     return axes
 
 
+def _broadcast_mask(mu: Any) -> Callable[..., torch.Tensor]:
+    """transformers' ``sdpa_mask`` evaluated by broadcasting instead of ``torch.vmap``.
+
+    transformers' mask functions are elementwise in (batch, head, q, kv) indices, so
+    calling one on index tensors shaped to broadcast gives the same (B, 1, Q, KV)
+    boolean mask; unlike vmap, the tracer records it with dynamic sizes.
+    """
+
+    def sdpa_mask(batch_size: int, cache_position: torch.Tensor, kv_length: int, kv_offset: int = 0,
+                  mask_function: Callable | None = None, attention_mask: torch.Tensor | None = None,
+                  **_kwargs: Any) -> torch.Tensor:
+        fn = mask_function if mask_function is not None else mu.causal_mask_function
+        padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset, _slice=False)
+        if padding is not None:
+            fn = mu.and_masks(fn, mu.padding_mask_function(padding))
+        device = cache_position.device
+        b = torch.arange(batch_size, device=device)[:, None, None, None]
+        h = torch.zeros(1, dtype=torch.long, device=device)[None, :, None, None]
+        q = cache_position[None, None, :, None]
+        kv = (torch.arange(kv_length, device=device) + kv_offset)[None, None, None, :]
+        return fn(b, h, q, kv).expand(batch_size, 1, cache_position.shape[0], kv_length)
+
+    return sdpa_mask
+
+
+@contextlib.contextmanager
+def _traceable_masks() -> Iterator[None]:
+    """Let TorchScript trace HuggingFace causal models (Llama, ...) with dynamic shapes.
+
+    transformers builds attention masks with ``torch.vmap``, which the TorchScript
+    tracer cannot record (it fails with ``unordered_map::at``, or bakes the sequence
+    length in). :func:`_broadcast_mask` computes the same masks and stands in while
+    tracing; everything is put back after. Nothing happens when transformers is not
+    loaded.
+    """
+    mu = sys.modules.get("transformers.masking_utils")
+    if mu is None or not hasattr(mu, "AttentionMaskInterface") or not hasattr(mu, "sdpa_mask"):
+        yield
+        return
+    mapping = mu.AttentionMaskInterface._global_mapping
+    saved_fn, saved_map = mu.sdpa_mask, dict(mapping)
+    patched = _broadcast_mask(mu)
+    mu.sdpa_mask = patched  # eager_mask calls the module-level sdpa_mask
+    mapping["sdpa"] = patched
+    try:
+        yield
+    finally:
+        mu.sdpa_mask = saved_fn
+        mapping.clear()
+        mapping.update(saved_map)
+
+
 def compressed_layers(model: nn.Module) -> list[tuple[str, FrozenGBLR]]:
     """Every FrozenGBLR in ``model`` with its dotted name, in module order."""
     return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, FrozenGBLR)]
@@ -174,7 +229,7 @@ def trace_model(
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "traced.onnx"
         wrapper = _Flat(model, call.names if call.as_kwargs else None)
-        with _Swapped(layers), torch.no_grad(), warnings.catch_warnings():
+        with _Swapped(layers), _traceable_masks(), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 wrapper,

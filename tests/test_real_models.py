@@ -1,0 +1,150 @@
+"""Models as users bring them: a pickled wrapper with an unused layer, a tied head,
+text calibration, the memory guard, and a Llama-architecture HuggingFace folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gblr_compress.cli import main
+from tests.cli_models import SentenceWrapper, TiedLM
+
+pytest.importorskip("tokenizers")
+
+WORDS = "the a cat dog sat ran on under mat log big small red blue and then it was".split()
+FAST = ["--steps", "4", "--budget", "0.5", "--quiet"]
+
+
+def _sentences(n: int, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(k),), generator=g))
+            for k in torch.randint(4, 14, (n,), generator=g)]
+
+
+def _run(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tokenizer folder, text files, and pickled models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    d = tmp_path_factory.mktemp("real")
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(_sentences(300), trainers.WordLevelTrainer(
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    (d / "tok").mkdir()
+    tok.save(str(d / "tok" / "tokenizer.json"))
+    (d / "tok" / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "[PAD]", "eos_token": "</s>",
+        "unk_token": "[UNK]"}))
+    (d / "calib.txt").write_text("\n".join(_sentences(96, seed=1)) + "\n")
+    (d / "calib.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in _sentences(96, seed=2)) + "\n")
+    torch.manual_seed(0)
+    torch.save(SentenceWrapper().eval(), d / "wrapper.pt")
+    torch.save(TiedLM().eval(), d / "tied.pt")
+    return {"dir": d, "tok": d / "tok", "txt": d / "calib.txt", "jsonl": d / "calib.jsonl",
+            "wrapper": d / "wrapper.pt", "tied": d / "tied.pt"}
+
+
+def _layers(report_path: Path) -> dict[str, dict]:
+    return {l["name"]: l for l in json.loads(report_path.read_text())["layers"]}
+
+
+@pytest.mark.parametrize("text", ["txt", "jsonl"])
+def test_wrapper_with_unused_layer_from_text(work, tmp_path, text) -> None:
+    out = tmp_path / "m.onnx"
+    code, msg = _run([work["wrapper"], *FAST, "--calib-text", work[text], "--tokenizer", work["tok"],
+                      "--max-length", "16", "--batch-size", "8", "-o", out])
+    assert code == 0, msg
+    layers = _layers(tmp_path / "m.report.json")
+    assert layers["pooler"]["status"] == "excluded"
+    assert layers["pooler"]["reason"] == "not used by the model's outputs"
+    assert {layers[n]["status"] for n in ("fc1", "fc2")} <= {"compressed", "skipped"}
+    report = json.loads((tmp_path / "m.report.json").read_text())
+    assert report["parity"]["ok"] and report["totals"]["linear_dense_cost"] == 2 * 32 * 64
+    assert report["memory"]["estimate"] > 0 and report["memory"]["peak"]["load"] > 0
+    # the deployed file runs in onnxruntime on new text, with its own shapes
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(0).integers(5, 20, (3, 11)).astype(np.int64)
+    (emb,) = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_tied_head_left_dense_unless_asked(work, tmp_path) -> None:
+    ids = torch.randint(5, 20, (8, 12))
+    torch.save([ids[i : i + 2] for i in range(0, 8, 2)], tmp_path / "c.pt")
+    code, msg = _run([work["tied"], *FAST, "--calib", tmp_path / "c.pt", "-o", tmp_path / "a.onnx"])
+    assert code == 0, msg
+    layers = _layers(tmp_path / "a.report.json")
+    assert layers["lm_head"]["status"] == "excluded" and layers["lm_head"]["reason"] == "weight tied to emb"
+    code, msg = _run([work["tied"], *FAST, "--calib", tmp_path / "c.pt", "--compress-tied", "-o", tmp_path / "b.onnx"])
+    assert code == 0, msg
+    assert _layers(tmp_path / "b.report.json")["lm_head"]["status"] in ("compressed", "skipped")
+    assert json.loads((tmp_path / "b.report.json").read_text())["parity"]["ok"]
+
+
+@pytest.mark.parametrize(("case", "needle"), [
+    ("no-tokenizer", "--tokenizer DIR"),
+    ("bad-jsonl", "not a JSON line"),
+    ("missing-text", "not found"),
+    ("both", "not both"),
+    ("tiny-memory", "available"),
+])
+def test_bad_text_calibration_and_memory_refusals(work, tmp_path, case, needle) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    args = {
+        "no-tokenizer": ["--calib-text", work["txt"]],
+        "bad-jsonl": ["--calib-text", tmp_path / "bad.jsonl", "--tokenizer", work["tok"]],
+        "missing-text": ["--calib-text", tmp_path / "nope.txt", "--tokenizer", work["tok"]],
+        "both": ["--calib-text", work["txt"], "--calib", work["txt"], "--tokenizer", work["tok"]],
+        "tiny-memory": ["--calib-text", work["txt"], "--tokenizer", work["tok"], "--max-memory", "0.001"],
+    }[case]
+    out = tmp_path / "o" / "m.onnx"
+    out.parent.mkdir()
+    code, msg = _run([work["wrapper"], *FAST, *args, "-o", out])
+    assert code == 2, msg
+    lines = msg.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], msg
+    assert list(out.parent.iterdir()) == []  # nothing written
+
+
+def test_tiny_llama_folder_compresses_exports_and_matches(work, tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    import shutil
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True, pad_token_id=0, eos_token_id=4, bos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    folder = tmp_path / "llama"
+    model.save_pretrained(folder)
+    for f in work["tok"].iterdir():
+        shutil.copy(f, folder / f.name)
+    out = tmp_path / "llama.onnx"
+    code, msg = _run([folder, *FAST, "--calib-text", work["txt"], "--max-length", "16", "--batch-size", "4",
+                      "-o", out])
+    assert code == 0, msg
+    report = json.loads((tmp_path / "llama.report.json").read_text())
+    layers = {l["name"]: l for l in report["layers"]}
+    assert layers["lm_head"]["status"] == "excluded" and "tied" in layers["lm_head"]["reason"]
+    assert sum(l["status"] == "compressed" for l in layers.values()) >= 1
+    assert report["parity"]["ok"] and report["source"]["format"] == "huggingface"
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["logits"]  # no KV cache in the graph
+    ids = np.random.default_rng(1).integers(5, 20, (2, 9)).astype(np.int64)
+    feeds = {i.name: (ids if i.name == "input_ids" else np.ones_like(ids)) for i in sess.get_inputs()}
+    (logits,) = sess.run(None, feeds)
+    assert logits.shape == (2, 9, 64) and np.isfinite(logits).all()
