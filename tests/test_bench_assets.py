@@ -102,7 +102,7 @@ def test_split_articles_disjoint_and_by_article():
     sents_e = {s for a in evaluation for s in a.sentences}
     assert not sents_c & sents_e and shared in sents_e
     # the side an article goes to does not depend on the others
-    calib2, evaluation2 = A.split_articles(arts[:100], 0.2)
+    _, evaluation2 = A.split_articles(arts[:100], 0.2)
     assert {a.title for a in evaluation2} == {a.title for a in evaluation if int(a.title.split()[1]) < 100}
     with pytest.raises(InputError):
         A.split_articles(arts, 1.0)
