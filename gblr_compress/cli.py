@@ -203,6 +203,7 @@ class _Bars:
 _FLAGS = {
     "budget": "--budget", "seed": "--seed", "augment": "--augment", "steps": "--steps", "lr": "--lr",
     "loss": "--loss", "max_groups": "--max-blocks", "teacher_cache_mb": "--teacher-cache-mb",
+    "time_budget": "--time-budget",
 }
 
 
@@ -251,6 +252,9 @@ def _config(build: Callable[[], Any]) -> Any:
               help="Most blocks per layer; few large blocks run fast.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only compress Linear layers whose name matches (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave Linear layers whose name matches dense (repeatable).")
+@click.option("--time-budget", default=None, type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Seconds the compression may take (init, distillation, recovery): the distillation "
+                   "and recovery keep the steps that fit. Default: all --steps, however long.")
 @click.option("--compress-tied", is_flag=True,
               help="Also compress layers whose weight is tied to another module (default: left dense, reported).")
 @click.option("--teacher-cache-mb", default=1024.0, show_default=True, type=click.FloatRange(min=0),
@@ -270,7 +274,7 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
                  calib_text: str | None, tokenizer: str | None, max_length: int, batch_size: int,
                  input_spec: str | None, steps: int, lr: float, loss: str, augment: float, seed: int,
                  data_free: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
-                 compress_tied: bool, teacher_cache_mb: float, max_memory: float | None,
+                 time_budget: float | None, compress_tied: bool, teacher_cache_mb: float, max_memory: float | None,
                  device: str, opset: int, no_verify: bool, report: str | None, quiet: bool, as_json: bool) -> None:
     """Compress MODEL's Linear layers to a FLOP budget and export ONNX + a report.
 
@@ -293,7 +297,7 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
             raise InputError(f"--device {device}: CUDA is not available on this machine")
     config = _config(lambda: CompressConfig(
         budget=budget, seed=seed, include=include, exclude=exclude, augment=augment, device=device,
-        compress_tied=compress_tied, init=InitConfig(max_groups=max_blocks, data_free=data_free),
+        compress_tied=compress_tied, time_budget=time_budget, init=InitConfig(max_groups=max_blocks, data_free=data_free),
         distill=DistillConfig(steps=steps, lr=lr, loss=loss, teacher_cache_mb=teacher_cache_mb),
     ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,

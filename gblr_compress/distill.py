@@ -107,6 +107,9 @@ class DistillConfig:
             raise ConfigError("teacher_cache_mb", f"must be >= 0, got {self.teacher_cache_mb}")
 
 
+_TIMED_STEPS = 3  # steps timed before a deadline decides how many fit
+
+
 @dataclass
 class DistillResult:
     """Outcome of :func:`distill_`.
@@ -303,6 +306,7 @@ def distill_(
     holdout: Sequence[Batch] = (),
     progress: Progress | None = None,
     phase: str = "distill",
+    deadline: float | None = None,
 ) -> DistillResult:
     """Train the student's GBLR layers in place to match the teacher within ``max_cost``.
 
@@ -316,6 +320,9 @@ def distill_(
         progress: gets a :class:`~gblr_compress.progress.ProgressEvent` after every
             step (loss, exact cost and its bound, and the held-out loss when measured).
         phase: the phase the events name (``"distill"``; the recovery's ``"recover"``).
+        deadline: a ``time.perf_counter()`` time to finish by: after a few timed steps
+            the run keeps only the steps that fit (at least one more), with its schedule
+            laid out over them; ``result.steps`` says how many ran. None: all steps.
 
     Returns:
         A :class:`DistillResult`; the student holds the best held-out state (or the last
@@ -365,21 +372,24 @@ def distill_(
     s_taps = _LayerTaps(student, names) if use_taps else None
     t_taps = _LayerTaps(teacher, names) if use_taps else None
     fit_teacher = _TeacherCache(teacher, t_taps, held_teacher.limit - held_teacher.used)
-    warmup = max(1, int(config.warmup_fraction * config.steps))
-    ste_start = int(round((1.0 - config.ste_fraction) * config.steps))
+    steps = config.steps
+    warmup = max(1, int(config.warmup_fraction * steps))
+    ste_start = int(round((1.0 - config.ste_fraction) * steps))
+    t_loop = time.perf_counter()
     best = heldout_before if heldout_before is not None else math.inf
     best_state = _gblr_state(layers) if holdout else None
     order: list[int] = []
     student.train()
     try:
-        for step in range(config.steps):
+        step = 0
+        while step < steps:
             if not order:
                 order = torch.randperm(len(calib), generator=gen).tolist()
             index = order.pop()
             batch = calib[index]
             _set_mask_schedule(layer_list, step, ste_start, config)
             for group in opt.param_groups + sopt.param_groups:
-                group["lr"] = group["base_lr"] * _lr_factor(step, config.steps, warmup)
+                group["lr"] = group["base_lr"] * _lr_factor(step, steps, warmup)
             t_out, t_layers = fit_teacher(index, batch)
             s_out = run_model(student, batch)
             mask = token_mask(batch)
@@ -397,15 +407,25 @@ def distill_(
                 for layer in layer_list:
                     layer.clamp_structure_()
                 project_widths_(layer_list, max_cost)
-            done = step + 1
+            done = step = step + 1
             held = None
-            if done % config.eval_every == 0 or done == config.steps:
+            if deadline is not None and done == _TIMED_STEPS and done < steps:
+                # Fit the run into the time left: the schedule (warm-up, cosine decay,
+                # the exact-boxcar phase) is laid out anew over the steps that fit.
+                per_step = (time.perf_counter() - t_loop) / done
+                fits = done + int(max(0.0, deadline - time.perf_counter()) / per_step)
+                if fits < steps:
+                    steps = max(done + 1, fits)
+                    warmup = min(warmup, max(1, int(config.warmup_fraction * steps)))
+                    ste_start = int(round((1.0 - config.ste_fraction) * steps))
+                    result.steps = steps
+            if done % config.eval_every == 0 or done == steps:
                 held = _heldout_loss(student, held_teacher, holdout, config) if holdout else None
                 result.history.append(_snapshot(done, loss.item(), held, layers))
                 if held is not None and held < best:
                     best, best_state, result.best_step = held, _gblr_state(layers), done
             if progress is not None:
-                progress(ProgressEvent(phase, done, config.steps, loss=loss.item(),
+                progress(ProgressEvent(phase, done, steps, loss=loss.item(),
                                        cost=total_cost(layer_list), max_cost=max_cost, heldout=held))
     finally:
         for taps in (s_taps, t_taps):
@@ -420,7 +440,7 @@ def distill_(
         for layer in layer_list:  # the saved state may carry a soft-phase sigma
             layer.sigma.fill_(math.inf)
     else:
-        result.best_step = config.steps
+        result.best_step = steps
     student.eval()
     result.seconds = time.perf_counter() - start
     return result

@@ -32,6 +32,7 @@ def recover_(
     config: DistillConfig,
     holdout: Sequence[Batch] = (),
     progress: Progress | None = None,
+    deadline: float | None = None,
 ) -> DistillResult:
     """Content-only fine-tune with the structure fixed at its rounded windows.
 
@@ -41,7 +42,8 @@ def recover_(
     """
     # ste_fraction=1 runs every step on exact boxcars (sigma = inf).
     fixed = replace(config, structure_lr=0.0, ste_fraction=1.0)
-    return distill_(student, teacher, calib, max_cost, fixed, holdout=holdout, progress=progress, phase="recover")
+    return distill_(student, teacher, calib, max_cost, fixed, holdout=holdout, progress=progress, phase="recover",
+                    deadline=deadline)
 
 
 def freeze_(model: nn.Module) -> dict[str, LayerStructure]:

@@ -123,6 +123,11 @@ class CompressConfig:
         augment_copies: most augmented copies of each fit batch (fewer when the steps
             would not draw each batch about twice).
         device: where init and distillation run (``cpu`` or ``cuda``).
+        time_budget: seconds the whole compression may take (init, distillation,
+            recovery; not loading or export). The init always runs whole; the
+            distillation then gets 80% of what is left and the recovery the rest, each
+            timing its first steps and keeping only the steps that fit. None (the
+            default): every configured step runs, however long it takes.
         init: the initialization (:class:`~gblr_compress.init.InitConfig`;
             ``max_groups`` is the most blocks per layer, ``data_free`` ignores the
             activation statistics).
@@ -141,6 +146,7 @@ class CompressConfig:
     augment: float = 0.2
     augment_copies: int = 4
     device: str = "cpu"
+    time_budget: float | None = None
     init: InitConfig = field(default_factory=InitConfig)
     distill: DistillConfig = field(default_factory=_default_distill)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
@@ -162,6 +168,8 @@ class CompressConfig:
             raise ConfigError("augment_copies", f"must be >= 0, got {self.augment_copies}")
         if not self.overcomplete >= 1.0:
             raise ConfigError("overcomplete", f"must be >= 1, got {self.overcomplete}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ConfigError("time_budget", f"must be > 0 seconds, got {self.time_budget}")
         # The stages take the run's budget and seed, so the config says what ran.
         object.__setattr__(self, "init", replace(self.init, budget=float(self.budget), seed=self.seed))
         object.__setattr__(self, "distill", replace(self.distill, seed=self.seed))
@@ -227,6 +235,8 @@ def compress(
         True
     """
     seconds: dict[str, float] = {}
+    t_start = time.perf_counter()
+    deadline = None if config.time_budget is None else t_start + config.time_budget
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     teacher = copy.deepcopy(model).to(device).eval()
@@ -279,7 +289,7 @@ def compress(
     compressed = [n for n, rec in init.layers.items() if rec.status != "skipped"]
     if distilling and compressed:
         distilled, recovery = distill_and_recover(
-            student, teacher, fit, held, max_cost, config, progress, seconds, quality
+            student, teacher, fit, held, max_cost, config, progress, seconds, quality, deadline
         )
 
     t0 = time.perf_counter()
@@ -316,6 +326,7 @@ def distill_and_recover(
     progress: Progress | None = None,
     seconds: dict[str, float] | None = None,
     quality: dict[str, dict[str, float]] | None = None,
+    deadline: float | None = None,
 ) -> tuple[DistillResult, DistillResult | None]:
     """The distillation phases of :func:`compress` on a student whose target layers are
     GBLRLinear: ``config.distill`` proximal distillation steps, then the content-only
@@ -332,6 +343,8 @@ def distill_and_recover(
         seconds: wall time per phase is added here when given.
         quality: held-out agreement after distillation (``"distilled"``) is added here
             when given and there are held-out batches.
+        deadline: a ``time.perf_counter()`` time both phases must end by (the
+            distillation takes 80% of the time left, see ``CompressConfig.time_budget``).
 
     Returns:
         ``(distillation record, recovery record or None when it has no steps)``.
@@ -339,8 +352,9 @@ def distill_and_recover(
     seconds = {} if seconds is None else seconds
     t0 = time.perf_counter()
     fit = list(fit) + augment_tokens(fit, config.augment, _copies(config, len(fit)), config.seed)
+    d_deadline = None if deadline is None else t0 + 0.8 * max(0.0, deadline - t0)
     distilled = distill_(student, teacher, fit, max_cost, config.distill, holdout=held,
-                         progress=progress)
+                         progress=progress, deadline=d_deadline)
     seconds["distill"] = time.perf_counter() - t0
     if held and quality is not None:
         quality["distilled"] = agreement(student.eval(), teacher, held, config.logits)
@@ -349,7 +363,7 @@ def distill_and_recover(
     if rcfg.steps > 0:
         t0 = time.perf_counter()
         recovery = recover_(student, teacher, fit, max_cost, rcfg, holdout=held,
-                            progress=progress)
+                            progress=progress, deadline=deadline)
         seconds["recover"] = time.perf_counter() - t0
     return distilled, recovery
 

@@ -171,3 +171,20 @@ def test_auto_loss_follows_what_the_output_is() -> None:
     noisy = tokens.clone()
     noisy[0, 3:] += 100.0  # padding garbage
     torch.testing.assert_close(output_loss(noisy, tokens, mask=mask), torch.tensor(0.0))
+
+
+def test_deadline_keeps_the_steps_that_fit() -> None:
+    import time
+
+    gen = torch.Generator().manual_seed(3)
+    teacher = TinyEncoder(vocab=50, hidden=32, layers=1, heads=4, ffn=64, max_len=16, classes=3).eval()
+    student = copy.deepcopy(teacher)
+    _swap_from_linear(student, groups=2, rank=2)
+    max_cost = budget_cost(list(gblr_layers(student).values()), 0.3)
+    calib = _token_batches(gen, 4)
+    seen: list[ProgressEvent] = []
+    # A deadline already reached: the timed steps run, then one more, and no others.
+    result = distill_(student, teacher, calib, max_cost, DistillConfig(steps=50), progress=seen.append,
+                      deadline=time.perf_counter())
+    assert result.steps == 4 and [e.done for e in seen] == [1, 2, 3, 4] and seen[-1].total == 4
+    assert all(e.cost <= max_cost for e in seen)
