@@ -36,6 +36,7 @@ __all__ = [
     "run_model",
     "split_batches",
     "token_ids",
+    "positions",
     "token_mask",
     "with_token_ids",
 ]
@@ -193,6 +194,21 @@ def split_batches(
 
 
 # ------------------------------------------------------------------ token batches
+def positions(batch: Batch) -> int:
+    """Input vectors one batch runs through the layers: the real (unpadded) tokens of a
+    token batch, every element of an integer input, all but the feature axis of a float
+    one."""
+    mask = token_mask(batch)
+    if mask is not None:
+        return int(mask.sum())
+    first = next(iter(batch.values())) if isinstance(batch, Mapping) else (
+        batch if isinstance(batch, torch.Tensor) else batch[0])
+    shape = tuple(first.shape)
+    if first.is_floating_point():
+        shape = shape[:-1]
+    return max(1, math.prod(shape))
+
+
 def token_mask(batch: Batch) -> torch.Tensor | None:
     """The batch's ``attention_mask`` as booleans, when it has one (dict batches).
 

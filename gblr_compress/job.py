@@ -10,17 +10,15 @@ outputs atomically (a failure leaves neither).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from gblr_compress.batches import Batch, flatten_outputs, graph_outputs
+from gblr_compress.batches import Batch, flatten_outputs, graph_outputs, positions
 from gblr_compress.calibration import calibration_batches, check_inputs_fit
 from gblr_compress.checkpoint import LoadedModel, load_model
 from gblr_compress.errors import InputError
@@ -209,7 +207,7 @@ def _check_memory(
     weights = [modules[n].weight for n in targets]
     target_bytes = sum(w.numel() * 4 for w in weights)  # factors train in float32
     widths = sum(sum(w.shape) for w in weights)
-    tokens = max(_tokens(b) for b in calib)
+    tokens = max(positions(b) for b in calib)
     out_bytes = sum(t.numel() * 4 for t in flatten_outputs(outputs))
     distilling = job.config.distill.steps > 0
     estimate = estimate_bytes(param_bytes, target_bytes, tokens, widths, out_bytes,
@@ -222,17 +220,6 @@ def _check_memory(
             "large layers, or run on a larger machine"
         )
     return estimate, limit
-
-
-def _tokens(batch: Batch) -> int:
-    """Positions one batch runs through the layers: every element of an integer (token
-    id) input, all but the feature axis of a float one."""
-    first = next(iter(batch.values())) if isinstance(batch, Mapping) else (
-        batch if isinstance(batch, torch.Tensor) else batch[0])
-    shape = tuple(first.shape)
-    if first.is_floating_point():
-        shape = shape[:-1]
-    return max(1, math.prod(shape))
 
 
 def build_report(

@@ -1,0 +1,278 @@
+"""Real models, run as a new user would: the ``gblr-compress`` command on each, scored
+on text from another source than its calibration.
+
+Cases (all offline; see ``python -m benchmarks.assets``):
+
+- ``minilm-wrapper``: all-MiniLM-L6-v2 inside the usual sentence-embedding wrapper
+  (``torch.save`` of the whole module: mean-pooled, L2-normalized output), no
+  ``--include``; the BERT pooler is computed and unused. Calibration: Wikipedia
+  sentences (``--calib-text``, ``--tokenizer``); scored on news sentences.
+- ``mpnet``: all-mpnet-base-v2 as a HuggingFace folder; scored on news sentences
+  (mean-pooled last hidden state).
+- ``smollm2``: SmolLM2-135M as a HuggingFace folder (Llama, tied embedding / lm_head),
+  calibrated on 3,000 Wikipedia sentences, perplexity on held-out Wikipedia articles.
+
+Per model and budget it prints the command's wall time per phase, its peak RSS, the
+fidelity (encoders: mean cosine of the ONNX embeddings vs the dense PyTorch model and
+nearest-neighbour agreement; the LM: perplexity compressed / dense), the onnxruntime
+speed-up over the dense model exported to ONNX (median of per-round ratios, 2 threads,
+spinning off, interleaved), and what was left dense and why.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/models_bench.py --cases minilm-wrapper smollm2 \\
+        [--budgets 0.5] [--time-budget 600] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmarks import assets
+from benchmarks.minilm.model import SentenceEncoder, mean_pool
+from gblr_compress.errors import InputError
+from gblr_compress.export import export_onnx
+
+
+@dataclass
+class Case:
+    """One model as a user brings it."""
+
+    name: str
+    kind: str  # "encoder" or "lm"
+    budgets: tuple[float, ...]
+    calib_lines: int
+    extra: list[str] = field(default_factory=list)
+
+
+CASES = {
+    "minilm-wrapper": Case("minilm-wrapper", "encoder", (0.8, 0.5), 2000),
+    "mpnet": Case("mpnet", "encoder", (0.5,), 2000),
+    "smollm2": Case("smollm2", "lm", (0.8,), 3000, ["--batch-size", "8"]),
+}
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _feeds(sess, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    names = {i.name for i in sess.get_inputs()}
+    return {k: v.numpy() for k, v in batch.items() if k in names}
+
+
+def speedup(dense: Path, compressed: Path, batch: dict[str, torch.Tensor], rounds: int = 15) -> float:
+    """Median over interleaved rounds of t_dense / t_compressed (order alternates)."""
+    a, b = _session(dense), _session(compressed)
+    fa, fb = _feeds(a, batch), _feeds(b, batch)
+    for s, f in ((a, fa), (b, fb)):  # warm-up
+        s.run(None, f)
+    ratios = []
+    for r in range(rounds):
+        times = {}
+        for key in (("d", "c") if r % 2 == 0 else ("c", "d")):
+            s, f = (a, fa) if key == "d" else (b, fb)
+            t = time.perf_counter()
+            s.run(None, f)
+            times[key] = time.perf_counter() - t
+        ratios.append(times["d"] / times["c"])
+    return statistics.median(ratios)
+
+
+def _tokenize(tokenizer, texts: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def _embeddings_onnx(path: Path, tokenizer, texts: list[str], pooled_output: bool) -> torch.Tensor:
+    sess = _session(path)
+    out = []
+    for i in range(0, len(texts), 32):
+        batch = _tokenize(tokenizer, texts[i : i + 32])
+        got = sess.run(None, _feeds(sess, batch))[0]
+        t = torch.from_numpy(got)
+        out.append(t if pooled_output else mean_pool(t, batch["attention_mask"]))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _embeddings_torch(model: nn.Module, tokenizer, texts: list[str], pooled_output: bool) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), 32):
+        batch = _tokenize(tokenizer, texts[i : i + 32])
+        if pooled_output:
+            out.append(model(**batch))
+        else:
+            out.append(mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]))
+    return torch.cat(out)
+
+
+def encoder_fidelity(dense: torch.Tensor, comp: torch.Tensor) -> dict[str, float]:
+    """Mean cosine of paired embeddings, and how often each sentence's nearest other
+    sentence is the same under both (retrieval agreement)."""
+    d, c = nn.functional.normalize(dense, dim=1), nn.functional.normalize(comp, dim=1)
+    cos = (d * c).sum(1)
+    sd, sc = d @ d.T, c @ c.T
+    sd.fill_diagonal_(-2)
+    sc.fill_diagonal_(-2)
+    nn_agree = (sd.argmax(1) == sc.argmax(1)).double().mean()
+    return {"mean_cos": float(cos.mean()), "min_cos": float(cos.min()), "nn_agree": float(nn_agree)}
+
+
+def _windows(tokenizer, text: str, rows: int = 64, length: int = 128) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = min(rows, len(ids) // length)
+    return torch.tensor(ids[: n * length]).view(n, length)
+
+
+def perplexity_onnx(path: Path, windows: torch.Tensor) -> float:
+    sess = _session(path)
+    nll, count = 0.0, 0
+    for i in range(0, len(windows), 4):
+        ids = windows[i : i + 4]
+        logits = torch.from_numpy(sess.run(None, _feeds(sess, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))[0])
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
+                                           ids[:, 1:].reshape(-1), reduction="sum")
+        nll, count = nll + float(loss), count + ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def run_command(model_arg: Path, budget: float, calib_txt: Path, out: Path, extra: list[str]) -> tuple[dict, float]:
+    """The command as a user types it; returns its report and wall time."""
+    cmd = [str(Path(sys.executable).with_name("gblr-compress")), str(model_arg), "--budget", str(budget),
+           "--calib-text", str(calib_txt), "-o", str(out), "--quiet", *extra]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    return json.loads(out.with_name(out.stem + ".report.json").read_text()), wall
+
+
+def _left_dense(report: dict) -> str:
+    rows = [f"{l['name']} ({l['reason']})" for l in report["layers"] if l["status"] == "excluded"]
+    skipped = sum(l["status"] == "skipped" for l in report["layers"])
+    return "; ".join(rows) + (f"; {skipped} skipped by the init" if skipped else "") or "-"
+
+
+def bench_case(case: Case, work: Path, time_budget: float | None, budgets: list[float] | None) -> list[dict]:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    calib_all, eval_wiki = assets.wiki_split()
+    calib_txt = work / f"{case.name}_calib.txt"
+    calib_txt.write_text("\n".join(calib_all[: case.calib_lines]) + "\n")
+    extra = list(case.extra) + (["--time-budget", str(time_budget)] if time_budget else [])
+    rows = []
+    if case.kind == "encoder":
+        folder = assets.minilm_dir() if case.name == "minilm-wrapper" else assets.mpnet_dir()
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        news = assets.news_sentences()[:400]
+        if case.name == "minilm-wrapper":
+            dense = SentenceEncoder(AutoModel.from_pretrained(str(folder), local_files_only=True)).eval()
+            model_arg = work / "minilm_wrapper.pt"
+            torch.save(dense, model_arg)
+            extra += ["--tokenizer", str(folder)]
+            pooled = True
+        else:
+            dense = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+            model_arg, pooled = folder, False
+        ref = _embeddings_torch(dense, tokenizer, news, pooled)
+        sample = _tokenize(tokenizer, news[:8])
+        dense_onnx = work / f"{case.name}_dense.onnx"
+        export_onnx(dense, sample, dense_onnx, verify=False)
+        for b in budgets or case.budgets:
+            out = work / f"{case.name}_{b}.onnx"
+            report, wall = run_command(model_arg, b, calib_txt, out, extra)
+            fid = encoder_fidelity(ref, _embeddings_onnx(out, tokenizer, news, pooled))
+            rows.append(_row(case, b, report, wall, fid, speedup(dense_onnx, out, sample)))
+    else:
+        folder = assets.smollm2_dir()
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        dense = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
+        dense.config.use_cache = False
+        windows = _windows(tokenizer, assets.wiki_eval_text())
+        sample = {"input_ids": windows[:4], "attention_mask": torch.ones_like(windows[:4])}
+        dense_onnx = work / "smollm2_dense.onnx"
+        export_onnx(dense, sample, dense_onnx, verify=False)
+        ppl_dense = perplexity_onnx(dense_onnx, windows)
+        for b in budgets or case.budgets:
+            out = work / f"smollm2_{b}.onnx"
+            report, wall = run_command(folder, b, calib_txt, out, extra)
+            ppl = perplexity_onnx(out, windows)
+            fid = {"ppl": ppl, "ppl_dense": ppl_dense, "ppl_ratio": ppl / ppl_dense}
+            rows.append(_row(case, b, report, wall, fid, speedup(dense_onnx, out, sample)))
+    return rows
+
+
+def _row(case: Case, budget: float, report: dict, wall: float, fid: dict, speed: float) -> dict:
+    mem = report.get("memory", {})
+    return {
+        "case": case.name, "budget": budget, "wall_s": wall, "seconds": report["seconds"],
+        "peak_rss_gb": max(mem.get("peak", {}).values(), default=0) / 2**30,
+        "estimate_gb": mem.get("estimate", 0) / 2**30, "fidelity": fid, "ort_speedup": speed,
+        "achieved": report["totals"]["achieved"], "left_dense": _left_dense(report),
+        "distill_steps": report["settings"]["distill"]["steps"],
+    }
+
+
+def _print(rows: list[dict]) -> None:
+    print("| case | budget | wall s | phases (s) | peak RSS GB (est.) | fidelity | ORT vs dense | left dense |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        ph = " / ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items() if k != "total")
+        fid = ", ".join(f"{k} {v:.3f}" if abs(v) < 100 else f"{k} {v:.1f}" for k, v in r["fidelity"].items())
+        print(f"| {r['case']} | {r['budget']} | {r['wall_s']:.0f} | {ph} | {r['peak_rss_gb']:.2f} "
+              f"({r['estimate_gb']:.2f}) | {fid} | {r['ort_speedup']:.2f}x | {r['left_dense']} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--budgets", nargs="+", type=float, default=None, help="override each case's budgets")
+    ap.add_argument("--time-budget", type=float, default=None, help="passed to the command")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the files here")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name in args.cases:
+            rows += bench_case(CASES[name], work, args.time_budget, args.budgets)
+            _print(rows[-len(CASES[name].budgets if args.budgets is None else args.budgets):])
+    print()
+    _print(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
