@@ -36,6 +36,7 @@ import bz2
 import hashlib
 import html
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -247,6 +248,14 @@ def _build_smollm2(tmp: Path) -> None:
     if hasattr(tok, "add_bos_token"):
         tok.add_bos_token = False
     tok.save_pretrained(tmp)
+    # The class name saved differs by version (4.x: LlamaTokenizer, which 5.x warns is
+    # wrong for a byte-level tokenizer.json; 5.x: TokenizersBackend, which 4.x cannot
+    # load). The generic fast class reads tokenizer.json identically in both.
+    cfg_path = tmp / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_cfg["add_bos_token"] = False
+    cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def smollm2_dir() -> Path:
