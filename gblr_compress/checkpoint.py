@@ -144,7 +144,7 @@ def load_factory(spec: str) -> nn.Module:
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr or not re.fullmatch(r"[\w.]+", module_name + attr):
-        raise InputError(f"--factory must look like package.module:function, got {spec!r}")
+        raise InputError(f"the factory must look like package.module:function, got {spec!r}")
     with _cwd_importable():
         try:
             module = importlib.import_module(module_name)

@@ -202,9 +202,9 @@ def text_batches(
             ids do not fit the model's embedding, or texts too short to fill one row.
     """
     if max_length < 2:
-        raise InputError(f"--max-length must be >= 2, got {max_length}")
+        raise InputError(f"max_length must be >= 2, got {max_length}")
     if batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     names = forward_inputs(model)
     if "input_ids" not in names:
         raise InputError(
