@@ -321,8 +321,8 @@ def distill_(
             step (loss, exact cost and its bound, and the held-out loss when measured).
         phase: the phase the events name (``"distill"``; the recovery's ``"recover"``).
         deadline: a ``time.perf_counter()`` time to finish by: after a few timed steps
-            the run keeps only the steps that fit (at least one more), with its schedule
-            laid out over them; ``result.steps`` says how many ran. None: all steps.
+            the run keeps only the steps that fit, with its schedule laid out over
+            them; ``result.steps`` says how many ran. None: all steps.
 
     Returns:
         A :class:`DistillResult`; the student holds the best held-out state (or the last
@@ -415,7 +415,7 @@ def distill_(
                 per_step = (time.perf_counter() - t_loop) / done
                 fits = done + int(max(0.0, deadline - time.perf_counter()) / per_step)
                 if fits < steps:
-                    steps = max(done + 1, fits)
+                    steps = max(done, fits)
                     warmup = min(warmup, max(1, int(config.warmup_fraction * steps)))
                     ste_start = int(round((1.0 - config.ste_fraction) * steps))
                     result.steps = steps

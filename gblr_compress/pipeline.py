@@ -287,6 +287,8 @@ def compress(
 
     distilled = recovery = None
     compressed = [n for n, rec in init.layers.items() if rec.status != "skipped"]
+    if deadline is not None and time.perf_counter() >= deadline:
+        distilling = False  # the time budget went to the init: freeze what it built
     if distilling and compressed:
         distilled, recovery = distill_and_recover(
             student, teacher, fit, held, max_cost, config, progress, seconds, quality, deadline
@@ -360,7 +362,7 @@ def distill_and_recover(
         quality["distilled"] = agreement(student.eval(), teacher, held, config.logits)
     recovery = None
     rcfg = config.recover.derive(config.distill)
-    if rcfg.steps > 0:
+    if rcfg.steps > 0 and (deadline is None or time.perf_counter() < deadline):
         t0 = time.perf_counter()
         recovery = recover_(student, teacher, fit, max_cost, rcfg, holdout=held,
                             progress=progress, deadline=deadline)
