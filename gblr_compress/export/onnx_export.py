@@ -28,7 +28,7 @@ from torch import nn
 from gblr_compress.errors import InputError
 from gblr_compress.export.forms import FORMS, LayerPlan, emit_layer, plan_layer
 from gblr_compress.export.trace import DOMAIN, ModelCall, compressed_layers, trace_model
-from gblr_compress.export.verify import compare
+from gblr_compress.export.verify import compare, reference
 from gblr_compress.files import atomic_path
 from gblr_compress.structure import LayerStructure
 
@@ -283,12 +283,7 @@ def verify_graph(graph: OnnxGraph, model: nn.Module, verify_inputs: Any = None) 
         call, ref = graph.call, graph.reference
     else:
         call = graph.call.like(verify_inputs)
-        was_training = model.training
-        model.eval()
-        try:
-            ref, _ = call.run(model)
-        finally:
-            model.train(was_training)
+        ref = reference(model, call)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         _write(graph.proto, path, graph.external_data)

@@ -12,7 +12,7 @@ from torch import nn
 from gblr_compress.errors import InputError
 from gblr_compress.export.trace import ModelCall
 
-__all__ = ["VerificationError", "compare", "verify_onnx"]
+__all__ = ["VerificationError", "compare", "reference", "verify_onnx"]
 
 
 class VerificationError(RuntimeError):
@@ -79,10 +79,14 @@ def verify_onnx(path: str | Path, model: nn.Module, inputs: Any) -> float:
     if not path.is_file():
         raise InputError(f"ONNX file not found: {path}")
     call = ModelCall(inputs)
+    return compare(path, call, reference(model, call))[0]
+
+
+def reference(model: nn.Module, call: ModelCall) -> list[torch.Tensor]:
+    """PyTorch's outputs on ``call``'s inputs, in eval mode (the mode is restored)."""
     was_training = model.training
     model.eval()
     try:
-        ref, _ = call.run(model)
+        return call.run(model)[0]
     finally:
         model.train(was_training)
-    return compare(path, call, ref)[0]
