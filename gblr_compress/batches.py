@@ -12,8 +12,9 @@ Only torch is imported (and the package's error type).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "run_model",
     "split_batches",
     "token_ids",
+    "eval_mode",
     "positions",
     "token_mask",
     "with_token_ids",
@@ -191,6 +193,22 @@ def split_batches(
         batches = pieces
     held = math.ceil(fraction * len(batches)) if fraction > 0 and len(batches) > 1 else 0
     return batches[: len(batches) - held], batches[len(batches) - held :]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, then every submodule's own flag back.
+
+    Running in train mode would update BatchNorm statistics (and draw dropout): the
+    user's model must not change because we looked at it.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 # ------------------------------------------------------------------ token batches

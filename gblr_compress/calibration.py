@@ -11,10 +11,9 @@ Batches follow :mod:`gblr_compress.batches`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gblr_compress.batches import Batch, as_batch_list, check_batch, run_model
+from gblr_compress.batches import Batch, as_batch_list, check_batch, eval_mode, run_model
 from gblr_compress.checkpoint import LoadedModel, existing_path, short_reason
 from gblr_compress.errors import InputError
 
@@ -219,22 +218,6 @@ def spec_like(batch: Batch) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
 
 
 # ------------------------------------------------------------------ fit check
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, then every submodule's own flag back.
-
-    Running in train mode would update BatchNorm statistics: the user's model must not
-    change because we looked at it.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def check_inputs_fit(model: nn.Module, batch: Batch) -> Any:
     """Call ``model`` once on ``batch`` (no grad, eval mode) to prove the data fits.
 
@@ -247,7 +230,7 @@ def check_inputs_fit(model: nn.Module, batch: Batch) -> Any:
     """
     try:
         check_batch(batch, "calibration batch")
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             return run_model(model, batch)
     except InputError as exc:
         raise InputError(f"calibration data does not fit the model: {short_reason(exc)}") from exc

@@ -27,7 +27,7 @@ from gblr_compress.memory import MemoryEstimate, available_bytes, estimate_bytes
 from gblr_compress.pipeline import CompressConfig, CompressResult, compress
 from gblr_compress.progress import Progress, ProgressEvent
 from gblr_compress.report import CompressionReport, LayerReport, report_to_dict, write_report
-from gblr_compress.swap import as_linear, find_linears
+from gblr_compress.swap import find_linears, linear_shape
 
 __all__ = ["Job", "JobResult", "build_report", "default_report_path", "run_job"]
 
@@ -143,7 +143,7 @@ def _layer_reports(
 def _shapes(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[int, int]]:
     """``(out_features, in_features)`` of the named Linear-like layers."""
     modules = dict(model.named_modules())
-    return {n: tuple(as_linear(modules[n]).weight.shape) for n in names}
+    return {n: linear_shape(modules[n]) for n in names}
 
 
 class _PhasePeaks:
@@ -277,8 +277,7 @@ def run_job(job: Job, progress: Progress | None = None) -> JobResult:
     _check_output(report_path, [job.model, job.calib, job.calib_text, job.output])
     seconds: dict[str, float] = {}
     warnings: list[str] = []
-    peaks = _PhasePeaks(progress)
-    progress = peaks
+    peaks = _PhasePeaks(progress)  # every event passes through it to the caller's progress
 
     t0 = time.perf_counter()
     loaded = load_model(job.model, job.factory)
@@ -305,15 +304,15 @@ def run_job(job: Job, progress: Progress | None = None) -> JobResult:
     seconds["load"] = time.perf_counter() - t0
     peaks.close("load")
 
-    result = compress(loaded.model, job.config, calib, progress)
+    result = compress(loaded.model, job.config, calib, peaks)
     seconds.update(result.seconds)
     peaks.close("freeze")
 
     t0 = time.perf_counter()
-    if progress is not None:
-        progress(ProgressEvent("export", 0, 1))
+    peaks(ProgressEvent("export", 0, 1))
     graph = build_onnx(result.model, example, opset=job.opset)
     parity = verify_graph(graph, result.model) if job.verify else None
+    peaks(ProgressEvent("export", 1, 1))
     seconds["export"] = time.perf_counter() - t0
     # The report holds the verification figures and the time of the whole run, and it
     # travels inside the ONNX file: build it before the file is written.
@@ -323,8 +322,6 @@ def run_job(job: Job, progress: Progress | None = None) -> JobResult:
     report.memory = {"estimate": estimate.total, "available": available, "peak": dict(peaks.peak)}
     exported = save_onnx(graph, out, {"gblr.report": json.dumps(report_to_dict(report))}, parity)
     exported.seconds = seconds["export"]
-    if progress is not None:
-        progress(ProgressEvent("export", 1, 1))
     try:
         write_report(report, report_path)
     except BaseException:

@@ -230,7 +230,7 @@ def compress(
         A :class:`CompressResult` whose ``model`` is the frozen student.
 
     Example:
-        >>> result = compress(model, CompressConfig(budget=0.3, steps=100), calib=batches)
+        >>> result = compress(model, CompressConfig(budget=0.3, distill=DistillConfig(steps=100)), calib=batches)
         >>> sum(r.cost for r in result.records.values()) <= result.max_cost
         True
     """
@@ -251,10 +251,9 @@ def compress(
         fit, held = split_batches([move_batch(b, device) for b in calib], config.holdout_fraction)
 
     # Layers the outputs never use, and tied ones, stay dense and out of the budget.
-    left_dense: dict[str, str] = {}
     if fit:
         left_dense = find_usage(student, fit[0], targets, include_tied=config.compress_tied).dense
-    else:
+    else:  # without data only ties can be seen
         left_dense = {} if config.compress_tied else tied_weights(student, targets)
     usable = [n for n in targets if n not in left_dense]
     if not usable:

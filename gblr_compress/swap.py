@@ -12,7 +12,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-__all__ = ["is_linear_like", "as_linear", "find_linears", "replace_module"]
+__all__ = ["is_linear_like", "as_linear", "find_linears", "linear_shape", "replace_module"]
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -27,6 +27,12 @@ def is_linear_like(module: nn.Module) -> bool:
         and weight.dim() == 2
         and getattr(module, "nf", None) == weight.shape[1]
     )
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a linear-like module, without copying it."""
+    rows, cols = module.weight.shape
+    return (int(rows), int(cols)) if isinstance(module, nn.Linear) else (int(cols), int(rows))
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gblr_compress.checkpoint import short_reason
 from gblr_compress.errors import InputError
 
 __all__ = [
@@ -114,7 +115,7 @@ def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer:
         try:
             tok = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         except Exception as exc:  # OSError, ValueError, ... from a folder without one
-            raise InputError(f"no usable tokenizer in {p}: {type(exc).__name__}: {_short(exc)}") from None
+            raise InputError(f"no usable tokenizer in {p}: {type(exc).__name__}: {short_reason(exc)}") from None
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return TextTokenizer(
             encode=lambda text, special: list(tok(text, add_special_tokens=special)["input_ids"]),
@@ -149,11 +150,6 @@ def _special_id(folder: Path, tok: Any, key: str) -> int | None:
     if isinstance(value, dict):
         value = value.get("content")
     return tok.token_to_id(value) if isinstance(value, str) else None
-
-
-def _short(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def forward_inputs(model: nn.Module) -> list[str]:

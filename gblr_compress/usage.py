@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gblr_compress.batches import Batch, flatten_outputs, run_model
+from gblr_compress.batches import Batch, eval_mode, flatten_outputs, run_model
 
 __all__ = ["LayerUsage", "UNUSED", "find_usage", "tied_weights"]
 
@@ -91,10 +91,8 @@ def find_usage(
         return hook
 
     handles = [modules[n].register_forward_hook(tap(n)) for n in names]
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             outs = [t for t in flatten_outputs(run_model(model, batch)) if t.requires_grad]
             leaves = [(n, t) for n in names for t in outputs[n]]
             grads: list[torch.Tensor | None] = [None] * len(leaves)
@@ -104,8 +102,6 @@ def find_usage(
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags:
-            m.training = flag
     reached = {n for (n, _), g in zip(leaves, grads) if g is not None}
     unused = {}
     for n in names:
