@@ -231,8 +231,9 @@ def _config(build: Callable[[], Any]) -> Any:
               help="Folder holding the tokenizer for --calib-text (default: the model folder).")
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2),
               help="Tokens per text row (truncation; causal LMs: packed row length).")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
-              help="Rows per calibration batch made from --calib-text.")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1),
+              help="Rows per calibration batch made from --calib-text.  [default: 32; 8 for a causal "
+                   "LM, whose vocabulary-wide logits make each row costly]")
 @click.option("--input-spec", default=None, metavar="SPEC",
               help="Input names, dtypes and shapes for synthetic inputs, e.g. input_ids:int64[8,128].")
 @click.option("--steps", default=100, show_default=True, type=click.IntRange(min=0),
@@ -269,7 +270,7 @@ def _config(build: Callable[[], Any]) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @verbose_option
 def compress_cmd(model: str, budget: float, output: str, factory: str | None, calib: str | None,
-                 calib_text: str | None, tokenizer: str | None, max_length: int, batch_size: int,
+                 calib_text: str | None, tokenizer: str | None, max_length: int, batch_size: int | None,
                  input_spec: str | None, steps: int, lr: float, loss: str, augment: float, seed: int,
                  data_free: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
                  time_budget: float | None, compress_tied: bool, teacher_cache_mb: float, max_memory: float | None,

@@ -3,8 +3,9 @@
 The student is the model after :func:`gblr_compress.init.initialize_`: its target layers
 are :class:`~gblr_compress.layer.GBLRLinear`. Each step:
 
-1. loss = distance(student outputs, teacher outputs) [+ layer-wise matching of each
-   compressed layer's output to the teacher's dense layer at the same name];
+1. loss = distance(student outputs, teacher outputs) [+ matching of intermediate
+   features to the teacher's: each transformer block's output, or each compressed
+   layer's output in a model without repeated blocks];
 2. AdamW step, content (U, V, bias) and structure (widths, locations) in separate groups;
 3. proximal step: locations wrapped, widths clamped and projected onto the global budget
    with one shared shift (:func:`gblr_compress.budget.project_widths_`), so every state of
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gblr_compress.batches import Batch, flatten_outputs, real_positions, run_model, token_mask
+from gblr_compress.batches import Batch, flatten_outputs, positions, real_positions, run_model, token_mask
 from gblr_compress.budget import project_widths_, total_cost
 from gblr_compress.errors import ConfigError
 from gblr_compress.layer import GBLRLinear
@@ -39,6 +40,8 @@ __all__ = [
     "DistillConfig",
     "DistillResult",
     "gblr_layers",
+    "feature_modules",
+    "heldout_subset",
     "output_kind",
     "normalized_mse",
     "output_loss",
@@ -59,14 +62,27 @@ class DistillConfig:
         loss: ``"auto"`` (KL on a single 2-D logits output, normalized MSE otherwise),
             ``"mse"`` or ``"kl"``.
         temperature: KL temperature.
-        layer_weight: weight of the layer-wise term (each compressed layer's output vs the
-            teacher's dense layer, normalized MSE averaged over layers); 0 disables it.
+        layer_weight: weight of the feature term (normalized MSE of intermediate features
+            vs the teacher's, averaged over the tapped modules, see ``features``); 0
+            disables it.
+        features: which intermediate outputs the feature term compares: ``"blocks"``
+            (the default) taps each repeated block that holds compressed layers (the
+            children of an ``nn.ModuleList``, e.g. each transformer layer), or each
+            compressed layer when the model has no such list; ``"layers"`` taps each
+            compressed layer. Block outputs are what the rest of the model reads, they
+            do not depend on how units inside a block are ordered, and they are a ninth
+            of the size of every layer's output on a BERT or Llama layer.
         blur_start: mask edge blur at the start, as a fraction of the longer axis.
         ste_fraction: final fraction of the steps run on exact boxcars with
             straight-through rounding.
         warmup_fraction: linear warm-up share of the cosine schedule.
         eval_every: held-out evaluation period in steps (also the history period).
         seed: makes batch order and every random choice reproducible.
+        heldout_tokens: input positions of the held-out batches each evaluation scores
+            (evenly spaced batches holding about that many; None: all). An evaluation
+            runs every ``eval_every`` steps; over a large held-out share it would cost
+            more than the steps between (on a 135M LM, 19 batches took longer than 20
+            steps' worth of training time allows).
         teacher_cache_mb: keep the teacher's outputs (and its layer outputs for the
             layer-wise term) per calibration batch, up to this many MiB, instead of
             running the teacher again every time a batch comes round (0: never keep).
@@ -81,11 +97,13 @@ class DistillConfig:
     loss: str = "auto"
     temperature: float = 2.0
     layer_weight: float = 1.0
+    features: str = "blocks"
     blur_start: float = 0.03
     ste_fraction: float = 0.3
     warmup_fraction: float = 0.05
     eval_every: int = 20
     seed: int = 0
+    heldout_tokens: int | None = 8192
     teacher_cache_mb: float = 1024.0
 
     def __post_init__(self) -> None:
@@ -97,12 +115,16 @@ class DistillConfig:
             raise ConfigError("structure_lr", f"must be >= 0, got {self.structure_lr}")
         if self.loss not in ("auto", "mse", "kl"):
             raise ConfigError("loss", f"must be auto, mse or kl, got {self.loss!r}")
+        if self.features not in ("blocks", "layers"):
+            raise ConfigError("features", f"must be blocks or layers, got {self.features!r}")
         if not 0.0 <= self.ste_fraction <= 1.0:
             raise ConfigError("ste_fraction", f"must be in [0, 1], got {self.ste_fraction}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ConfigError("warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
         if self.eval_every < 1:
             raise ConfigError("eval_every", f"must be >= 1, got {self.eval_every}")
+        if self.heldout_tokens is not None and self.heldout_tokens < 1:
+            raise ConfigError("heldout_tokens", f"must be >= 1 or None, got {self.heldout_tokens}")
         if not self.teacher_cache_mb >= 0:
             raise ConfigError("teacher_cache_mb", f"must be >= 0, got {self.teacher_cache_mb}")
 
@@ -225,8 +247,41 @@ def agreement(
     return out
 
 
+def feature_modules(model: nn.Module, layer_names: Sequence[str], features: str = "blocks") -> list[str]:
+    """Names of the modules whose outputs the feature term compares.
+
+    ``"blocks"``: the children of every ``nn.ModuleList`` that hold at least one of
+    ``layer_names`` (each transformer layer of a BERT or Llama stack), in model order;
+    when there are none (a plain MLP), ``layer_names`` themselves. ``"layers"``:
+    ``layer_names``.
+    """
+    if features == "layers":
+        return list(layer_names)
+    blocks = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        for child_name, _ in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if any(n.startswith(full + ".") for n in layer_names):
+                blocks.append(full)
+    # Nested lists (a block holding a ModuleList of experts) tap the outermost block.
+    outer = [b for b in blocks if not any(b.startswith(o + ".") for o in blocks if o != b)]
+    return outer or list(layer_names)
+
+
+def _first_tensor(out: object) -> torch.Tensor:
+    """A block's hidden states: the output itself, or the first tensor of a tuple/list
+    (HF layers return ``(hidden_states, attentions, ...)`` in some versions)."""
+    while isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"a tapped module returned {type(out).__name__}, not a tensor")
+    return out
+
+
 class _LayerTaps:
-    """Forward hooks that record the outputs of named layers on each forward pass."""
+    """Forward hooks that record the outputs of named modules on each forward pass."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         self.outputs: dict[str, torch.Tensor] = {}
@@ -236,7 +291,7 @@ class _LayerTaps:
 
     def _hook(self, name: str) -> Callable:
         def hook(_module: nn.Module, _inp: object, out: torch.Tensor) -> None:
-            self.outputs[name] = out
+            self.outputs[name] = _first_tensor(out)
 
         return hook
 
@@ -268,6 +323,20 @@ class _TeacherCache:
         return out, tapped
 
 
+def heldout_subset(batches: Sequence[Batch], tokens: int | None) -> list[Batch]:
+    """Evenly spaced batches holding about ``tokens`` input positions (all when they
+    hold fewer, or ``tokens`` is None); at least one batch when there are any."""
+    batches = list(batches)
+    if tokens is None or not batches:
+        return batches
+    sizes = [positions(b) for b in batches]
+    if sum(sizes) <= tokens:
+        return batches
+    count = max(1, min(len(batches), round(tokens / (sum(sizes) / len(sizes)))))
+    step = len(batches) / count
+    return [batches[int(i * step)] for i in range(count)]
+
+
 def _sigma_for(layer: GBLRLinear, blur: float) -> float:
     """Gaudi sigma (frequency bins) whose edge blur is ``blur`` elements of the longer
     axis: a Gaussian low-pass of width sigma smears an edge over ~ n / (2 pi sigma)."""
@@ -285,7 +354,7 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 def _heldout_loss(
     student: nn.Module, teacher: _TeacherCache, batches: Sequence[Batch], config: DistillConfig
 ) -> float:
-    was_training = student.training
+    modes = {m: m.training for m in student.modules()}
     student.eval()  # eval mode = exact rounded boxcars = what freezing deploys
     with torch.no_grad():
         losses = [
@@ -293,8 +362,21 @@ def _heldout_loss(
                               token_mask(b)))
             for i, b in enumerate(batches)
         ]
-    student.train(was_training)
+    for m, training in modes.items():  # each module back to its own mode
+        m.train(training)
     return sum(losses) / len(losses)
+
+
+def _train_compressed_only(student: nn.Module, layers: Sequence[GBLRLinear]) -> None:
+    """Train mode for the GBLR layers (soft masks), eval mode for everything else.
+
+    The teacher runs in eval mode, so the rest of the student must too: dropout would
+    add noise the teacher does not have, and BatchNorm would use batch statistics
+    instead of the running ones both models deploy with.
+    """
+    student.eval()
+    for layer in layers:
+        layer.train()
 
 
 def distill_(
@@ -316,13 +398,15 @@ def distill_(
         calib: training batches (tensor, tuple or dict of tensors each).
         max_cost: exact cost the GBLR layers may share (e.g. ``InitResult.max_cost``).
         config: loop settings.
-        holdout: batches never trained on; they pick the best state.
+        holdout: batches never trained on; they pick the best state (evenly spaced ones
+            up to ``config.heldout_tokens`` positions are scored).
         progress: gets a :class:`~gblr_compress.progress.ProgressEvent` after every
             step (loss, exact cost and its bound, and the held-out loss when measured).
         phase: the phase the events name (``"distill"``; the recovery's ``"recover"``).
         deadline: a ``time.perf_counter()`` time to finish by: after a few timed steps
-            the run keeps only the steps that fit, with its schedule laid out over
-            them; ``result.steps`` says how many ran. None: all steps.
+            the run keeps only the steps that fit (held-out evaluations counted), with
+            its schedule laid out over them; ``result.steps`` says how many ran. None:
+            all steps.
 
     Returns:
         A :class:`DistillResult`; the student holds the best held-out state (or the last
@@ -344,8 +428,13 @@ def distill_(
         p.requires_grad_(False)
     project_widths_(layer_list, max_cost)
 
+    holdout = heldout_subset(holdout, config.heldout_tokens)
     held_teacher = _TeacherCache(teacher, None, config.teacher_cache_mb * 2**20)
+    t_eval = time.perf_counter()
     heldout_before = _heldout_loss(student, held_teacher, holdout, config) if holdout else None
+    # The first evaluation also runs the teacher; later ones reuse its cached outputs
+    # when they fit, so this over-estimates them a little (the deadline stays safe).
+    t_eval = time.perf_counter() - t_eval
     result = DistillResult(config.steps, 0, heldout_before, heldout_before, 0.0)
     result.history.append(_snapshot(0, None, heldout_before, layers))
     if config.steps == 0:
@@ -368,7 +457,7 @@ def distill_(
     sopt = torch.optim.SGD(structure, lr=config.structure_lr, momentum=0.9)
     sopt.param_groups[0]["base_lr"] = config.structure_lr
     use_taps = config.layer_weight > 0
-    names = list(layers)
+    names = feature_modules(student, list(layers), config.features)
     s_taps = _LayerTaps(student, names) if use_taps else None
     t_taps = _LayerTaps(teacher, names) if use_taps else None
     fit_teacher = _TeacherCache(teacher, t_taps, held_teacher.limit - held_teacher.used)
@@ -379,7 +468,7 @@ def distill_(
     best = heldout_before if heldout_before is not None else math.inf
     best_state = _gblr_state(layers) if holdout else None
     order: list[int] = []
-    student.train()
+    _train_compressed_only(student, layer_list)
     try:
         step = 0
         while step < steps:
@@ -412,8 +501,10 @@ def distill_(
             if deadline is not None and done == _TIMED_STEPS and done < steps:
                 # Fit the run into the time left: the schedule (warm-up, cosine decay,
                 # the exact-boxcar phase) is laid out anew over the steps that fit.
-                per_step = (time.perf_counter() - t_loop) / done
-                fits = done + int(max(0.0, deadline - time.perf_counter()) / per_step)
+                # Each step also carries its share of the held-out evaluations, and
+                # the last step is followed by one.
+                per_step = (time.perf_counter() - t_loop) / done + t_eval / config.eval_every
+                fits = done + int(max(0.0, deadline - time.perf_counter() - t_eval) / per_step)
                 if fits < steps:
                     steps = max(done, fits)
                     warmup = min(warmup, max(1, int(config.warmup_fraction * steps)))

@@ -52,7 +52,8 @@ class Job:
             field per line), tokenized with ``tokenizer`` (see :mod:`gblr_compress.text`).
         tokenizer: folder holding the tokenizer (default: the model folder itself).
         max_length: tokens per text row (truncation; packed row length for causal LMs).
-        batch_size: rows per calibration batch made from text.
+        batch_size: rows per calibration batch made from text (None: 32, or 8 for a
+            causal LM, see :func:`~gblr_compress.text.text_batches`).
         max_memory_gb: the memory the run may use (default: what the machine has
             available); a run estimated to need more is refused before the work.
         config: the compression settings.
@@ -70,7 +71,7 @@ class Job:
     calib_text: str | None = None
     tokenizer: str | None = None
     max_length: int = 128
-    batch_size: int = 32
+    batch_size: int | None = None
     max_memory_gb: float | None = None
     config: CompressConfig = field(default_factory=CompressConfig)
 

@@ -77,10 +77,13 @@ class RecoverConfig:
 
     def derive(self, distill: DistillConfig) -> DistillConfig:
         """The recovery's settings: its own seed (``distill.seed + 1``), the same loss
-        and teacher cache, the other settings at their defaults."""
+        and feature term, the same held-out share and teacher cache, the other settings at
+        their defaults."""
         steps = distill.steps // 4 if self.steps is None else self.steps
         return DistillConfig(steps=steps, lr=distill.lr * self.lr_scale, seed=distill.seed + 1,
-                             loss=distill.loss, eval_every=max(1, min(self.eval_every, steps)),
+                             loss=distill.loss, layer_weight=distill.layer_weight,
+                             features=distill.features, eval_every=max(1, min(self.eval_every, steps)),
+                             heldout_tokens=distill.heldout_tokens,
                              teacher_cache_mb=distill.teacher_cache_mb)
 
 
@@ -271,6 +274,9 @@ def compress(
     stats = collect_stats(student, init_cfg, fit or None, held or None, usable, progress)
     allocation = allocate(stats, init_cfg)
     init = init_layers_(student, init_cfg, stats, allocation, progress)
+    # The moments (an n x n float64 matrix per layer input, fit and held-out) are done
+    # with: on a 135M-parameter LM they are about 2 GB the distillation does not need.
+    del stats, allocation
     dense_total = sum(rec.dense_cost for rec in init.layers.values())
     skipped_dense = sum(r.dense_cost for r in init.layers.values() if r.status == "skipped")
     max_cost = math.floor(config.budget * dense_total) - skipped_dense

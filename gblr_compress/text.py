@@ -5,7 +5,9 @@ Users have sentences, not token tensors. ``--calib-text FILE`` takes one text pe
 tokenizer of the model's HuggingFace folder (or ``--tokenizer DIR``), and makes the
 batches the model's ``forward`` takes: ``input_ids``, ``attention_mask`` and, when the
 forward accepts it, ``token_type_ids``. Encoders get one text per row, padded to the
-longest in its batch; causal LMs get the texts packed into fixed-length rows (each text
+longest in its batch (rows are grouped by length within runs of a few batches, so
+little compute goes to padding while the file's order still decides which texts come
+late, e.g. the held-out share); causal LMs get the texts packed into fixed-length rows (each text
 followed by the end-of-text token), so no compute goes to padding.
 
 ``transformers`` (or, for a folder with a ``tokenizer.json``, ``tokenizers`` alone) is
@@ -175,7 +177,7 @@ def text_batches(
     tokenizer: TextTokenizer,
     model: nn.Module,
     max_length: int = 128,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     pack: bool | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Token batches for ``model`` from ``texts``.
@@ -186,7 +188,9 @@ def text_batches(
         model: the model the batches are for (its forward's argument names decide the
             keys; its embedding size checks that the tokenizer fits it).
         max_length: tokens per row (encoders: truncation length; packed: row length).
-        batch_size: rows per batch.
+        batch_size: rows per batch (None: 32, or 8 for packed rows: a causal LM's logits
+            span its vocabulary, 49,152 floats a token on SmolLM2, so its rows cost far
+            more memory and time in the distillation than an encoder's).
         pack: pack texts into full rows (default: only for causal LMs).
 
     Returns:
@@ -199,6 +203,9 @@ def text_batches(
     """
     if max_length < 2:
         raise InputError(f"max_length must be >= 2, got {max_length}")
+    pack = is_causal_lm(model) if pack is None else pack
+    if batch_size is None:
+        batch_size = 8 if pack else 32
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     names = forward_inputs(model)
@@ -213,7 +220,6 @@ def text_batches(
             f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model embeds "
             f"{vocab}: it is not this model's tokenizer (give the right one with --tokenizer DIR)"
         )
-    pack = is_causal_lm(model) if pack is None else pack
     rows = _packed_rows(texts, tokenizer, max_length) if pack else _text_rows(texts, tokenizer, max_length)
     top = max(max(r) for r in rows)
     if vocab is not None and top >= vocab:
@@ -221,6 +227,8 @@ def text_batches(
             f"tokenizer {tokenizer.source} produced token id {top}, outside the model's {vocab} "
             "embeddings: it is not this model's tokenizer (give the right one with --tokenizer DIR)"
         )
+    if not pack:
+        rows = _length_grouped(rows, batch_size)
     batches = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
@@ -237,6 +245,24 @@ def text_batches(
             batch["token_type_ids"] = torch.zeros_like(ids)
         batches.append(batch)
     return batches
+
+
+_GROUP_BATCHES = 8  # batches whose rows are sorted by length together
+
+
+def _length_grouped(rows: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Rows sorted by length within consecutive runs of ``_GROUP_BATCHES`` batches.
+
+    Padding to the longest row of a batch wastes about half the compute on sentences of
+    mixed length (measured: 52% of the tokens of 2,256 Wikipedia sentences in batches of
+    32); sorting within runs of a few batches removes most of it. The runs keep the file's
+    order at a coarse scale, so the last texts still form the last batches.
+    """
+    span = batch_size * _GROUP_BATCHES
+    out: list[list[int]] = []
+    for i in range(0, len(rows), span):
+        out.extend(sorted(rows[i : i + span], key=len))  # stable: ties keep file order
+    return out
 
 
 def _text_rows(texts: Sequence[str], tokenizer: TextTokenizer, max_length: int) -> list[list[int]]:

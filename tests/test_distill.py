@@ -11,6 +11,7 @@ from gblr_compress.distill import (
     DistillConfig,
     agreement,
     distill_,
+    feature_modules,
     gblr_layers,
     normalized_mse,
     output_loss,
@@ -188,3 +189,39 @@ def test_deadline_keeps_the_steps_that_fit() -> None:
                       deadline=time.perf_counter())
     assert result.steps == 3 and [e.done for e in seen] == [1, 2, 3] and seen[-1].total == 3
     assert all(e.cost <= max_cost for e in seen)
+
+
+def test_feature_term_taps_blocks_of_a_module_list_else_layers() -> None:
+    encoder = TinyEncoder(vocab=50, hidden=32, layers=2, heads=4, ffn=64, max_len=16, classes=3)
+    layers = find_linears(encoder)
+    blocks = feature_modules(encoder, layers)
+    lists = [n for n, m in encoder.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    assert blocks == [f"{lists[0]}.0", f"{lists[0]}.1"]  # each transformer layer, in order
+    assert feature_modules(encoder, layers, "layers") == layers
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    assert feature_modules(mlp, ["0", "2"]) == ["0", "2"]  # no repeated blocks: the layers
+
+
+class _DropoutNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 4)
+        self.drop_modes: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.drop_modes.append(self.drop.training)
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+def test_only_the_compressed_layers_train_dropout_stays_off() -> None:
+    # The teacher runs in eval mode; a student with live dropout would learn to match it
+    # through noise the teacher does not have.
+    torch.manual_seed(0)
+    teacher = _DropoutNet().eval()
+    student = copy.deepcopy(teacher)
+    _swap_from_linear(student, groups=2, rank=2)
+    calib = [torch.randn(16, 8) for _ in range(4)]
+    layers = list(gblr_layers(student).values())
+    distill_(student, teacher, calib, budget_cost(layers, 0.5), DistillConfig(steps=4, eval_every=2),
+             holdout=[torch.randn(16, 8)])
+    assert student.drop_modes and not any(student.drop_modes)
