@@ -100,11 +100,11 @@ def _cwd_importable() -> Iterator[None]:
 
 def _zip_kind(path: Path) -> str | None:
     """Recognize zip archives torch can write but we cannot compress (by their entries)."""
-    if not zipfile.is_zipfile(path):
-        return None
-    try:
+    try:  # is_zipfile itself raises on some corrupted end records
+        if not zipfile.is_zipfile(path):
+            return None
         names = zipfile.ZipFile(path).namelist()
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # BadZipFile, OSError, struct errors...: a sniff, torch.load judges the file
         return None
     if any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in names):
         return "TorchScript"

@@ -477,7 +477,7 @@ def _fault(
     loss (checked before the backward pass), held-out loss or parameter (after the
     update), or a held-out loss past :data:`_DIVERGED` times the one before training."""
     if loss is not None and not bool(torch.isfinite(loss.detach())):
-        return f"training loss is {float(loss)} at step {step}"
+        return f"training loss is {loss.item()} at step {step}"
     if held is not None and not math.isfinite(held):
         return f"held-out loss is {held} at step {step}"
     if held is not None and held_before is not None and held_before > 0 and held > _DIVERGED * held_before:

@@ -28,6 +28,7 @@ from gblr_compress.export.verify import VerificationError
 from gblr_compress.memory import MemoryEstimate, available_bytes, estimate_bytes, gib, peak_rss_bytes, reset_peak
 from gblr_compress.numerics import (
     batches_to_float32,
+    check_declared_size,
     check_finite_batches,
     check_finite_model,
     check_finite_outputs,
@@ -218,6 +219,11 @@ def _text_calibration(job: Job, loaded: LoadedModel) -> list[Batch]:
     return text_batches(texts, tokenizer, loaded.model, job.max_length, job.batch_size)
 
 
+def _memory_limit(job: Job) -> int | None:
+    """Bytes the run may use: ``job.max_memory_gb``, else what the machine has available."""
+    return available_bytes() if job.max_memory_gb is None else int(job.max_memory_gb * 2**30)
+
+
 def _check_memory(
     job: Job, model: nn.Module, calib: Sequence[Batch], outputs: object
 ) -> tuple[MemoryEstimate, int | None]:
@@ -233,7 +239,7 @@ def _check_memory(
     distilling = job.config.distill.steps > 0
     estimate = estimate_bytes(param_bytes, target_bytes, tokens, widths, out_bytes,
                               int(job.config.distill.teacher_cache_mb * 2**20), distilling, peak_rss_bytes())
-    limit = available_bytes() if job.max_memory_gb is None else int(job.max_memory_gb * 2**30)
+    limit = _memory_limit(job)
     if limit is not None and estimate.total > limit:
         raise InputError(
             f"this run needs about {gib(estimate.total)} ({estimate.describe()}) but "
@@ -287,10 +293,11 @@ def _distill_notes(result: CompressResult) -> list[str]:
     return notes
 
 
-def _check_numerics(loaded: LoadedModel) -> str | None:
-    """Refuse non-finite weights; a half-precision model is computed in float32.
-    Returns the note saying so when the model was cast (its float batches must be cast
-    too), else None."""
+def _check_numerics(job: Job, loaded: LoadedModel) -> str | None:
+    """Refuse weights larger than memory or not finite; a half-precision model is
+    computed in float32. Returns the note saying so when the model was cast (its float
+    batches must be cast too), else None."""
+    check_declared_size(loaded.model, [], _memory_limit(job))
     check_finite_model(loaded.model)
     half = to_float32(loaded.model)
     return None if half is None else f"the checkpoint is {half}: it is compressed in float32 and the ONNX model is float32"
@@ -356,7 +363,7 @@ def run_job(job: Job, progress: Progress | None = None, warn: Callable[[str], No
     pickle_note = None if job.trust_checkpoint else "pass --trust-checkpoint to silence this"
     loaded = load_model(job.model, job.factory, warn=None if pickle_note is None else
                         (lambda text: _warn(f"{text}; {pickle_note}")))
-    cast = _check_numerics(loaded)
+    cast = _check_numerics(job, loaded)
     if cast:
         _warn(cast)
     # A causal LM returns its KV cache next to the logits; the deployed graph returns
@@ -373,6 +380,7 @@ def run_job(job: Job, progress: Progress | None = None, warn: Callable[[str], No
         calib = batches_to_float32(calib)
         if loaded.example_inputs is not None:
             loaded.example_inputs = batches_to_float32([loaded.example_inputs])[0]
+    check_declared_size(loaded.model, calib, _memory_limit(job))
     check_finite_batches(calib)
     if loaded.example_inputs is not None:
         check_finite_batches([loaded.example_inputs], "the bundle's example_inputs:")

@@ -27,6 +27,7 @@ from gblr_compress.errors import InputError
 __all__ = [
     "HALF_DTYPES",
     "batches_to_float32",
+    "check_declared_size",
     "check_finite_batches",
     "check_finite_model",
     "check_finite_outputs",
@@ -50,6 +51,30 @@ def _describe(t: torch.Tensor, bad: int) -> str:
     if bool(torch.isinf(t).any()):
         kinds.append("Inf")
     return f"{'/'.join(kinds)} in {bad:,} of {t.numel():,} values"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_declared_size(model: nn.Module, batches: Sequence[Batch], limit_bytes: int | None) -> None:
+    """Refuse weights or calibration data larger than the memory there is.
+
+    A file can declare far more values than it stores (a stride-0 view saved by
+    ``torch.save`` keeps one element for a tensor of any shape); every check and every
+    phase after loading would materialize them, so the declared size is compared with
+    ``limit_bytes`` (what the machine has available) before anything touches them.
+
+    Raises:
+        InputError: ``"calibration data declares 37.3 GiB of values ..."``.
+    """
+    if limit_bytes is None:
+        return
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    data = sum(t.numel() * t.element_size() for b in batches for _, t in _named_tensors(b))
+    for what, size in (("the model's weights", weights), ("the calibration data", data)):
+        if size > limit_bytes:
+            raise InputError(f"{what} declare {_gib(size)} of values, more than the {_gib(limit_bytes)} available")
 
 
 def check_finite_model(model: nn.Module) -> None:

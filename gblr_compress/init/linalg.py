@@ -75,6 +75,11 @@ def whitening_moment(moment: Moment | None, n: int, damping: float) -> Whitening
         return Whitening(eye, "", True)
     if not bool(torch.isfinite(moment.xtx).all()):
         return Whitening(eye, "activation moment is not finite (inputs overflow): data-free init", True)
+    scale = float(moment.mean().diagonal().mean())  # regularized_moment's identity cases, named
+    if scale == 0.0:
+        return Whitening(eye, "the layer's inputs are all zero: data-free init", True)
+    if scale < 0.0:
+        return Whitening(eye, "activation moment is not positive semi-definite: data-free init", True)
     C = regularized_moment(moment, n, damping)
     if int(torch.linalg.cholesky_ex(C)[1]) == 0:
         return Whitening(C, "", False)
