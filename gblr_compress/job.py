@@ -424,11 +424,14 @@ def run_job(job: Job, progress: Progress | None = None, warn: Callable[[str], No
         report.parity = {"max_abs_diff": diff if diff is not None and math.isfinite(diff) else None,
                          "tolerance": failed_parity.tolerance, "ok": False}
     _gate(job, report, failed_parity)
+    exported = None
     try:
         exported = save_onnx(graph, out, {"gblr.report": json.dumps(report_to_dict(report))}, parity)
         exported.seconds = seconds["export"]
         write_report(report, report_path)
     except BaseException:  # an error or an interrupt (SIGINT, SIGTERM)
         out.unlink(missing_ok=True)  # never leave a model without its report
+        if exported is not None and exported.external_data:
+            out.with_name(out.name + ".data").unlink(missing_ok=True)
         raise
     return JobResult(report, result, exported, report_path, warnings)

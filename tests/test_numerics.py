@@ -149,19 +149,21 @@ def test_init_layer_on_an_unusable_moment_is_data_free_with_a_note() -> None:
 
 
 # ------------------------------------------------------ compressed or left dense, e2e
-def _onnx_matches(path: Path, model: nn.Module, x: torch.Tensor, report) -> float:
+def _onnx_matches(path: Path, model: nn.Module, x: torch.Tensor, report) -> None:
+    """The written ONNX model is float32, finite and matches the PyTorch student."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     assert inp.type == "tensor(float)"  # float32 export whatever the checkpoint's dtype
     got = sess.run(None, {inp.name: x.numpy()})[0]
     assert np.isfinite(got).all()
     assert report.parity["ok"]
-    return float(np.abs(got - model(x).detach().numpy()).max())
+    ref = model(x).detach().numpy()
+    assert np.abs(got - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
 @pytest.mark.parametrize(
     "case",
-    ["zero_layer", "out_1", "in_1", "tiny", "tiny_scale", "float16", "bfloat16"],
+    ["zero_layer", "out_1", "in_1", "tiny", "tiny_scale", "huge_scale", "float16", "bfloat16"],
 )
 def test_degenerate_layers_and_dtypes_compress_or_stay_dense_with_a_reason(tmp_path, case) -> None:
     n_in, calib = 32, _calib()
@@ -181,12 +183,15 @@ def test_degenerate_layers_and_dtypes_compress_or_stay_dense_with_a_reason(tmp_p
         model = _mlp()
         with torch.no_grad():
             model[0].weight.mul_(1e-20)
+    elif case == "huge_scale":  # finite outputs (~1e15), losses that overflow float32
+        model = _mlp()
+        with torch.no_grad():
+            model[0].weight.mul_(1e15)
     else:
         dtype = getattr(torch, case)
         model = _mlp().to(dtype)
         calib = [c.to(dtype) for c in calib]
-    reference = copy.deepcopy(model).float()
-    result = _job(tmp_path, model, calib)
+    result = _job(tmp_path, model, calib, steps=4 if case == "huge_scale" else 2)
     report = result.report
     assert report.linear_cost <= report.budget_cost
     for layer in report.layers:  # every layer compressed, or dense with the reason why
@@ -196,13 +201,14 @@ def test_degenerate_layers_and_dtypes_compress_or_stay_dense_with_a_reason(tmp_p
     if case == "zero_layer":
         zero = next(l for l in report.layers if l.name == "2")
         assert zero.cost == 0 and frozen["rel_error"] < 0.05  # the zero weight needs no block: only biases train
+    if case == "huge_scale":  # the squared error overflows: stopped, best state kept, said so
+        assert any(n.startswith("distillation stopped: training loss is inf") for n in report.notes), report.notes
     if case in ("float16", "bfloat16"):
         assert any(case in note and "float32" in note for note in report.notes)
         assert any(case in w for w in result.warnings)
     x = _calib(n_in, count=1, rows=3)[0]
     _onnx_matches(tmp_path / "m.onnx", result.compress.model, x, report)
     json.loads((tmp_path / "m.report.json").read_text())  # written, valid JSON (no NaN)
-    assert reference is not None
 
 
 # ------------------------------------------------------------- distillation faults

@@ -13,7 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
@@ -124,6 +126,27 @@ def test_an_interrupt_while_writing_leaves_no_file(files, tmp_path, monkeypatch,
     got, _ = _run([str(files["bundle"]), "--budget", "0.3", "--steps", "0", "-o", str(out), "--quiet",
                    "--trust-checkpoint"])
     assert got == code and sorted(os.listdir(tmp_path)) == []
+
+
+def test_external_data_outputs_are_whole_or_absent(files, tmp_path, monkeypatch) -> None:
+    # Every weight goes to m.onnx.data, as for a model over ~1.8 GB.
+    monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_BYTES", 0)
+    args = [str(files["bundle"]), "--budget", "0.3", "--steps", "0", "-o", str(tmp_path / "m.onnx"), "--quiet",
+            "--trust-checkpoint"]
+    code, text = _run(args)
+    assert code == 0, text
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data", "m.report.json"]
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {sess.get_inputs()[0].name: np.zeros((2, 32), np.float32)})[0].shape == (2, 5)
+    for p in tmp_path.iterdir():
+        p.unlink()
+
+    def report_interrupted(*_args, **_kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job_mod, "write_report", report_interrupted)
+    code, _ = _run(args)
+    assert code == 130 and sorted(os.listdir(tmp_path)) == []
 
 
 def _wait_for(proc: subprocess.Popen, needle: str, seconds: float) -> str:
