@@ -20,12 +20,13 @@ import click
 
 from gblr_compress import __version__
 from gblr_compress.errors import FidelityError, InputError
-from gblr_compress.signals import Terminated, exit_code, terminate_as_exception
+from gblr_compress.signals import Terminated, exit_code, interrupt_in, terminate_as_exception
 
 __all__ = ["DEFAULT_COMMAND", "GBLRGroup", "main", "verbose_option"]
 
 DEFAULT_COMMAND = "compress"
 _VERBOSE = "gblr_compress.verbose"
+_WRITTEN = "gblr_compress.written"
 
 
 def _set_verbose(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
@@ -79,15 +80,22 @@ class GBLRGroup(click.Group):
         else:
             super().format_usage(ctx, formatter)
 
+    @staticmethod
+    def _interrupted(ctx: click.Context, exc: BaseException) -> None:
+        """One line and exit 130 (SIGINT) / 143 (SIGTERM); the outputs were either never
+        written or removed by the cleanup the interrupt unwound through, unless the run
+        had finished writing them (then they are complete)."""
+        name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
+        done = "the outputs were already written and are complete" if ctx.meta.get(_WRITTEN) else "nothing written"
+        click.echo(f"interrupted ({name}): {done}", err=True)
+        ctx.exit(exit_code(exc))
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             with terminate_as_exception():  # SIGTERM unwinds like SIGINT: finally blocks clean up
                 return super().invoke(ctx)
         except (KeyboardInterrupt, Terminated) as exc:
-            code = exit_code(exc)
-            name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
-            click.echo(f"interrupted ({name}): nothing written", err=True)
-            ctx.exit(code)
+            self._interrupted(ctx, exc)
         except click.exceptions.UsageError as exc:
             # A bad option value is bad input like any other: one line, exit 2.
             click.echo(f"error: {_one_line(exc.format_message())}", err=True)
@@ -95,6 +103,9 @@ class GBLRGroup(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # usage errors (exit 2) and explicit exits keep click's handling
         except InputError as exc:
+            interrupt = interrupt_in(exc)
+            if interrupt is not None:  # a loader's one-line error around an interrupted import
+                self._interrupted(ctx, interrupt)
             if ctx.meta.get(_VERBOSE):
                 traceback.print_exc()
             click.echo(f"error: {_one_line(str(exc))}", err=True)
@@ -106,6 +117,9 @@ class GBLRGroup(click.Group):
             click.echo(f"error: {_one_line(str(exc))}{hint}", err=True)
             ctx.exit(3)
         except Exception as exc:
+            interrupt = interrupt_in(exc)
+            if interrupt is not None:  # e.g. an ImportError raised by an interrupted import
+                self._interrupted(ctx, interrupt)
             if ctx.meta.get(_VERBOSE):
                 traceback.print_exc()
             hint = "" if ctx.meta.get(_VERBOSE) else " (run with --verbose for the traceback)"
@@ -339,6 +353,7 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
 
     with _Bars(err_console, quiet or as_json) as bars:
         result = run_job(job, progress=bars, warn=warn)
+    click.get_current_context().meta[_WRITTEN] = True  # a later interrupt must not say "nothing written"
     for w in result.warnings:
         if w not in shown:
             err_console.print(f"warning: {w}", soft_wrap=True, markup=False, highlight=False)

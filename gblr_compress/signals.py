@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-__all__ = ["SIGINT_EXIT", "SIGTERM_EXIT", "Terminated", "exit_code", "terminate_as_exception"]
+__all__ = ["SIGINT_EXIT", "SIGTERM_EXIT", "Terminated", "exit_code", "interrupt_in", "terminate_as_exception"]
 
 SIGINT_EXIT = 128 + signal.SIGINT  # 130: the shell's convention for a process killed by SIGINT
 SIGTERM_EXIT = 128 + signal.SIGTERM  # 143
@@ -53,4 +53,22 @@ def exit_code(exc: BaseException) -> int | None:
         return SIGINT_EXIT
     if isinstance(exc, Terminated):
         return SIGTERM_EXIT
+    return None
+
+
+
+def interrupt_in(exc: BaseException) -> BaseException | None:
+    """The interrupt behind ``exc``, if one is in its cause / context chain.
+
+    An interrupt that lands inside an import of a compiled extension comes back as an
+    ``ImportError("initialization failed")`` whose cause is the interrupt (pybind11
+    wraps whatever the module's init raised); it is still an interrupt.
+    """
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if exit_code(link) is not None:
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
     return None

@@ -128,6 +128,22 @@ def test_an_interrupt_while_writing_leaves_no_file(files, tmp_path, monkeypatch,
     assert got == code and sorted(os.listdir(tmp_path)) == []
 
 
+def test_an_interrupted_import_is_an_interrupt(files, tmp_path, monkeypatch) -> None:
+    # pybind11 turns an interrupt inside a module's init into ImportError("initialization
+    # failed") caused by it; the command still exits 130 and writes nothing.
+    def interrupted_import(*_args, **_kw):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setattr(job_mod, "build_onnx", interrupted_import)
+    code, text = _run([str(files["bundle"]), "--budget", "0.3", "--steps", "0", "-o", str(tmp_path / "m.onnx"),
+                       "--quiet", "--trust-checkpoint"])
+    assert code == 130 and _error_lines(text) == ["interrupted (SIGINT): nothing written"], text
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_external_data_outputs_are_whole_or_absent(files, tmp_path, monkeypatch) -> None:
     # Every weight goes to m.onnx.data, as for a model over ~1.8 GB.
     monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_BYTES", 0)
