@@ -70,8 +70,8 @@ def test_fidelity_below_the_minimum_exits_3_and_writes_nothing(files, tmp_path) 
     assert re.search(r"held-out cosine vs the dense model 0\.\d{4} is below the minimum 0\.9999", lines[0]), lines
     assert "--force writes it anyway" in lines[0]
     assert sorted(os.listdir(tmp_path)) == []  # no ONNX, no report, no temporary file
-    code, text = _run([*args, "--min-fidelity", "0.9999", "--force"])
-    assert code == 0, text
+    code, text = _run([a for a in args if a != "--quiet"] + ["--min-fidelity", "0.9999", "--force"])
+    assert code == 0 and "Fidelity gate: FAILED, written with --force (held-out cosine 0." in text, text
     gate = json.loads((tmp_path / "m.report.json").read_text())["gate"]
     assert gate["passed"] is False and gate["forced"] is True and gate["min_fidelity"] == 0.9999
     assert gate["cosine"] < 0.9999 and gate["parity_ok"] is True
