@@ -326,7 +326,7 @@ def test_fuzzed_subprocess_runs_exit_with_the_documented_codes(seeds, tmp_path) 
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(_flip(random.Random(SEED), seeds["state.safetensors"])[:300])
     base = [sys.executable, "-m", "gblr_compress"]
-    common = ["--factory", FACTORY, "--calib", str(files["calib.pt"]), "--steps", "0", "--budget", "0.2"]
+    common = ["--factory", FACTORY, "--calib", str(files["calib.pt"]), "--steps", "0", "--budget", "0.2", "--quiet"]
     cases = [
         ([str(files["state.safetensors"]), *common], 0),
         ([str(broken), *common], 2),

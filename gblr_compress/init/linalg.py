@@ -53,7 +53,9 @@ class Whitening(NamedTuple):
     Attributes:
         C: ``(n, n)`` float64, positive definite (its Cholesky factor exists).
         note: empty, or the fault worked around (one line, for the report).
-        data_free: True when the moment was unusable and ``C`` is the identity.
+        data_free: True when the moment was unusable (its errors would not be finite)
+            and ``C`` is the identity; all-zero inputs also whiten with the identity,
+            but their moment still measures errors (all 0).
     """
 
     C: torch.Tensor
@@ -76,8 +78,8 @@ def whitening_moment(moment: Moment | None, n: int, damping: float) -> Whitening
     if not bool(torch.isfinite(moment.xtx).all()):
         return Whitening(eye, "activation moment is not finite (inputs overflow): data-free init", True)
     scale = float(moment.mean().diagonal().mean())  # regularized_moment's identity cases, named
-    if scale == 0.0:
-        return Whitening(eye, "the layer's inputs are all zero: data-free init", True)
+    if scale == 0.0:  # the moment is right (every output error is 0), it just cannot whiten
+        return Whitening(eye, "the layer's inputs are all zero: data-free init", False)
     if scale < 0.0:
         return Whitening(eye, "activation moment is not positive semi-definite: data-free init", True)
     C = regularized_moment(moment, n, damping)

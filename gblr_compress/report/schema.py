@@ -262,8 +262,8 @@ def _check_structure(name: str, s: Any, m: int, n: int) -> None:
     the layer's shape."""
     try:
         layout = layout_from_dict(s)
-    except ValueError as exc:
-        raise _bad(f"layer {name!r}: {exc}") from None
+    except (ValueError, TypeError, RuntimeError, OverflowError) as exc:  # e.g. a rank past int64
+        raise _bad(f"layer {name!r}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]}") from None
     if (layout.out_features, layout.in_features) != (m, n):
         raise _bad(f"layer {name!r}: structure shape does not match {m} x {n}")
 
@@ -284,8 +284,15 @@ def _layer_from_dict(d: Any) -> LayerReport:
             if isinstance(layer.sensitivity, (str, bool)):
                 raise TypeError("sensitivity must be a number")
             layer.sensitivity = float(layer.sensitivity)
-        if not isinstance(layer.note, str):
-            raise TypeError("note must be a string")
+        for key in ("name", "status", "reason", "init_kind", "note"):
+            if not isinstance(getattr(layer, key), str):
+                raise TypeError(f"{key} must be a string")
+        if layer.export_form is not None and not isinstance(layer.export_form, str):
+            raise TypeError("export_form must be a string or null")
+        for key in ("calib_error", "heldout_error", "baseline_heldout_error", "export_params"):
+            v = getattr(layer, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise TypeError(f"{key} must be a number or null")
     except (TypeError, ValueError):
         raise _bad(f"layer {d.get('name')!r} has fields of the wrong type") from None
     if layer.status not in _STATUSES:
