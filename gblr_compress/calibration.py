@@ -70,7 +70,13 @@ def _load_npz(p: Path) -> Batch:
         raise InputError(f"cannot read calibration data {p} as .npz: {short_reason(exc)}") from exc
     if not arrays:
         raise InputError(f"calibration data {p} holds no arrays")
-    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    for k, v in arrays.items():  # strings, dates, ...: nothing a model takes
+        if v.dtype.kind not in "biufc":
+            raise InputError(f"calibration data {p}: array {k!r} holds {v.dtype} values, not numbers")
+    try:
+        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    except TypeError as exc:  # a numeric dtype torch has no tensor type for
+        raise InputError(f"calibration data {p}: {short_reason(exc)}") from None
     positional = [f"arr_{i}" for i in range(len(tensors))]
     if sorted(tensors) == sorted(positional):
         items = tuple(tensors[k] for k in positional)

@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,11 +100,11 @@ def _cwd_importable() -> Iterator[None]:
 
 def _zip_kind(path: Path) -> str | None:
     """Recognize zip archives torch can write but we cannot compress (by their entries)."""
-    if not zipfile.is_zipfile(path):
-        return None
-    try:
+    try:  # is_zipfile itself raises on some corrupted end records
+        if not zipfile.is_zipfile(path):
+            return None
         names = zipfile.ZipFile(path).namelist()
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # BadZipFile, OSError, struct errors...: a sniff, torch.load judges the file
         return None
     if any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in names):
         return "TorchScript"
@@ -183,7 +183,9 @@ def _load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], path: 
 
 
 # -------------------------------------------------------------------------- models
-def load_model(path: str | os.PathLike, factory: str | None = None) -> LoadedModel:
+def load_model(
+    path: str | os.PathLike, factory: str | None = None, warn: Callable[[str], None] | None = None
+) -> LoadedModel:
     """Load a model in any supported format (see the module docstring).
 
     Without ``factory`` a ``.pt``/``.pth`` file is unpickled with
@@ -195,6 +197,8 @@ def load_model(path: str | os.PathLike, factory: str | None = None) -> LoadedMod
         path: checkpoint file, ``.safetensors`` file or HuggingFace directory.
         factory: ``"package.module:function"`` building the architecture for a
             state_dict / safetensors file.
+        warn: called with a one-line warning right before a file is unpickled (the
+            only load that can run code from the file); None: no warning.
 
     Returns:
         A :class:`LoadedModel` whose model is on CPU in eval mode.
@@ -215,6 +219,8 @@ def load_model(path: str | os.PathLike, factory: str | None = None) -> LoadedMod
         )
     if factory is not None:
         return _load_state_dict_file(p, factory)
+    if warn is not None:
+        warn(f"{p} is a pickle: loading it runs code from the file")
     with _cwd_importable():
         try:
             obj = torch.load(p, map_location="cpu", weights_only=False)
@@ -303,12 +309,12 @@ def _load_hf_dir(p: Path) -> LoadedModel:
             f"{p} is a HuggingFace directory: loading it needs `pip install transformers`"
         ) from exc
     try:
-        config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+        # Never trust_remote_code: a directory must not run code of its own here.
+        config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
         cls = cls or transformers.AutoModel
-        # No trust_remote_code: a directory must not run code of its own here.
-        model = cls.from_pretrained(str(p), local_files_only=True)
+        model = cls.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise InputError(f"cannot load HuggingFace model from {p}: {short_reason(exc)}") from exc
     return _finish(model, p, example_inputs=None, calib=None, source_format="huggingface")

@@ -2,7 +2,9 @@
 
 Only this module imports click. Errors are mapped to exit codes in one place
 (:meth:`GBLRGroup.invoke`): bad input (:class:`InputError`) prints ``error: ...`` on
-stderr and exits 2, click usage errors exit 2, anything else prints one
+stderr and exits 2, click usage errors exit 2, a result not good enough to write
+(:class:`FidelityError`: ONNX parity, the fidelity gate) exits 3, SIGINT / SIGTERM
+exit 130 / 143 after the same cleanup as an error, anything else prints one
 ``internal error: ...`` line and exits 1; ``--verbose`` adds the traceback.
 """
 
@@ -17,12 +19,14 @@ from typing import Any
 import click
 
 from gblr_compress import __version__
-from gblr_compress.errors import InputError
+from gblr_compress.errors import FidelityError, InputError
+from gblr_compress.signals import Terminated, exit_code, interrupt_in, terminate_as_exception
 
 __all__ = ["DEFAULT_COMMAND", "GBLRGroup", "main", "verbose_option"]
 
 DEFAULT_COMMAND = "compress"
 _VERBOSE = "gblr_compress.verbose"
+_WRITTEN = "gblr_compress.written"
 
 
 def _set_verbose(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
@@ -76,9 +80,22 @@ class GBLRGroup(click.Group):
         else:
             super().format_usage(ctx, formatter)
 
+    @staticmethod
+    def _interrupted(ctx: click.Context, exc: BaseException) -> None:
+        """One line and exit 130 (SIGINT) / 143 (SIGTERM); the outputs were either never
+        written or removed by the cleanup the interrupt unwound through, unless the run
+        had finished writing them (then they are complete)."""
+        name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
+        done = "the outputs were already written and are complete" if ctx.meta.get(_WRITTEN) else "nothing written"
+        click.echo(f"interrupted ({name}): {done}", err=True)
+        ctx.exit(exit_code(exc))
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with terminate_as_exception():  # SIGTERM unwinds like SIGINT: finally blocks clean up
+                return super().invoke(ctx)
+        except (KeyboardInterrupt, Terminated) as exc:
+            self._interrupted(ctx, exc)
         except click.exceptions.UsageError as exc:
             # A bad option value is bad input like any other: one line, exit 2.
             click.echo(f"error: {_one_line(exc.format_message())}", err=True)
@@ -86,11 +103,23 @@ class GBLRGroup(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # usage errors (exit 2) and explicit exits keep click's handling
         except InputError as exc:
+            interrupt = interrupt_in(exc)
+            if interrupt is not None:  # a loader's one-line error around an interrupted import
+                self._interrupted(ctx, interrupt)
             if ctx.meta.get(_VERBOSE):
                 traceback.print_exc()
             click.echo(f"error: {_one_line(str(exc))}", err=True)
             ctx.exit(2)
+        except FidelityError as exc:
+            if ctx.meta.get(_VERBOSE):
+                traceback.print_exc()
+            hint = " (--force writes it anyway)" if exc.forceable else ""
+            click.echo(f"error: {_one_line(str(exc))}{hint}", err=True)
+            ctx.exit(3)
         except Exception as exc:
+            interrupt = interrupt_in(exc)
+            if interrupt is not None:  # e.g. an ImportError raised by an interrupted import
+                self._interrupted(ctx, interrupt)
             if ctx.meta.get(_VERBOSE):
                 traceback.print_exc()
             hint = "" if ctx.meta.get(_VERBOSE) else " (run with --verbose for the traceback)"
@@ -266,6 +295,15 @@ def _config(build: Callable[[], Any]) -> Any:
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-vs-PyTorch check.")
 @click.option("--report", default=None, type=click.Path(path_type=str),
               help="Report path (default: next to the output, NAME.report.json).")
+@click.option("--min-fidelity", default=None, type=click.FloatRange(-1, 1), metavar="F",
+              help="Least held-out cosine between the compressed and the dense model's outputs; below it "
+                   "(or when ORT parity fails) exit 3 and write nothing.")
+@click.option("--force", is_flag=True,
+              help="Write the outputs even when --min-fidelity or ORT parity fails (the report says so).")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Silence the warning that loading a pickled MODEL (module or bundle) runs code from it.")
+@click.option("--deterministic", is_flag=True,
+              help="torch.use_deterministic_algorithms(True): fail rather than run a nondeterministic kernel.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @verbose_option
@@ -274,7 +312,8 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
                  input_spec: str | None, steps: int, lr: float, loss: str, augment: float, seed: int,
                  data_free: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
                  time_budget: float | None, compress_tied: bool, teacher_cache_mb: float, max_memory: float | None,
-                 device: str, opset: int, no_verify: bool, report: str | None, quiet: bool, as_json: bool) -> None:
+                 device: str, opset: int, no_verify: bool, report: str | None, min_fidelity: float | None,
+                 force: bool, trust_checkpoint: bool, deterministic: bool, quiet: bool, as_json: bool) -> None:
     """Compress MODEL's Linear layers to a FLOP budget and export ONNX + a report.
 
     MODEL is a torch.save'd module or bundle dict (a pickle: loading it runs code from
@@ -283,15 +322,17 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
     """
     import json
 
+    import torch
+
     from gblr_compress.distill import DistillConfig
     from gblr_compress.init import InitConfig
     from gblr_compress.job import Job, run_job
     from gblr_compress.pipeline import CompressConfig
     from gblr_compress.report import render_summary
 
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
     if device.startswith("cuda"):
-        import torch
-
         if not torch.cuda.is_available():
             raise InputError(f"--device {device}: CUDA is not available on this machine")
     config = _config(lambda: CompressConfig(
@@ -301,14 +342,22 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
     ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
               calib_text=calib_text, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
-              max_memory_gb=max_memory,
-              report=report, opset=opset, verify=not no_verify, config=config)
+              max_memory_gb=max_memory, trust_checkpoint=trust_checkpoint, min_fidelity=min_fidelity,
+              force=force, report=report, opset=opset, verify=not no_verify, config=config)
     console = _console()
     err_console = _console(stderr=True)
+    shown: list[str] = []
+
+    def warn(text: str) -> None:  # at once: a pickle warning must come before the load
+        shown.append(text)
+        err_console.print(f"warning: {text}", soft_wrap=True, markup=False, highlight=False)
+
     with _Bars(err_console, quiet or as_json) as bars:
-        result = run_job(job, progress=bars)
+        result = run_job(job, progress=bars, warn=warn)
+    click.get_current_context().meta[_WRITTEN] = True  # a later interrupt must not say "nothing written"
     for w in result.warnings:
-        err_console.print(f"warning: {w}")
+        if w not in shown:
+            err_console.print(f"warning: {w}", soft_wrap=True, markup=False, highlight=False)
     if as_json:
         from gblr_compress.report import report_to_dict
 

@@ -130,6 +130,9 @@ class DistillConfig:
 
 
 _TIMED_STEPS = 3  # steps timed before a deadline decides how many fit
+# A held-out loss this many times the one before training has diverged: no later step
+# will come back below the best state, so the loop stops and restores it.
+_DIVERGED = 100.0
 
 
 @dataclass
@@ -138,6 +141,8 @@ class DistillResult:
 
     ``history`` holds one entry per evaluation: step, train loss, held-out loss, exact
     cost per layer and the widths of every layer, so the structure's path can be replayed.
+    ``stopped`` says why the loop ended early on a numerical fault (a non-finite loss or
+    parameter, a diverging held-out loss; see :func:`_fault`), None when it did not.
     """
 
     steps: int
@@ -146,6 +151,7 @@ class DistillResult:
     heldout_after: float | None
     seconds: float
     history: list[dict] = field(default_factory=list)
+    stopped: str | None = None
 
 
 def gblr_layers(model: nn.Module) -> dict[str, GBLRLinear]:
@@ -468,6 +474,9 @@ def distill_(
     best = heldout_before if heldout_before is not None else math.inf
     best_state = _gblr_state(layers) if holdout else None
     order: list[int] = []
+    # Without held-out data the last evaluated state is what a numerical fault falls
+    # back to (with it, the best held-out state is).
+    safe_state = best_state if holdout else _gblr_state(layers)
     _train_compressed_only(student, layer_list)
     try:
         step = 0
@@ -486,6 +495,9 @@ def distill_(
             if use_taps:
                 terms = [normalized_mse(s_taps.outputs[n], t_layers[n], mask) for n in names]
                 loss = loss + config.layer_weight * torch.stack(terms).mean()
+            result.stopped = _fault(step + 1, loss, None, None, layer_list)
+            if result.stopped:
+                break
             opt.zero_grad(set_to_none=True)
             sopt.zero_grad(set_to_none=True)
             loss.backward()
@@ -496,6 +508,9 @@ def distill_(
                 for layer in layer_list:
                     layer.clamp_structure_()
                 project_widths_(layer_list, max_cost)
+            result.stopped = _fault(step + 1, None, None, None, layer_list)
+            if result.stopped:
+                break
             done = step = step + 1
             held = None
             if deadline is not None and done == _TIMED_STEPS and done < steps:
@@ -515,6 +530,11 @@ def distill_(
                 result.history.append(_snapshot(done, loss.item(), held, layers))
                 if held is not None and held < best:
                     best, best_state, result.best_step = held, _gblr_state(layers), done
+                if not holdout:
+                    safe_state = _gblr_state(layers)
+                result.stopped = _fault(done, None, held, heldout_before, layer_list)
+                if result.stopped:
+                    break
             if progress is not None:
                 progress(ProgressEvent(phase, done, steps, loss=loss.item(),
                                        cost=total_cost(layer_list), max_cost=max_cost, heldout=held))
@@ -525,6 +545,9 @@ def distill_(
         for layer in layer_list:  # leave the student on exact boxcars
             layer.sigma.fill_(math.inf)
             layer.round_ste = False
+    if result.stopped and best_state is None:
+        best_state = safe_state  # no held-out data: the last evaluated state
+        result.best_step = max((h["step"] for h in result.history), default=0)
     if best_state is not None:
         _load_gblr_state(layers, best_state)
         result.heldout_after = best
@@ -535,6 +558,27 @@ def distill_(
     student.eval()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _fault(
+    step: int, loss: torch.Tensor | None, held: float | None, held_before: float | None,
+    layers: Sequence[GBLRLinear],
+) -> str | None:
+    """Why the loop must stop at ``step`` (one line), or None: a non-finite training
+    loss (checked before the backward pass), held-out loss or parameter (after the
+    update), or a held-out loss past :data:`_DIVERGED` times the one before training."""
+    if loss is not None and not bool(torch.isfinite(loss.detach())):
+        return f"training loss is {loss.item()} at step {step}"
+    if held is not None and not math.isfinite(held):
+        return f"held-out loss is {held} at step {step}"
+    if held is not None and held_before is not None and held_before > 0 and held > _DIVERGED * held_before:
+        return f"held-out loss diverged at step {step} ({held:.4g}, {held / held_before:.0f}x the start)"
+    if loss is None and held is None:
+        for layer in layers:
+            for p in layer.parameters():
+                if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                    return f"a parameter became non-finite at step {step}"
+    return None
 
 
 def _normalize_grads(params: Sequence[torch.Tensor]) -> None:

@@ -10,9 +10,10 @@ outputs atomically (a failure leaves neither).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +22,18 @@ from torch import nn
 from gblr_compress.batches import Batch, flatten_outputs, graph_outputs, positions
 from gblr_compress.calibration import calibration_batches, check_inputs_fit
 from gblr_compress.checkpoint import LoadedModel, load_model
-from gblr_compress.errors import InputError
+from gblr_compress.errors import FidelityError, InputError
 from gblr_compress.export import ExportResult, LayerExport, Parity, build_onnx, save_onnx, verify_graph
+from gblr_compress.export.verify import VerificationError
 from gblr_compress.memory import MemoryEstimate, available_bytes, estimate_bytes, gib, peak_rss_bytes, reset_peak
+from gblr_compress.numerics import (
+    batches_to_float32,
+    check_declared_size,
+    check_finite_batches,
+    check_finite_model,
+    check_finite_outputs,
+    to_float32,
+)
 from gblr_compress.pipeline import CompressConfig, CompressResult, compress
 from gblr_compress.progress import Progress, ProgressEvent
 from gblr_compress.report import CompressionReport, LayerReport, report_to_dict, write_report
@@ -56,6 +66,14 @@ class Job:
             causal LM, see :func:`~gblr_compress.text.text_batches`).
         max_memory_gb: the memory the run may use (default: what the machine has
             available); a run estimated to need more is refused before the work.
+        trust_checkpoint: the user trusts a pickled checkpoint (a whole module or a
+            bundle): its load warns that it runs code from the file unless this is set.
+        min_fidelity: the least held-out cosine between the compressed and the dense
+            model's outputs (the report's ``quality.frozen.cosine``) that may be
+            written; below it (or when ORT parity fails) :class:`FidelityError` is
+            raised and nothing is written.
+        force: write the outputs even when the fidelity gate or ORT parity fails; the
+            report's ``gate`` says so.
         config: the compression settings.
     """
 
@@ -73,6 +91,9 @@ class Job:
     max_length: int = 128
     batch_size: int | None = None
     max_memory_gb: float | None = None
+    trust_checkpoint: bool = False
+    min_fidelity: float | None = None
+    force: bool = False
     config: CompressConfig = field(default_factory=CompressConfig)
 
 
@@ -132,6 +153,7 @@ def _layer_reports(
                 export_form=None if le is None else le.form,
                 export_params=None if le is None else le.params,
                 sensitivity=rec.sensitivity,
+                note=rec.note,
             )
         )
     for name, reason in result.left_dense.items():
@@ -198,6 +220,11 @@ def _text_calibration(job: Job, loaded: LoadedModel) -> list[Batch]:
     return text_batches(texts, tokenizer, loaded.model, job.max_length, job.batch_size)
 
 
+def _memory_limit(job: Job) -> int | None:
+    """Bytes the run may use: ``job.max_memory_gb``, else what the machine has available."""
+    return available_bytes() if job.max_memory_gb is None else int(job.max_memory_gb * 2**30)
+
+
 def _check_memory(
     job: Job, model: nn.Module, calib: Sequence[Batch], outputs: object
 ) -> tuple[MemoryEstimate, int | None]:
@@ -213,7 +240,7 @@ def _check_memory(
     distilling = job.config.distill.steps > 0
     estimate = estimate_bytes(param_bytes, target_bytes, tokens, widths, out_bytes,
                               int(job.config.distill.teacher_cache_mb * 2**20), distilling, peak_rss_bytes())
-    limit = available_bytes() if job.max_memory_gb is None else int(job.max_memory_gb * 2**30)
+    limit = _memory_limit(job)
     if limit is not None and estimate.total > limit:
         raise InputError(
             f"this run needs about {gib(estimate.total)} ({estimate.describe()}) but "
@@ -258,16 +285,63 @@ def build_report(
     )
 
 
-def run_job(job: Job, progress: Progress | None = None) -> JobResult:
+def _distill_notes(result: CompressResult) -> list[str]:
+    """One line per distillation phase that stopped on a numerical fault."""
+    notes = []
+    for label, record in (("distillation", result.distill), ("recovery", result.recovery)):
+        if record is not None and record.stopped:
+            notes.append(f"{label} stopped: {record.stopped}; restored the best state (step {record.best_step})")
+    return notes
+
+
+def _check_numerics(job: Job, loaded: LoadedModel) -> str | None:
+    """Refuse weights larger than memory or not finite; a half-precision model is
+    computed in float32. Returns the note saying so when the model was cast (its float
+    batches must be cast too), else None."""
+    check_declared_size(loaded.model, [], _memory_limit(job))
+    check_finite_model(loaded.model)
+    half = to_float32(loaded.model)
+    return None if half is None else f"the checkpoint is {half}: it is compressed in float32 and the ONNX model is float32"
+
+
+def _gate(job: Job, report: CompressionReport, failed_parity: VerificationError | None) -> None:
+    """The fidelity gate: raise :class:`FidelityError` (nothing is written) when the
+    held-out cosine is below ``job.min_fidelity`` or parity failed, unless forced; the
+    report's ``gate`` records the check."""
+    if job.min_fidelity is None and failed_parity is None:
+        return
+    cosine = report.quality.get("frozen", {}).get("cosine")
+    fidelity_ok = job.min_fidelity is None or (cosine is not None and cosine >= job.min_fidelity)
+    passed = fidelity_ok and failed_parity is None
+    report.gate = {"min_fidelity": job.min_fidelity, "cosine": cosine, "parity_ok": failed_parity is None,
+                   "passed": passed, "forced": not passed and job.force}
+    if passed or job.force:
+        return
+    if failed_parity is not None:
+        raise failed_parity
+    rel = report.quality.get("frozen", {}).get("rel_error")
+    if cosine is None:
+        raise FidelityError(f"fidelity gate: no held-out data to measure the cosine against the minimum "
+                            f"{job.min_fidelity}; nothing written", forceable=True)
+    raise FidelityError(
+        f"fidelity gate: held-out cosine vs the dense model {cosine:.4f} is below the minimum "
+        f"{job.min_fidelity} (relative error {rel:.4f}); nothing written", forceable=True)
+
+
+def run_job(job: Job, progress: Progress | None = None, warn: Callable[[str], None] | None = None) -> JobResult:
     """Load, compress, export, verify and report: the whole product as one call.
 
     Outputs are written atomically; when a later step fails, files this run wrote are
     removed, so a failure never leaves a model without its report. The input files are
-    only read.
+    only read. ``warn`` gets each warning when it arises (they are also collected in
+    :attr:`JobResult.warnings`).
 
     Raises:
-        InputError: anything the user can fix (paths, formats, data that does not fit).
-        VerificationError: the ONNX model does not match the PyTorch student.
+        InputError: anything the user can fix (paths, formats, data that does not fit,
+            NaN / Inf in weights or data).
+        FidelityError: the ONNX model does not match the PyTorch student
+            (:class:`~gblr_compress.export.verify.VerificationError`), or the held-out
+            cosine is below ``job.min_fidelity``; nothing is written (unless ``job.force``).
     """
     t_start = time.perf_counter()
     out = Path(job.output)
@@ -278,10 +352,21 @@ def run_job(job: Job, progress: Progress | None = None) -> JobResult:
     _check_output(report_path, [job.model, job.calib, job.calib_text, job.output])
     seconds: dict[str, float] = {}
     warnings: list[str] = []
+
+    def _warn(text: str) -> None:
+        warnings.append(text)
+        if warn is not None:
+            warn(text)
+
     peaks = _PhasePeaks(progress)  # every event passes through it to the caller's progress
 
     t0 = time.perf_counter()
-    loaded = load_model(job.model, job.factory)
+    pickle_note = None if job.trust_checkpoint else "pass --trust-checkpoint to silence this"
+    loaded = load_model(job.model, job.factory, warn=None if pickle_note is None else
+                        (lambda text: _warn(f"{text}; {pickle_note}")))
+    cast = _check_numerics(job, loaded)
+    if cast:
+        _warn(cast)
     # A causal LM returns its KV cache next to the logits; the deployed graph returns
     # the logits only, and the cache is no distillation target.
     _disable_kv_cache(loaded.model)
@@ -292,10 +377,19 @@ def run_job(job: Job, progress: Progress | None = None) -> JobResult:
                                                job.config.seed, warnings)
     if not calib:
         raise InputError("the calibration data holds no batches")
+    if cast:
+        calib = batches_to_float32(calib)
+        if loaded.example_inputs is not None:
+            loaded.example_inputs = batches_to_float32([loaded.example_inputs])[0]
+    check_declared_size(loaded.model, calib, _memory_limit(job))
+    check_finite_batches(calib)
+    if loaded.example_inputs is not None:
+        check_finite_batches([loaded.example_inputs], "the bundle's example_inputs:")
     # Everything that can refuse the model or its inputs runs now, on one batch, before
     # the first long phase: the data fits, the outputs are what a graph can carry, and
     # the run fits in memory.
     outputs = check_inputs_fit(loaded.model, calib[0])
+    check_finite_outputs(outputs)
     try:
         graph_outputs(outputs)
     except InputError as exc:
@@ -312,7 +406,11 @@ def run_job(job: Job, progress: Progress | None = None) -> JobResult:
     t0 = time.perf_counter()
     peaks(ProgressEvent("export", 0, 1))
     graph = build_onnx(result.model, example, opset=job.opset)
-    parity = verify_graph(graph, result.model) if job.verify else None
+    parity, failed_parity = None, None
+    try:
+        parity = verify_graph(graph, result.model) if job.verify else None
+    except VerificationError as exc:
+        failed_parity = exc  # the gate decides: exit 3, or written and marked when forced
     peaks(ProgressEvent("export", 1, 1))
     seconds["export"] = time.perf_counter() - t0
     # The report holds the verification figures and the time of the whole run, and it
@@ -321,11 +419,20 @@ def run_job(job: Job, progress: Progress | None = None) -> JobResult:
     peaks.close("export")
     report = build_report(job, loaded, result, graph.layers, parity, seconds, synthetic, len(calib))
     report.memory = {"estimate": estimate.total, "available": available, "peak": dict(peaks.peak)}
-    exported = save_onnx(graph, out, {"gblr.report": json.dumps(report_to_dict(report))}, parity)
-    exported.seconds = seconds["export"]
+    report.notes = ([cast] if cast else []) + _distill_notes(result)
+    if failed_parity is not None:  # NaN is no JSON number: a NaN difference is reported as null
+        diff = failed_parity.max_abs_diff
+        report.parity = {"max_abs_diff": diff if diff is not None and math.isfinite(diff) else None,
+                         "tolerance": failed_parity.tolerance, "ok": False}
+    _gate(job, report, failed_parity)
+    exported = None
     try:
+        exported = save_onnx(graph, out, {"gblr.report": json.dumps(report_to_dict(report))}, parity)
+        exported.seconds = seconds["export"]
         write_report(report, report_path)
-    except BaseException:
+    except BaseException:  # an error or an interrupt (SIGINT, SIGTERM)
         out.unlink(missing_ok=True)  # never leave a model without its report
+        if exported is not None and exported.external_data:
+            out.with_name(out.name + ".data").unlink(missing_ok=True)
         raise
     return JobResult(report, result, exported, report_path, warnings)

@@ -115,7 +115,7 @@ def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer:
         transformers = None
     if transformers is not None:
         try:
-            tok = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            tok = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
         except Exception as exc:  # OSError, ValueError, ... from a folder without one
             raise InputError(f"no usable tokenizer in {p}: {type(exc).__name__}: {short_reason(exc)}") from None
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -14,6 +14,8 @@ report) runs the steps itself.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -259,11 +261,28 @@ def _too_big(proto: onnx.ModelProto) -> bool:
 
 def _write(proto: onnx.ModelProto, path: Path, external: bool) -> None:
     if external:
-        onnx.save_model(proto, str(path), save_as_external_data=True,
+        # save_model moves the weights out of the proto it is given, in place: a copy
+        # keeps the graph whole for the next write (verification first, then the output).
+        whole = onnx.ModelProto()
+        whole.CopyFrom(proto)
+        onnx.save_model(whole, str(path), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=path.name + ".data")
         onnx.checker.check_model(str(path), full_check=True)
     else:
         onnx.save_model(proto, str(path))
+
+
+def _write_external(proto: onnx.ModelProto, path: Path) -> None:
+    """Write a model with external data as ``path`` + ``path.data``, each renamed into
+    place from a temporary folder beside them (the model refers to its data by the
+    final name, so both are written under it there); nothing is left on failure."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        _write(proto, tmp / path.name, True)
+        os.replace(tmp / (path.name + ".data"), path.with_name(path.name + ".data"))
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def verify_graph(graph: OnnxGraph, model: nn.Module, verify_inputs: Any = None) -> Parity:
@@ -312,8 +331,11 @@ def save_onnx(
     for k, v in (metadata or {}).items():
         _set_prop(graph.proto, k, v)
     external = graph.external_data
-    with atomic_path(path) as tmp:
-        _write(graph.proto, tmp, external)
+    if external:
+        _write_external(graph.proto, path)
+    else:
+        with atomic_path(path) as tmp:
+            _write(graph.proto, tmp, external)
     result = ExportResult(path=path, layers=list(graph.layers), opset=graph.opset, external_data=external)
     if parity is not None:
         result.max_abs_diff, result.tolerance, result.ort_ok = parity.max_abs_diff, parity.tolerance, True

@@ -9,14 +9,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from gblr_compress.errors import InputError
+from gblr_compress.errors import FidelityError, InputError
 from gblr_compress.export.trace import ModelCall
 
 __all__ = ["VerificationError", "compare", "reference", "verify_onnx"]
 
 
-class VerificationError(RuntimeError):
-    """The exported ONNX model does not reproduce the PyTorch model (one-line message)."""
+class VerificationError(FidelityError):
+    """The exported ONNX model does not reproduce the PyTorch model (one-line message).
+
+    Attributes:
+        max_abs_diff, tolerance: the measured difference and its bound, when outputs
+            could be compared (None for a count or shape mismatch).
+    """
+
+    def __init__(self, message: str, max_abs_diff: float | None = None, tolerance: float | None = None) -> None:
+        super().__init__(message, forceable=True)
+        self.max_abs_diff, self.tolerance = max_abs_diff, tolerance
 
 
 def session(path: Path) -> Any:
@@ -55,7 +64,7 @@ def compare(path: Path, call: ModelCall, ref: list[torch.Tensor]) -> tuple[float
     tol = 1e-4 * scale
     if not diff <= tol:  # also catches NaN
         raise VerificationError(
-            f"ONNX model differs from PyTorch: max abs diff {diff:.3g} > tolerance {tol:.3g}"
+            f"ONNX model differs from PyTorch: max abs diff {diff:.3g} > tolerance {tol:.3g}", diff, tol
         )
     return diff, tol
 

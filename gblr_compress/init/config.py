@@ -95,6 +95,8 @@ class LayerInit:
     counts at its dense cost). Errors are relative output errors measured with the fit
     moment (``calib_error``) and the held-out moment (``None`` without held-out data).
     ``sensitivity`` is the layer's weight in the budget split (``None``: not measured).
+    ``note`` names a numerical fault worked around (see
+    :func:`~gblr_compress.init.linalg.whitening_moment`), empty when none.
     """
 
     name: str
@@ -113,6 +115,7 @@ class LayerInit:
     baseline_calib_error: float | None = None
     seconds: float = 0.0
     sensitivity: float | None = None
+    note: str = ""
 
 
 @dataclass

@@ -24,6 +24,7 @@ from gblr_compress.init.linalg import (
     gram_spectrum,
     regularized_moment,
     relative_error,
+    whitening_moment,
 )
 from gblr_compress.init.search import (
     LayerFit,
@@ -87,10 +88,15 @@ def init_layer(
         return linear, rec
 
     W = lin.weight.detach().to("cpu", _F64)  # (m, n)
-    C = regularized_moment(None if data_free else moment, n, cfg.damping)  # (n, n)
+    # A moment that cannot whiten (non-finite, singular beyond damping) makes this
+    # layer data-free; the note goes to the report.
+    C, note, unusable = whitening_moment(None if data_free else moment, n, cfg.damping)  # (n, n)
+    data_free = data_free or unusable
     L = cholesky(C)
     C_fit = None if data_free else moment.mean().to(_F64)  # unregularized, for reporting
     C_hold = None if (data_free or holdout is None) else holdout.mean().to(_F64)
+    if C_hold is not None and not bool(torch.isfinite(C_hold).all()):
+        C_hold = None  # held-out inputs overflow: no held-out judgement for this layer
 
     # Baseline: (whitened) truncated SVD at the same cost.
     R = cost // (m + n)
@@ -168,6 +174,7 @@ def init_layer(
         baseline_heldout_error=None if C_hold is None else hold_err("base", base_W),
         baseline_calib_error=fit_err("base", base_W),
         seconds=time.perf_counter() - t0,
+        note=note,
         **record,
     )
     assert rec.exact_cost <= cost, "init must stay within the layer's allocation"

@@ -9,7 +9,7 @@ the output error of ``W_hat`` is ``tr(D C D^T)`` with ``D = W - W_hat``; with
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -18,6 +18,8 @@ if TYPE_CHECKING:  # only the type: the moments are collected by calib
 
 __all__ = [
     "regularized_moment",
+    "Whitening",
+    "whitening_moment",
     "cholesky",
     "top_svd",
     "gram_spectrum",
@@ -43,6 +45,52 @@ def regularized_moment(moment: Moment | None, n: int, damping: float) -> torch.T
     if not math.isfinite(scale) or scale <= 0.0:
         return torch.eye(n, dtype=_F64)
     return C + (max(damping, 0.0) + 1e-8) * scale * torch.eye(n, dtype=_F64)
+
+
+class Whitening(NamedTuple):
+    """The moment an init whitens with, and what had to be done to get one.
+
+    Attributes:
+        C: ``(n, n)`` float64, positive definite (its Cholesky factor exists).
+        note: empty, or the fault worked around (one line, for the report).
+        data_free: True when the moment was unusable (its errors would not be finite)
+            and ``C`` is the identity; all-zero inputs also whiten with the identity,
+            but their moment still measures errors (all 0).
+    """
+
+    C: torch.Tensor
+    note: str
+    data_free: bool
+
+
+def whitening_moment(moment: Moment | None, n: int, damping: float) -> Whitening:
+    """:func:`regularized_moment` that never fails to whiten.
+
+    A rank-deficient moment (dead features, fewer input vectors than features, float
+    round-off) whose Cholesky factorization fails is damped further, 1e-10 up to 1 times
+    its mean diagonal, until it factorizes; a moment that is not finite (inputs that
+    overflow) or still does not factorize is replaced by the identity, i.e. the layer
+    gets the data-free init. ``note`` says which happened.
+    """
+    eye = torch.eye(n, dtype=_F64)
+    if moment is None:
+        return Whitening(eye, "", True)
+    if not bool(torch.isfinite(moment.xtx).all()):
+        return Whitening(eye, "activation moment is not finite (inputs overflow): data-free init", True)
+    scale = float(moment.mean().diagonal().mean())  # regularized_moment's identity cases, named
+    if scale == 0.0:  # the moment is right (every output error is 0), it just cannot whiten
+        return Whitening(eye, "the layer's inputs are all zero: data-free init", False)
+    if scale < 0.0:
+        return Whitening(eye, "activation moment is not positive semi-definite: data-free init", True)
+    C = regularized_moment(moment, n, damping)
+    if int(torch.linalg.cholesky_ex(C)[1]) == 0:
+        return Whitening(C, "", False)
+    scale = float(C.diagonal().abs().mean()) or 1.0
+    for p in range(-10, 1):
+        damped = C + (10.0**p) * scale * eye
+        if int(torch.linalg.cholesky_ex(damped)[1]) == 0:
+            return Whitening(damped, f"singular activation moment: damped by 1e{p} of its mean diagonal", False)
+    return Whitening(eye, "activation moment is not positive semi-definite: data-free init", True)
 
 
 def cholesky(C: torch.Tensor) -> torch.Tensor:

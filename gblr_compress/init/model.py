@@ -27,7 +27,7 @@ from gblr_compress.calib import Moment, collect_moments, layer_sensitivity
 from gblr_compress.errors import InputError
 from gblr_compress.init.config import InitConfig, InitResult, LayerInit
 from gblr_compress.init.layer import init_layer
-from gblr_compress.init.linalg import cholesky, gram_spectrum, regularized_moment
+from gblr_compress.init.linalg import cholesky, gram_spectrum, whitening_moment
 from gblr_compress.progress import Progress, ProgressEvent
 from gblr_compress.swap import as_linear, find_linears, is_linear_like, replace_module
 
@@ -192,7 +192,7 @@ def collect_stats(
     for i, name in enumerate(names):
         lin = as_linear(modules[name])
         W = lin.weight.detach().to("cpu", _F64)  # (m, n)
-        C = regularized_moment(fit_m.get(name), W.shape[1], cfg.damping)  # (n, n)
+        C = whitening_moment(fit_m.get(name), W.shape[1], cfg.damping).C  # (n, n), always factorizes
         spectra[name] = gram_spectrum(W @ cholesky(C))
         shapes[name] = (lin.out_features, lin.in_features)
         if progress is not None:

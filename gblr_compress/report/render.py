@@ -65,6 +65,8 @@ def render_summary(report: CompressionReport, console: Console) -> None:
     for l in report.layers:
         if l.status == "excluded":
             console.print(Text(f"  {l.name}: left dense: {l.reason}"))
+        if l.note:  # a numerical fault the init worked around
+            console.print(Text(f"  {l.name}: {l.note}"))
     t = _table(console, "Size", "", "dense", "compressed", "ratio")
     t.add_row(
         "linear multiply-adds / token",
@@ -111,6 +113,13 @@ def render_summary(report: CompressionReport, console: Console) -> None:
             f"ONNX Runtime parity: {verdict} (max abs diff {_num(p.get('max_abs_diff'), '.3g')}, "
             f"tolerance {_num(p.get('tolerance'), '.3g')})"
         )
+    g = report.gate
+    if g is not None:
+        verdict = "passed" if g.get("passed") else ("FAILED, written with --force" if g.get("forced") else "FAILED")
+        console.print(Text(f"Fidelity gate: {verdict} (held-out cosine {_num(g.get('cosine'))}, "
+                           f"minimum {_num(g.get('min_fidelity'))})"))
+    for note in report.notes:
+        console.print(Text(f"Note: {note}"))
 
     if report.seconds:
         s = _table(console, "Time", *report.seconds.keys())

@@ -68,6 +68,9 @@ class LayerReport:
         export_params: weight parameters the exported layer really stores.
         sensitivity: the layer's weight in the init's budget split (how much its relative
             error moves the model's outputs); None when not measured (data-free init).
+        note: a numerical fault the init worked around for this layer (a rank-deficient
+            activation moment damped, a singular or non-finite one replaced by the
+            identity: a data-free init); empty when there was none.
     """
 
     name: str
@@ -85,6 +88,7 @@ class LayerReport:
     export_form: str | None = None
     export_params: int | None = None
     sensitivity: float | None = None
+    note: str = ""
 
     @property
     def compressed(self) -> bool:
@@ -142,6 +146,12 @@ class CompressionReport:
         memory: ``{"estimate": bytes, "available": bytes or None, "peak": {phase:
             bytes}}``: the estimate the run was checked against, and the resident-set
             high-water mark of each phase (empty in reports of older versions).
+        notes: what the run worked around, one line each (a half-precision checkpoint
+            computed in float32, a distillation stopped on a non-finite or diverging
+            loss and the best state restored).
+        gate: ``{"min_fidelity", "cosine", "parity_ok", "passed", "forced"}`` when a
+            minimum fidelity was asked for or a failed check was forced through; None
+            otherwise.
     """
 
     version: int = REPORT_VERSION
@@ -156,6 +166,8 @@ class CompressionReport:
     outputs: dict[str, str] = field(default_factory=dict)
     model_params: dict[str, int] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    gate: dict[str, Any] | None = None
 
     # Derived totals: one place, from the per-layer structures.
     @property
@@ -250,8 +262,8 @@ def _check_structure(name: str, s: Any, m: int, n: int) -> None:
     the layer's shape."""
     try:
         layout = layout_from_dict(s)
-    except ValueError as exc:
-        raise _bad(f"layer {name!r}: {exc}") from None
+    except (ValueError, TypeError, RuntimeError, OverflowError) as exc:  # e.g. a rank past int64
+        raise _bad(f"layer {name!r}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]}") from None
     if (layout.out_features, layout.in_features) != (m, n):
         raise _bad(f"layer {name!r}: structure shape does not match {m} x {n}")
 
@@ -272,6 +284,15 @@ def _layer_from_dict(d: Any) -> LayerReport:
             if isinstance(layer.sensitivity, (str, bool)):
                 raise TypeError("sensitivity must be a number")
             layer.sensitivity = float(layer.sensitivity)
+        for key in ("name", "status", "reason", "init_kind", "note"):
+            if not isinstance(getattr(layer, key), str):
+                raise TypeError(f"{key} must be a string")
+        if layer.export_form is not None and not isinstance(layer.export_form, str):
+            raise TypeError("export_form must be a string or null")
+        for key in ("calib_error", "heldout_error", "baseline_heldout_error", "export_params"):
+            v = getattr(layer, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise TypeError(f"{key} must be a number or null")
     except (TypeError, ValueError):
         raise _bad(f"layer {d.get('name')!r} has fields of the wrong type") from None
     if layer.status not in _STATUSES:
@@ -310,8 +331,11 @@ def report_from_dict(d: Any) -> CompressionReport:
     for key in ("source", "settings", "quality", "seconds", "outputs", "model_params", "memory"):
         if key in kw and not isinstance(kw[key], dict):
             raise _bad(f"{key!r} must be an object")
-    if kw.get("parity") is not None and not isinstance(kw["parity"], dict):
-        raise _bad("'parity' must be an object or null")
+    for key in ("parity", "gate"):
+        if kw.get(key) is not None and not isinstance(kw[key], dict):
+            raise _bad(f"{key!r} must be an object or null")
+    if "notes" in kw and not (isinstance(kw["notes"], list) and all(isinstance(n, str) for n in kw["notes"])):
+        raise _bad("'notes' must be a list of strings")
     budget = kw.get("settings", {}).get("budget")
     if budget is not None and not isinstance(budget, (int, float)):
         raise _bad("settings.budget must be a number")
