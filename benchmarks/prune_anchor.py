@@ -48,9 +48,11 @@ from torch import nn
 from gblr_compress.errors import InputError
 
 __all__ = [
+    "Moments",
     "PruneResult",
     "UnitGroup",
     "compressible_linears",
+    "consumer_moments",
     "find_unit_groups",
     "linear_cost",
     "prune_anchor_",
@@ -163,7 +165,7 @@ def _single_thread() -> Iterator[None]:
 
 
 @dataclass
-class _Moments:
+class Moments:
     """Streamed first and second moments of one consumer's input (float64)."""
 
     total: torch.Tensor
@@ -176,12 +178,23 @@ class _Moments:
 
 
 @torch.no_grad()
-def _consumer_moments(
-    model: nn.Module, consumers: list[str], batches: Iterable[Batch], forward: Callable[[Batch], object] | None
-) -> dict[str, _Moments]:
-    """Run the calibration batches once and stream the input moments of each consumer
-    over the real (non-padding) tokens."""
-    moments: dict[str, _Moments] = {}
+def consumer_moments(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    kinds: Iterable[str] = ("ffn", "heads"),
+    forward: Callable[[Batch], object] | None = None,
+) -> dict[str, Moments]:
+    """Run the calibration batches once and stream the input moments of each unit
+    group's consumer over the real (non-padding) tokens.
+
+    The result depends only on the dense model and the data: compute it once and pass
+    it to :func:`prune_anchor_` (``moments=``) for several targets.
+
+    Returns:
+        consumer name -> its streamed moments.
+    """
+    consumers = [g.consumer for g in find_unit_groups(model, kinds)]
+    moments: dict[str, Moments] = {}
     keep: dict[str, torch.Tensor] = {}
 
     def hook(name: str) -> Callable:
@@ -189,7 +202,7 @@ def _consumer_moments(
             x = args[0][keep["mask"]]  # (N_real, n)
             if name not in moments:
                 n = x.shape[-1]
-                moments[name] = _Moments(torch.zeros(n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64))
+                moments[name] = Moments(torch.zeros(n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64))
             m = moments[name]
             # float32 GEMM per batch (fast), accumulated across batches in float64.
             m.gram += (x.T @ x).double()
@@ -319,6 +332,8 @@ def prune_anchor_(
     damping: float = 1e-2,
     min_units: int = 1,
     forward: Callable[[Batch], object] | None = None,
+    moments: dict[str, Moments] | None = None,
+    split: str = "global",
 ) -> PruneResult:
     """Prune FFN units and heads of ``model`` in place to at most ``target_cost``.
 
@@ -333,6 +348,12 @@ def prune_anchor_(
         min_units: units every group keeps (a layer with no head cannot run).
         forward: how to run a batch (default ``model(**batch)``), e.g. a CausalLM's
             body only, skipping its lm_head.
+        moments: :func:`consumer_moments` of this (still dense) model, if already
+            computed; ``calib`` is then not run.
+        split: ``"global"``: remove units lowest ``score / cost`` first across all
+            layers; ``"uniform"``: every group gives up the same share of its cost
+            (scores of different layers need not be comparable, e.g. in a pre-norm
+            model whose residual stream grows with depth).
 
     Returns:
         A :class:`PruneResult`; ``result.cost <= target_cost``.
@@ -344,33 +365,52 @@ def prune_anchor_(
     groups = find_unit_groups(model, kinds)
     names = compressible_linears(model)
     dense_cost = linear_cost(model, names)
-    moments = _consumer_moments(model, [g.consumer for g in groups], list(calib), forward)
+    if moments is None:
+        moments = consumer_moments(model, calib, kinds, forward)
 
     # Score every unit; candidates are all but each group's min_units best.
     stats = {}
-    candidates: list[tuple[float, int, str, int]] = []  # (score per MAC, cost, group, unit)
+    per_group: dict[str, list[tuple[float, int, str, int]]] = {}  # (score per MAC, cost, group, unit), ascending
+    group_cost: dict[str, int] = {}
     for g in groups:
         mu, cov = moments[g.consumer].mean_cov()
         stats[g.name] = (mu, cov)
         second = cov + torch.outer(mu, mu)
         scores = _unit_scores(model.get_submodule(g.consumer).weight.detach(), second, g.unit)  # (count,)
         c = _unit_cost(model, g)
+        group_cost[g.name] = c * g.count
         order = scores.argsort(descending=True)
-        for u in order[min_units:].tolist():
-            candidates.append((float(scores[u]) / c, c, g.name, u))
+        per_group[g.name] = sorted((float(scores[u]) / c, c, g.name, u) for u in order[min_units:].tolist())
+    candidates = sorted(cand for cands in per_group.values() for cand in cands)
     floor = dense_cost - sum(c for _, c, _, _ in candidates)
     if target_cost < floor:
         raise InputError(f"target cost {target_cost:,} is below {floor:,}, what {min_units} unit(s) per group cost")
-    candidates.sort()
+    if split not in ("global", "uniform"):
+        raise InputError(f"split must be global or uniform, got {split!r}")
     removed: list[tuple[float, int, str, int]] = []
     cost = dense_cost
-    for cand in candidates:
+    if split == "uniform":
+        # Every group gives up the same share of its own cost (Linears outside the
+        # groups, e.g. Llama's attention, stay whole and are paid for first).
+        fixed = dense_cost - sum(group_cost.values())
+        frac = (target_cost - fixed) / sum(group_cost.values())
+        for name, cands in per_group.items():
+            have = group_cost[name]
+            for cand in cands:
+                if have <= frac * group_cost[name]:
+                    break
+                removed.append(cand)
+                have -= cand[1]
+                cost -= cand[1]
+    gone = set(removed)
+    for cand in candidates:  # global order (for "uniform": only what rounding left over)
         if cost <= target_cost:
             break
-        removed.append(cand)
-        cost -= cand[1]
+        if cand not in gone:
+            removed.append(cand)
+            cost -= cand[1]
     # Fill the slack: the most important removed units that still fit go back.
-    for cand in reversed(list(removed)):
+    for cand in sorted(removed, reverse=True):
         if cost + cand[1] <= target_cost:
             removed.remove(cand)
             cost += cand[1]

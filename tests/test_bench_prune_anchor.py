@@ -144,3 +144,13 @@ def test_bad_input_is_an_input_error() -> None:
         prune_anchor_(copy.deepcopy(bert), _batches(), 10)
     with pytest.raises(InputError, match="no BERT-like"):
         find_unit_groups(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_uniform_split_prunes_every_group_alike() -> None:
+    llama = _llama()
+    names = compressible_linears(llama)
+    target = int(0.8 * linear_cost(llama, names))
+    pruned = copy.deepcopy(llama)
+    res = prune_anchor_(pruned, _batches(), target, split="uniform", forward=lambda b: pruned.model(**b))
+    assert res.cost <= target
+    assert max(res.kept.values()) - min(res.kept.values()) <= 1
