@@ -13,6 +13,10 @@ for every budget and for the plain-pruning row (``--no-refit`` rows show what th
 least-squares refit adds)::
 
     flock /tmp/gblr-cpu.lock env PYTHONPATH=. python benchmarks/smollm2_prune.py --budgets 0.8
+
+``--calib-rows N`` keeps N packed rows evenly spaced over the 3,000 sentences (the
+statistics pass is the slow part: a forward of the dense model over every row);
+``--eval-rows N`` scores the first N windows.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.8])
     ap.add_argument("--calib-lines", type=int, default=3000, help="first N Wikipedia calibration sentences")
+    ap.add_argument("--calib-rows", type=int, default=None,
+                    help="use this many packed rows, evenly spaced over all of them (default: all)")
     ap.add_argument("--batch-size", type=int, default=8, help="rows of 128 tokens per calibration batch")
     ap.add_argument("--eval-rows", type=int, default=64, help="128-token held-out windows scored")
     ap.add_argument("--damping", type=float, default=1e-2)
@@ -62,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     dense.config.use_cache = False
     tok = load_tokenizer(folder)
     calib = text_batches(lines, tok, dense, max_length=128, batch_size=args.batch_size)
+    if args.calib_rows:  # evenly spaced rows over the whole packed text, re-batched
+        rows_all = [{k: v[i : i + 1] for k, v in b.items()} for b in calib for i in range(len(b["input_ids"]))]
+        step = max(1, len(rows_all) // args.calib_rows)
+        picked = rows_all[::step][: args.calib_rows]
+        calib = [{k: torch.cat([r[k] for r in picked[i : i + args.batch_size]]) for k in picked[0]}
+                 for i in range(0, len(picked), args.batch_size)]
     windows = _windows(AutoTokenizer.from_pretrained(str(folder), local_files_only=True), assets.wiki_eval_text(), rows=args.eval_rows)
     names = compressible_linears(dense)
     dense_cost = linear_cost(dense, names)
