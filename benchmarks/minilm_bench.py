@@ -28,11 +28,15 @@ from pathlib import Path
 import torch
 from minilm import contenders
 from minilm.cli_run import run_cli
-from minilm.contenders import CONTENDERS, PENDING, set_distill_hook
+from minilm.contenders import BUDGET_FREE, CONTENDERS, PENDING, set_distill_hook
 from minilm.data import load_calib, load_eval
 from minilm.metrics import fidelity, paired
 from minilm.model import embed, encoder_linears, load_dense, make_batches
-from minilm.speed import SpeedResult, export_encoder, latency_ratio, make_session, measure_speed, ort_embed
+from minilm.shift import paired_rows as shift_paired_rows
+from minilm.shift import render_paired as render_shift_paired
+from minilm.shift import render_shift, run_shift
+from minilm.sources import SOURCES
+from minilm.speed import OrtEncoder, SpeedResult, export_encoder, latency_ratio, make_session, measure_speed, ort_embed
 from torch import nn
 
 from gblr_compress.errors import InputError
@@ -44,6 +48,8 @@ def encoder_cost(model: nn.Module, names: list[str]) -> int:
     A plain Linear costs ``m*n``; a replacement must say its own cost via
     ``exact_cost()`` (LowRankLinear, FrozenGBLR and GBLRLinear all do).
     """
+    if isinstance(model, OrtEncoder):  # an ONNX graph: it states its own cost
+        return model.linear_cost
     total = 0
     for name in names:
         mod = model.get_submodule(name)
@@ -73,6 +79,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attention", choices=("eager", "sdpa"), default="eager",
                    help="attention implementation of the model the library rows start from (the command "
                         "itself always loads the folder with transformers' default, sdpa)")
+    p.add_argument("--calib-sources", nargs="+", default=None, choices=SOURCES,
+                   help="generalization mode: calibrate on each of these sources in turn and score on every "
+                        "--eval-sources one (in-distribution and shifted side by side)")
+    p.add_argument("--eval-sources", nargs="+", default=list(SOURCES), choices=SOURCES,
+                   help="generalization mode: the scored sources")
+    p.add_argument("--eval-size", type=int, default=400, help="generalization mode: sentences per non-suite source")
+    p.add_argument("--distilled", nargs="*", default=["gblr-calibrated", "whitened-svd+distill"],
+                   help="generalization mode: contenders run only at --distilled-budgets (the slow ones)")
+    p.add_argument("--distilled-budgets", type=float, nargs="*", default=[0.5],
+                   help="generalization mode: budgets of the --distilled contenders")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this file")
     p.add_argument("--onnx-dir", type=Path, default=None, help="keep the ONNX files here")
     return p.parse_args(argv)
@@ -99,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     dense, tokenizer = load_dense(attention=args.attention)
+    if args.calib_sources:
+        return shift_main(args, names, dense, tokenizer, t_start)
     evalset = load_eval()
     calib_sentences = load_calib()
     n_calib = args.calib or (64 if args.quick else len(calib_sentences))
@@ -150,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 emb = embed(student, eval_batches)
                 fid = fidelity(emb, dense_emb, evalset.pairs, negs)
                 models[key] = student
-            if cost > budget * dense_cost:
+            if cost > budget * dense_cost and name not in BUDGET_FREE:
                 raise RuntimeError(f"{name} at B={budget}: cost {cost} exceeds the budget {budget * dense_cost:.0f}")
             embs[key] = emb
             row = {"name": name, "budget": budget, "cost": cost, **asdict(fid), "build_s": build_s}
@@ -169,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         paths = dict(command_onnx)
         probe = eval_batches[0]
         for key, model in models.items():
-            paths[key] = export_encoder(model, onnx_dir / f"{key.replace('@', '_b')}.onnx")
+            if isinstance(model, OrtEncoder):
+                paths[key] = model.onnx_path
+            else:
+                paths[key] = export_encoder(model, onnx_dir / f"{key.replace('@', '_b')}.onnx")
             # Parity: the exported graph computes what the torch model computes.
             got = ort_embed(make_session(paths[key]), probe["input_ids"], probe["attention_mask"])
             with torch.no_grad():
@@ -214,6 +235,43 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"seed": args.seed, "attention": args.attention, "rows": rows, "paired": versus, "cli": cli_rows, "pending": PENDING, "elapsed_s": elapsed},
                                         indent=2))
+    return 0
+
+
+def shift_main(args: argparse.Namespace, names: list[str], dense: nn.Module, tokenizer: object,
+               t_start: float) -> int:
+    """The generalization mode (``--calib-sources``): see :mod:`minilm.shift`."""
+    lin_names = list(encoder_linears(dense))
+    dense_cost = encoder_cost(dense, lin_names)
+    n_calib = args.calib or (64 if args.quick else 256)
+    plan = [(n, b) for b in args.budgets for n in names if n not in args.distilled]
+    plan += [(n, b) for b in args.distilled_budgets for n in names if n in args.distilled]
+
+    def build(name: str, model: nn.Module, calib: list, budget: float) -> tuple[nn.Module, int]:
+        student = CONTENDERS[name](model, calib, budget).eval()
+        cost = encoder_cost(student, lin_names)
+        if cost > budget * dense_cost and name not in BUDGET_FREE:
+            raise RuntimeError(f"{name} at B={budget}: cost {cost} exceeds the budget {budget * dense_cost:.0f}")
+        return student, cost
+
+    print(f"all-MiniLM-L6-v2, generalization: calibrate on {args.calib_sources} ({n_calib} sentences each), "
+          f"score on {args.eval_sources}; dense cost {dense_cost:,} MAC/token", flush=True)
+    rows, embs, dense_emb = run_shift(dense, tokenizer, build, plan, args.calib_sources, args.eval_sources,
+                                      n_calib, args.eval_size, log=lambda m: print(m, flush=True))
+    from minilm.sources import eval_set
+
+    pairs_of = {es: eval_set(es, args.eval_size).pairs for es in args.eval_sources}
+    versus = shift_paired_rows(rows, embs, dense_emb, pairs_of)
+    elapsed = time.perf_counter() - t_start
+    print()
+    print(render_shift(rows, dense_cost, args.eval_sources))
+    print()
+    print(render_shift_paired(versus, args.eval_sources))
+    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} torch threads; {date.today()}; total {elapsed:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"seed": args.seed, "calib": n_calib, "rows": rows, "paired": versus,
+                                         "elapsed_s": elapsed}, indent=2))
     return 0
 
 
@@ -281,6 +339,8 @@ def render_paired_table(rows: list[dict]) -> str:
 def layer_shapes(model: nn.Module, names: list[str]) -> tuple:
     """What fixes the exported graph of the compressed layers: module types and the
     shapes (and, for GBLR layers, the windows) of everything they hold."""
+    if isinstance(model, OrtEncoder):
+        return ("onnx", str(model.onnx_path))
     sig = []
     for name in names:
         mod = model.get_submodule(name)

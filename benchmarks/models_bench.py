@@ -147,16 +147,31 @@ def _windows(tokenizer, text: str, rows: int = 64, length: int = 128) -> torch.T
     return torch.tensor(ids[: n * length]).view(n, length)
 
 
-def perplexity_onnx(path: Path, windows: torch.Tensor) -> float:
-    sess = _session(path)
+def _perplexity(logits_of, windows: torch.Tensor) -> float:
+    """exp of the mean next-token NLL over ``windows`` (N, T), 4 rows a call;
+    ``logits_of(ids (4, T)) -> (4, T, V)``."""
     nll, count = 0.0, 0
     for i in range(0, len(windows), 4):
         ids = windows[i : i + 4]
-        logits = torch.from_numpy(sess.run(None, _feeds(sess, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))[0])
+        logits = logits_of(ids)
         loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
                                            ids[:, 1:].reshape(-1), reduction="sum")
         nll, count = nll + float(loss), count + ids[:, 1:].numel()
     return math.exp(nll / count)
+
+
+def perplexity_onnx(path: Path, windows: torch.Tensor) -> float:
+    """Perplexity of an exported causal LM (logits output) on ``windows``."""
+    sess = _session(path)
+    return _perplexity(lambda ids: torch.from_numpy(
+        sess.run(None, _feeds(sess, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))[0]), windows)
+
+
+@torch.no_grad()
+def perplexity_torch(model: nn.Module, windows: torch.Tensor) -> float:
+    """The same perplexity of a HuggingFace causal LM run in PyTorch."""
+    model.eval()
+    return _perplexity(lambda ids: model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, windows)
 
 
 def run_command(model_arg: Path, budget: float, calib_txt: Path, out: Path, extra: list[str]) -> tuple[dict, float]:

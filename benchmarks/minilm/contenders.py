@@ -26,11 +26,15 @@ from .baselines import (
 from .model import Batch, SentenceEncoder, encoder_linears
 
 __all__ = [
+    "BUDGET_FREE",
     "CONTENDERS",
     "PENDING",
     "Contender",
     "DistillHook",
     "asvd",
+    "gblr_init",
+    "int8_dynamic",
+    "prune_anchor",
     "plain_svd",
     "register",
     "set_distill_hook",
@@ -118,7 +122,7 @@ def _bert_names(dense: nn.Module) -> tuple[str, ...]:
     return tuple(name.removeprefix("bert.") for name in encoder_linears(dense))
 
 
-def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool) -> nn.Module:
+def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool, steps: int = 100) -> nn.Module:
     """What ``gblr-compress MODEL_DIR --include 'encoder.layer.*' --calib ...`` does, as
     the library call the CLI makes: compress the HuggingFace BertModel itself (its
     outputs, every token's last hidden state and the pooler output, are the
@@ -129,7 +133,7 @@ def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool) 
 
     config = CompressConfig(budget=budget, include=_bert_names(dense), seed=SEED,
                             init=InitConfig(data_free=data_free),
-                            distill=DistillConfig(steps=0 if data_free else 100))
+                            distill=DistillConfig(steps=0 if data_free else steps))
     bert = compress(dense.bert, config, calib=None if data_free else calib).model
     return SentenceEncoder(bert).eval()
 
@@ -138,6 +142,52 @@ def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool) 
 def gblr_data_free(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
     """GBLR init from the weights alone, frozen; no distillation (no data)."""
     return _gblr(dense, calib, budget, data_free=True)
+
+
+@register("gblr-init")
+def gblr_init(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
+    """Activation-aware GBLR init, frozen; no distillation (``DistillConfig(steps=0)``)."""
+    return _gblr(dense, calib, budget, data_free=False, steps=0)
+
+
+# Moments of the dense model's consumers per calibration set: the anchor's statistics
+# depend on the data only, so every budget reuses one pass (keyed by the batch list).
+_ANCHOR_MOMENTS: dict[int, tuple[list[Batch], dict]] = {}
+
+
+@register("prune-anchor")
+def prune_anchor(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
+    """FFN units and heads pruned by output energy, each consumer refit by least
+    squares (``benchmarks/prune_anchor.py``), no fine-tune; global split to the exact
+    cost ``floor(B * dense cost)``."""
+    from benchmarks.prune_anchor import consumer_moments, linear_cost, prune_anchor_
+
+    names = list(encoder_linears(dense))
+    key = id(calib)
+    if key not in _ANCHOR_MOMENTS or _ANCHOR_MOMENTS[key][0] is not calib:
+        _ANCHOR_MOMENTS.clear()
+        _ANCHOR_MOMENTS[key] = (calib, consumer_moments(dense, calib))
+    student = copy.deepcopy(dense)
+    prune_anchor_(student, [], int(budget * linear_cost(dense, names)), moments=_ANCHOR_MOMENTS[key][1])
+    return student.eval()
+
+
+@register("int8-dynamic")
+def int8_dynamic(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
+    """onnxruntime ``quantize_dynamic`` (int8 weights, per channel) of the dense ONNX
+    graph; data-free and budget-free: every Linear multiply-add is kept (in int8), so
+    its exact cost is the dense cost, shown beside the budget rows."""
+    from .speed import int8_encoder
+
+    if id(dense) not in _INT8:  # the same model at every budget: build it once
+        _INT8.clear()
+        _INT8[id(dense)] = int8_encoder(dense)
+    return _INT8[id(dense)]
+
+
+_INT8: dict[int, nn.Module] = {}
+# Contenders without a budget knob: their rows show their own exact cost.
+BUDGET_FREE = {"int8-dynamic"}
 
 
 @register("gblr-calibrated")

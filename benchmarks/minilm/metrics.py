@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Fidelity", "Paired", "fidelity", "paired", "paraphrase_hits", "paraphrase_margins", "paraphrase_top1", "spearman"]
+__all__ = ["Fidelity", "Paired", "fidelity", "nn_hits", "paired", "paired_hits", "paraphrase_hits", "paraphrase_margins", "paraphrase_top1", "spearman"]
 
 
 def paraphrase_hits(emb: torch.Tensor, pairs: list[tuple[int, int]], exclude: list[int] | None = None) -> torch.Tensor:
@@ -78,8 +78,10 @@ class Fidelity:
     Attributes:
         mean_cos: mean cosine between compressed and dense embedding of each sentence.
         min_cos: worst sentence.
-        top1: paraphrase retrieval top-1 accuracy of the model itself (whole pool).
-        top1_no_neg: the same with the hard negatives removed from the pool.
+        top1: paraphrase retrieval top-1 accuracy of the model itself (whole pool);
+            for an eval set without pairs, nearest-neighbour agreement with dense.
+        top1_no_neg: the same with the hard negatives removed from the pool (NaN
+            without pairs).
         spearman: rank correlation of all pairwise similarities (i < j), vs dense.
     """
 
@@ -104,8 +106,8 @@ def fidelity(
     return Fidelity(
         mean_cos=float(cos.mean()),
         min_cos=float(cos.min()),
-        top1=paraphrase_top1(emb, pairs),
-        top1_no_neg=paraphrase_top1(emb, pairs, exclude=negatives or []),
+        top1=paraphrase_top1(emb, pairs) if pairs else float(nn_hits(emb, dense).double().mean()),
+        top1_no_neg=paraphrase_top1(emb, pairs, exclude=negatives or []) if pairs else float("nan"),
         spearman=spearman(sims, dense_sims),
     )
 
@@ -139,20 +141,28 @@ def mcnemar_p(a_only: int, b_only: int) -> float:
     return min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
-def paired(
-    emb_a: torch.Tensor,
-    emb_b: torch.Tensor,
-    dense: torch.Tensor,
-    pairs: list[tuple[int, int]],
+def nn_hits(emb: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """Per sentence, whether its nearest other sentence under ``emb`` is the one under
+    the dense embeddings ``dense`` (both ``(N, H)`` unit rows): retrieval agreement,
+    for eval sets without paraphrase pairs. ``(N,)`` bool."""
+    sim, ref = emb @ emb.T, dense @ dense.T  # (N, N)
+    sim.fill_diagonal_(float("-inf"))
+    ref.fill_diagonal_(float("-inf"))
+    return sim.argmax(1) == ref.argmax(1)
+
+
+def paired_hits(
+    hits_a: torch.Tensor,
+    hits_b: torch.Tensor,
+    cos_a: torch.Tensor,
+    cos_b: torch.Tensor,
     resamples: int = 2000,
     seed: int = 0,
 ) -> Paired:
-    """Paired comparison of two compressed models' embeddings ``(N, H)`` of the same
-    sentences: is A's lead over B on top-1 and mean cosine more than the eval set's
-    sampling noise?"""
-    hits_a, hits_b = paraphrase_hits(emb_a, pairs), paraphrase_hits(emb_b, pairs)
+    """:class:`Paired` from per-query hits ``(Q,)`` bool and per-sentence cosines to
+    dense ``(N,)`` of two models (McNemar on the hits, paired bootstrap on the cosines)."""
     a_only, b_only = int((hits_a & ~hits_b).sum()), int((hits_b & ~hits_a).sum())
-    diff = (_cos(emb_a, dense) - _cos(emb_b, dense)).double()  # (N,)
+    diff = (cos_a - cos_b).double()  # (N,)
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(diff), (resamples, len(diff)), generator=gen)
     boot = diff[idx].mean(1).sort().values
@@ -165,3 +175,22 @@ def paired(
         d_mean_cos=float(diff.mean()),
         ci_mean_cos=(float(lo), float(hi)),
     )
+
+
+def paired(
+    emb_a: torch.Tensor,
+    emb_b: torch.Tensor,
+    dense: torch.Tensor,
+    pairs: list[tuple[int, int]],
+    resamples: int = 2000,
+    seed: int = 0,
+) -> Paired:
+    """Paired comparison of two compressed models' embeddings ``(N, H)`` of the same
+    sentences: is A's lead over B on top-1 and mean cosine more than the eval set's
+    sampling noise? Without ``pairs``, the hits are nearest-neighbour agreement with
+    dense (:func:`nn_hits`)."""
+    if pairs:
+        hits_a, hits_b = paraphrase_hits(emb_a, pairs), paraphrase_hits(emb_b, pairs)
+    else:
+        hits_a, hits_b = nn_hits(emb_a, dense), nn_hits(emb_b, dense)
+    return paired_hits(hits_a, hits_b, _cos(emb_a, dense), _cos(emb_b, dense), resamples, seed)
