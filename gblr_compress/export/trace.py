@@ -10,6 +10,7 @@ then replaces each placeholder with its sliced-GEMM subgraph.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import tempfile
 import warnings
@@ -178,7 +179,7 @@ def _broadcast_mask(mu: Any) -> Callable[..., torch.Tensor]:
 def _traceable_masks() -> Iterator[None]:
     """Let TorchScript trace HuggingFace causal models (Llama, ...) with dynamic shapes.
 
-    transformers builds attention masks with ``torch.vmap``, which the TorchScript
+    transformers 4.x builds attention masks with ``torch.vmap``, which the TorchScript
     tracer cannot record (it fails with ``unordered_map::at``, or bakes the sequence
     length in). :func:`_broadcast_mask` computes the same masks and stands in while
     tracing; everything is put back after. Nothing happens when transformers is not
@@ -186,6 +187,11 @@ def _traceable_masks() -> Iterator[None]:
     """
     mu = sys.modules.get("transformers.masking_utils")
     if mu is None or not hasattr(mu, "AttentionMaskInterface") or not hasattr(mu, "sdpa_mask"):
+        yield
+        return
+    if "cache_position" not in inspect.signature(mu.sdpa_mask).parameters:
+        # transformers 5 takes (batch_size, q_length, kv_length, ...) and broadcasts
+        # index tensors itself unless asked for vmap: it traces as it is.
         yield
         return
     mapping = mu.AttentionMaskInterface._global_mapping
