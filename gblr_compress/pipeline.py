@@ -266,6 +266,9 @@ def compress(
         config.init,
         budget=min(1.0, config.budget * config.overcomplete) if distilling else config.budget,
         data_free=config.init.data_free or not fit,
+        # An over-complete init is pruned to the budget by the width projection, which
+        # cannot move frozen pruned windows: they would keep the over-complete cost.
+        prune=config.init.prune and not (distilling and config.overcomplete > 1.0),
     )
     # Statistics of the dense layers -> the budget split -> each layer searched and swapped.
     stats = collect_stats(student, init_cfg, fit or None, held or None, usable, progress)
@@ -278,19 +281,22 @@ def compress(
         raise InputError(f"budget {config.budget} is too small for the layers left dense")
     if distilling and config.overcomplete > 1.0:
         _split_for_pruning(student, config.init.max_groups)
-    project_widths_(list(gblr_layers(student).values()), max_cost)
+    # Pruned windows are frozen by the init at their exact cost; the GBLR layers share the rest.
+    pruned_cost = sum(r.exact_cost for r in init.layers.values() if r.status == "pruned")
+    gblr_max = max_cost - pruned_cost
+    project_widths_(list(gblr_layers(student).values()), gblr_max)
     seconds["init"] = time.perf_counter() - t0
     quality: dict[str, dict[str, float]] = {}
     if held:
         quality["init"] = agreement(student.eval(), teacher, held, config.logits)
 
     distilled = recovery = None
-    compressed = [n for n, rec in init.layers.items() if rec.status != "skipped"]
+    compressed = [n for n, rec in init.layers.items() if rec.status in ("gblr", "lowrank")]
     if deadline is not None and time.perf_counter() >= deadline:
         distilling = False  # the time budget went to the init: freeze what it built
     if distilling and compressed:
         distilled, recovery = distill_and_recover(
-            student, teacher, fit, held, max_cost, config, progress, seconds, quality, deadline
+            student, teacher, fit, held, gblr_max, config, progress, seconds, quality, deadline
         )
 
     t0 = time.perf_counter()

@@ -97,3 +97,37 @@ def test_permutation_that_splits_a_kv_group_is_refused() -> None:
         permute_(model, g, torch.tensor([0, 2, 1, 3]))
     with pytest.raises(ValueError, match="permutation"):
         permute_(model, g, torch.tensor([0, 0, 1, 2]))
+
+
+@pytest.mark.parametrize("build", [_bert, _llama], ids=["bert", "llama"])
+def test_pruned_heads_compute_the_model_without_those_heads(build) -> None:
+    # Pruned windows of an attention group (kept heads first, one full-rank block per
+    # layer) inside the real HF model equal the dense model with the pruned heads'
+    # output-projection columns zeroed: the pruned heads' leftovers are never read.
+    from gblr_compress.init.prune import prune_group, pruned_structures
+    from gblr_compress.layer import FrozenGBLR
+    from gblr_compress.swap import replace_module
+
+    model = build()
+    g = next(g for g in find_groups(model) if g.kind == "attention")
+    lin = {n: model.get_submodule(n) for n in g.layers}
+    G, size = g.kv_group, g.unit_size
+    W2 = lin[g.consumer].weight.detach().double()
+    h = W2.shape[1]
+    pruned = prune_group(W2, torch.eye(h, dtype=torch.float64), g.units // G - 1, per_unit=1,
+                         refit=False, unit_size=G * size)
+    rows = {p: G * size for p in g.producers} | {p: size for p in g.kv_producers}
+    t = {n: (n, lin[n].weight.detach().double(), None if lin[n].bias is None else lin[n].bias.detach().double())
+         for n in g.layers}
+    recs = pruned_structures([(*t[p], rows[p]) for p in rows], t[g.consumer], pruned)
+    ref = copy.deepcopy(model)
+    dropped = pruned.order[-1:]
+    cols = (dropped[:, None] * G * size + torch.arange(G * size)).reshape(-1)
+    with torch.no_grad():
+        ref.get_submodule(g.consumer).weight[:, cols] = 0.0
+    for n, s in recs.items():
+        replace_module(model, n, FrozenGBLR(s).float())
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ref(ids), atol=1e-5, rtol=1e-4)
+    assert recs[g.consumer].cost == recs[g.consumer].out_features * (h - G * size)
