@@ -32,7 +32,9 @@ from gblr_compress.distill import (
 from gblr_compress.errors import ConfigError, InputError
 from gblr_compress.freeze import freeze_, recover_
 from gblr_compress.init import InitConfig, InitResult, allocate, collect_stats, init_layers_
+from gblr_compress.init.model import statistics_batches
 from gblr_compress.progress import Progress
+from gblr_compress.refit import RefitResult, refit_consumers_
 from gblr_compress.structure import LayerStructure
 from gblr_compress.swap import find_linears, replace_module
 from gblr_compress.usage import find_usage, tied_weights
@@ -128,6 +130,10 @@ class CompressConfig:
             distillation then gets 80% of what is left and the recovery the rest, each
             timing its first steps and keeping only the steps that fit. None (the
             default): every configured step runs, however long it takes.
+        refit: after the init, refit each pruned consumer (FFN down layer, attention
+            output projection) in closed form on the compressed model's own inputs
+            against the teacher's output of that layer, in model order, kept where it
+            lowers the held-out error (:func:`~gblr_compress.refit.refit_consumers_`).
         init: the initialization (:class:`~gblr_compress.init.InitConfig`;
             ``max_groups`` is the most blocks per layer, ``data_free`` ignores the
             activation statistics).
@@ -147,6 +153,7 @@ class CompressConfig:
     augment_copies: int = 4
     device: str = "cpu"
     time_budget: float | None = None
+    refit: bool = True
     init: InitConfig = field(default_factory=InitConfig)
     distill: DistillConfig = field(default_factory=_default_distill)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
@@ -197,6 +204,7 @@ class CompressResult:
         max_cost: exact cost the compressed layers were allowed (skipped layers excluded).
         left_dense: target layers left dense before the init and kept out of the
             budget, with the reason (not used by the outputs, weight tied).
+        refit: the refit of pruned consumers (None when nothing was pruned or refit).
     """
 
     model: nn.Module
@@ -209,6 +217,7 @@ class CompressResult:
     seconds: dict[str, float] = field(default_factory=dict)
     max_cost: int = 0
     left_dense: dict[str, str] = field(default_factory=dict)
+    refit: RefitResult | None = None
 
 
 def compress(
@@ -286,6 +295,14 @@ def compress(
     gblr_max = max_cost - pruned_cost
     project_widths_(list(gblr_layers(student).values()), gblr_max)
     seconds["init"] = time.perf_counter() - t0
+    refit = None
+    consumers = [n for n, r in init.layers.items() if r.status == "pruned"]
+    if config.refit and consumers and fit:
+        t0 = time.perf_counter()
+        # The statistics' batches (about 2 x moment_tokens tokens) serve: one pass per layer.
+        refit = refit_consumers_(student, teacher, consumers, statistics_batches(fit, init_cfg),
+                                 statistics_batches(held, init_cfg) if held else (), init_cfg.damping, progress)
+        seconds["refit"] = time.perf_counter() - t0
     quality: dict[str, dict[str, float]] = {}
     if held:
         quality["init"] = agreement(student.eval(), teacher, held, config.logits)
@@ -309,7 +326,7 @@ def compress(
     if cost > max_cost:  # the projection guarantees this; a breach is a bug, not bad input
         raise RuntimeError(f"frozen cost {cost} exceeds the budget's {max_cost}")
     return CompressResult(student, records, usable, init, distilled, recovery, quality,
-                          seconds, max_cost, left_dense)
+                          seconds, max_cost, left_dense, refit)
 
 
 def _copies(config: CompressConfig, fit_batches: int) -> int:

@@ -212,3 +212,50 @@ def test_compress_prunes_a_bert_wrapper_and_exports_it(tmp_path) -> None:
     assert out.ort_ok and out.max_abs_diff <= out.tolerance
     forms = {lay.name: lay.form for lay in out.layers}
     assert all(forms[n] == "dense" for n in pruned), forms
+
+
+class _Two(nn.Module):
+    """Two BERT-layout FFN blocks with residuals: the second sees the first's error."""
+
+    def __init__(self, gen: torch.Generator, d: int = 8, h: int = 16) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        for _ in range(2):
+            up, down = nn.Linear(d, h), nn.Linear(h, d)
+            with torch.no_grad():
+                up.weight.copy_(torch.randn(h, d, generator=gen) / d**0.5)
+                down.weight.copy_(torch.randn(d, h, generator=gen) / h**0.5)
+            self.blocks.append(_Block(up, down))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+def test_sequential_refit_lowers_heldout_layer_error_and_keeps_cost() -> None:
+    import copy
+
+    from gblr_compress.init import initialize_
+    from gblr_compress.refit import refit_consumers_
+
+    gen = torch.Generator().manual_seed(7)
+    teacher = _Two(gen).eval()
+    student = copy.deepcopy(teacher)
+    xs = [torch.randn(64, 8, generator=gen) for _ in range(8)]
+    init = initialize_(student, InitConfig(budget=0.5, prune_kinds=("ffn",)), calib=xs[:4], holdout=xs[4:6])
+    consumers = [n for n, r in init.layers.items() if r.status == "pruned" and n.endswith("output.dense")]
+    assert consumers == ["blocks.0.output.dense", "blocks.1.output.dense"]
+    cost = {n: student.get_submodule(n).cost for n in consumers}
+    before = copy.deepcopy(student)
+    res = refit_consumers_(student, teacher, consumers, xs[:4], xs[4:6])
+    assert set(res.layers) == set(consumers)
+    assert all(r["kept"] == (r["after"] < r["before"]) for r in res.layers.values())
+    # the second block's consumer sees the first block's error: refit on its own inputs helps there
+    second = res.layers["blocks.1.output.dense"]
+    assert second["kept"] and second["after"] < 0.9 * second["before"]
+    assert {n: student.get_submodule(n).cost for n in consumers} == cost
+    # and the model's error on unseen inputs goes down
+    with torch.no_grad():
+        x = xs[7]
+        assert (student(x) - teacher(x)).norm() < (before(x) - teacher(x)).norm()
