@@ -6,8 +6,8 @@ all-MiniLM-L6-v2 inside the sentence-embedding wrapper (as ``models_bench``'s
 sentences (another source): mean cosine of the compressed model's embeddings vs the dense
 model's, in PyTorch (the ONNX export computes the same function; ``models_bench`` checks
 that path). Per budget it runs the library's ``compress`` with pruning off (low rank
-only: the tool before pruned windows), on without the sequential refit, and on (the
-default settings), init only (``--steps 0``) and with the
+only: the tool before pruned windows) and on (the default settings; ``--prune refit``
+adds the sequential refit), init only (``--steps 0``) and with the
 command's default distillation (100 steps), and prints the forms the init chose.
 
 Usage::
@@ -51,9 +51,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.9, 0.8, 0.5])
     ap.add_argument("--steps", nargs="+", type=int, default=[0, 100])
-    ap.add_argument("--prune", nargs="+", choices=["off", "on", "norefit"], default=["off", "norefit", "on"],
-                    help="off: low rank only (the tool before pruned windows); norefit: pruned windows "
-                         "without the sequential refit; on: both (the default settings)")
+    ap.add_argument("--prune", nargs="+", choices=["off", "on", "refit"], default=["off", "on"],
+                    help="off: low rank only (the tool before pruned windows); on: pruned windows (the "
+                         "default settings); refit: on, plus the sequential refit (CompressConfig.refit)")
     ap.add_argument("--calib-lines", type=int, default=256)
     ap.add_argument("--eval-lines", type=int, default=400)
     args = ap.parse_args()
@@ -76,7 +76,7 @@ def main() -> int:
         for steps in args.steps:
             for prune in args.prune:
                 cfg = CompressConfig(budget=budget, init=InitConfig(prune=prune != "off"),
-                                     refit=prune == "on", distill=DistillConfig(steps=steps))
+                                     refit=prune == "refit", distill=DistillConfig(steps=steps))
                 t = time.perf_counter()
                 res = compress(dense, cfg, calib=calib)
                 secs = time.perf_counter() - t

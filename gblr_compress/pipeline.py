@@ -134,6 +134,9 @@ class CompressConfig:
             output projection) in closed form on the compressed model's own inputs
             against the teacher's output of that layer, in model order, kept where it
             lowers the held-out error (:func:`~gblr_compress.refit.refit_consumers_`).
+            Off by default: on all-MiniLM-L6-v2 with 64 Wikipedia sentences at budget
+            0.8 no refit lowered its layer's held-out error (7 of 7 rejected) and the
+            passes took 212 s (on a loaded 2-core machine).
         init: the initialization (:class:`~gblr_compress.init.InitConfig`;
             ``max_groups`` is the most blocks per layer, ``data_free`` ignores the
             activation statistics).
@@ -153,7 +156,7 @@ class CompressConfig:
     augment_copies: int = 4
     device: str = "cpu"
     time_budget: float | None = None
-    refit: bool = True
+    refit: bool = False
     init: InitConfig = field(default_factory=InitConfig)
     distill: DistillConfig = field(default_factory=_default_distill)
     recover: RecoverConfig = field(default_factory=RecoverConfig)

@@ -57,7 +57,7 @@ def _capture(student: nn.Module, teacher: nn.Module, name: str, batch: Batch) ->
     def hook_for(key: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0]
-            got[key] = real_positions(x.detach(), mask).reshape(-1, x.shape[-1]).to("cpu", _F64)
+            got[key] = real_positions(x.detach(), mask).reshape(-1, x.shape[-1]).to("cpu", torch.float32)
             raise _Stop
 
         return hook
@@ -81,13 +81,15 @@ def _moments(student: nn.Module, teacher: nn.Module, name: str, batches: Sequenc
     zz = torch.zeros(c + 1, c + 1, dtype=_F64)
     tz = torch.zeros(W2.shape[0], c + 1, dtype=_F64)
     tt, count = 0.0, 0
+    W2f, b2f = W2.float(), b2.float()
     for batch in batches:
         hs, ht = _capture(student, teacher, name, batch)
-        z = torch.cat([hs[:, :c], torch.ones(hs.shape[0], 1, dtype=_F64)], 1)  # (N, c+1)
-        t = ht @ W2.T + b2  # (N, m): the teacher's output of this layer
-        zz += z.T @ z
-        tz += t.T @ z
-        tt += float((t * t).sum())
+        z = torch.cat([hs[:, :c], torch.ones(hs.shape[0], 1)], 1)  # (N, c+1)
+        t = ht @ W2f.T + b2f  # (N, m): the teacher's output of this layer
+        # Batch products in float32 (2x faster GEMMs); the sums, where error builds, in float64.
+        zz += (z.T @ z).double()
+        tz += (t.T @ z).double()
+        tt += float((t.double() * t.double()).sum())
         count += z.shape[0]
     n = max(count, 1)
     return zz / n, tz / n, torch.tensor(tt / n), count
