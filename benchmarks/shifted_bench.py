@@ -51,12 +51,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.9, 0.8, 0.5])
     ap.add_argument("--steps", nargs="+", type=int, default=[0, 100])
-    ap.add_argument("--prune", nargs="+", choices=["off", "on", "refit"], default=["off", "on"],
+    ap.add_argument("--prune", nargs="+", choices=["off", "on", "imp", "refit"], default=None,
                     help="off: low rank only (the tool before pruned windows); on: pruned windows (the "
-                         "default settings); refit: on, plus the sequential refit (CompressConfig.refit)")
+                         "default settings, units chosen by OBS elimination); imp: units chosen by "
+                         "importance instead; refit: on, plus the sequential refit (CompressConfig.refit). "
+                         "Default: off imp on for init-only runs, off on otherwise")
     ap.add_argument("--calib-lines", type=int, default=256)
     ap.add_argument("--eval-lines", type=int, default=400)
     args = ap.parse_args()
+    if args.prune is None:
+        args.prune = ["off", "imp", "on"] if set(args.steps) == {0} else ["off", "on"]
 
     from transformers import AutoModel, AutoTokenizer
 
@@ -75,7 +79,8 @@ def main() -> int:
     for budget in args.budgets:
         for steps in args.steps:
             for prune in args.prune:
-                cfg = CompressConfig(budget=budget, init=InitConfig(prune=prune != "off"),
+                init = InitConfig(prune=prune != "off", prune_select="importance" if prune == "imp" else "obs")
+                cfg = CompressConfig(budget=budget, init=init,
                                      refit=prune == "refit", distill=DistillConfig(steps=steps))
                 t = time.perf_counter()
                 res = compress(dense, cfg, calib=calib)

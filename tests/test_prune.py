@@ -243,7 +243,8 @@ def test_sequential_refit_lowers_heldout_layer_error_and_keeps_cost() -> None:
     teacher = _Two(gen).eval()
     student = copy.deepcopy(teacher)
     xs = [torch.randn(64, 8, generator=gen) for _ in range(8)]
-    init = initialize_(student, InitConfig(budget=0.5, prune_kinds=("ffn",)), calib=xs[:4], holdout=xs[4:6])
+    init = initialize_(student, InitConfig(budget=0.5, prune_kinds=("ffn",), prune_select="importance"),
+                       calib=xs[:4], holdout=xs[4:6])
     consumers = [n for n, r in init.layers.items() if r.status == "pruned" and n.endswith("output.dense")]
     assert consumers == ["blocks.0.output.dense", "blocks.1.output.dense"]
     cost = {n: student.get_submodule(n).cost for n in consumers}
@@ -259,3 +260,29 @@ def test_sequential_refit_lowers_heldout_layer_error_and_keeps_cost() -> None:
     with torch.no_grad():
         x = xs[7]
         assert (student(x) - teacher(x)).norm() < (before(x) - teacher(x)).norm()
+
+
+def test_obs_selection_drops_a_duplicated_unit_that_importance_keeps() -> None:
+    # Units 0 and 1 carry the same signal (the largest); units 2..5 are independent and
+    # smaller. Keeping 4: importance keeps both duplicates, OBS keeps one and refits.
+    gen = torch.Generator().manual_seed(8)
+    z = torch.randn(500, 5, generator=gen, dtype=F64)
+    hid = torch.cat([3 * z[:, :1], 3 * z[:, :1], z[:, 1:] * torch.tensor([1.0, 0.9, 0.8, 0.7], dtype=F64)], 1)
+    W2 = torch.randn(4, 6, generator=gen, dtype=F64)
+    C = _moment(hid)
+    obs = prune_group(W2, C, 4, per_unit=1, select="obs", damping=1e-6)
+    imp = prune_group(W2, C, 4, per_unit=1, select="importance", damping=1e-6)
+    assert {0, 1} <= set(imp.keep.tolist())
+    assert len({0, 1} & set(obs.keep.tolist())) == 1
+    assert obs.fit_error < 0.7 * imp.fit_error
+    assert sorted(obs.order.tolist()) == list(range(6))
+
+
+def test_obs_selection_of_whole_heads() -> None:
+    gen = torch.Generator().manual_seed(9)
+    hid = torch.randn(400, 12, generator=gen, dtype=F64)
+    hid[:, 4:8] = hid[:, 0:4] * 1.5  # head 1 repeats head 0
+    W2 = torch.randn(5, 12, generator=gen, dtype=F64)
+    obs = prune_group(W2, _moment(hid), 2, per_unit=1, unit_size=4, select="obs", damping=1e-6)
+    assert 2 in obs.keep.tolist() and len({0, 1} & set(obs.keep.tolist())) == 1
+    assert obs.fit_error < 1e-3  # the repeated head is recovered by the refit

@@ -55,6 +55,10 @@ class InitConfig:
         prune_kinds: the coupling groups tried: ``"ffn"`` (hidden units) and
             ``"attention"`` (whole heads across Q/K/V and the output projection; with
             grouped-query attention, whole key/value groups).
+        prune_select: how the kept units are chosen: ``"obs"`` (elimination by the
+            error each removal adds after the least-squares refit,
+            :func:`~gblr_compress.init.prune.obs_order`) or ``"importance"``
+            (``E[h_j^2] ||W2[:, j]||^2``, Kwon et al. 2022).
     """
 
     budget: float = 0.3
@@ -72,6 +76,7 @@ class InitConfig:
     sensitivity_batches: int = 1
     prune: bool = True
     prune_kinds: tuple[str, ...] = ("ffn", "attention")
+    prune_select: str = "obs"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
@@ -94,6 +99,8 @@ class InitConfig:
             raise ConfigError("sensitivity_batches", f"must be >= 0, got {self.sensitivity_batches}")
         if not set(self.prune_kinds) <= {"ffn", "attention"}:
             raise ConfigError("prune_kinds", f"must be ffn and/or attention, got {self.prune_kinds}")
+        if self.prune_select not in ("obs", "importance"):
+            raise ConfigError("prune_select", f"must be obs or importance, got {self.prune_select!r}")
         if not 0.0 <= self.min_gain < 1.0:
             raise ConfigError("min_gain", f"must be in [0, 1), got {self.min_gain}")
 

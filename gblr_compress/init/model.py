@@ -387,7 +387,7 @@ def choose_group_form(
     k = units_for_cost(cost, per_unit, units)
     if k == 0 or k == units:
         return {}
-    pruned = prune_group(W2, C_fit, k, per_unit, C_hold, cfg.damping, unit_size=G * size)
+    pruned = prune_group(W2, C_fit, k, per_unit, C_hold, cfg.damping, unit_size=G * size, select=cfg.prune_select)
     held = C_hold is not None and all(recs[n].heldout_error is not None or recs[n].status == "skipped"
                                       for n in names)
 
