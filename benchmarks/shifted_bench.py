@@ -55,12 +55,12 @@ def main() -> int:
                     help="off: low rank only (the tool before pruned windows); on: pruned windows (the "
                          "default settings, units chosen by OBS elimination); imp: units chosen by "
                          "importance instead; refit: on, plus the sequential refit (CompressConfig.refit). "
-                         "Default: off imp on for init-only runs, off on otherwise")
+                         "Default: off on")
     ap.add_argument("--calib-lines", type=int, default=256)
     ap.add_argument("--eval-lines", type=int, default=400)
     args = ap.parse_args()
     if args.prune is None:
-        args.prune = ["off", "imp", "on"] if set(args.steps) == {0} else ["off", "on"]
+        args.prune = ["off", "on"]
 
     from transformers import AutoModel, AutoTokenizer
 
