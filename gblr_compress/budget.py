@@ -180,7 +180,11 @@ class _Costs:
             w = torch.cat([p.to(dt).double() for p, dt in zip(w.split(self.sizes, 1), self.dtypes)], 1)
         rounded = round_width(w, self.dims)  # (2, K) int64
         alive = (rounded[0] > 0) & (rounded[1] > 0)
-        return int((self.rank * (rounded[0] + rounded[1]) * alive).sum())
+        # component_cost's rule per group: a block costs at most its dense form. Groups
+        # with identical windows merge at freeze and may then cost less (exact_cost), so
+        # this is an upper bound of the exact cost, equal to it unless merging helps.
+        cost = torch.minimum(self.rank * (rounded[0] + rounded[1]), rounded[0] * rounded[1])
+        return int((cost * alive).sum())
 
 
 @torch.no_grad()

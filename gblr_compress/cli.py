@@ -276,6 +276,9 @@ def _config(build: Callable[[], Any]) -> Any:
               help="Share of tokens resampled in augmented copies of token-id calibration batches (0: off).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--data-free", is_flag=True, help="Initialize from the weights alone (no activation statistics).")
+@click.option("--no-prune", is_flag=True,
+              help="Never prune FFN hidden units (by default each FFN may become a pruned window with a "
+                   "least-squares refit when that beats low rank on held-out calibration data).")
 @click.option("--max-blocks", default=4, show_default=True, type=click.IntRange(min=1),
               help="Most blocks per layer; few large blocks run fast.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only compress Linear layers whose name matches (repeatable).")
@@ -310,7 +313,7 @@ def _config(build: Callable[[], Any]) -> Any:
 def compress_cmd(model: str, budget: float, output: str, factory: str | None, calib: str | None,
                  calib_text: str | None, tokenizer: str | None, max_length: int, batch_size: int | None,
                  input_spec: str | None, steps: int, lr: float, loss: str, augment: float, seed: int,
-                 data_free: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
+                 data_free: bool, no_prune: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
                  time_budget: float | None, compress_tied: bool, teacher_cache_mb: float, max_memory: float | None,
                  device: str, opset: int, no_verify: bool, report: str | None, min_fidelity: float | None,
                  force: bool, trust_checkpoint: bool, deterministic: bool, quiet: bool, as_json: bool) -> None:
@@ -337,7 +340,8 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
             raise InputError(f"--device {device}: CUDA is not available on this machine")
     config = _config(lambda: CompressConfig(
         budget=budget, seed=seed, include=include, exclude=exclude, augment=augment, device=device,
-        compress_tied=compress_tied, time_budget=time_budget, init=InitConfig(max_groups=max_blocks, data_free=data_free),
+        compress_tied=compress_tied, time_budget=time_budget, init=InitConfig(max_groups=max_blocks, data_free=data_free,
+                                                                          prune=not no_prune),
         distill=DistillConfig(steps=steps, lr=lr, loss=loss, teacher_cache_mb=teacher_cache_mb),
     ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,

@@ -50,13 +50,13 @@ def freeze_(model: nn.Module) -> dict[str, LayerStructure]:
     """Replace every GBLRLinear in ``model`` by its FrozenGBLR, in place.
 
     Returns:
-        The frozen records by dotted layer name (the one record that export, the report
-        and reload consume).
+        The frozen records by dotted layer name, in model order, of every compressed
+        layer: the GBLRLinear layers just frozen and the FrozenGBLR layers already there
+        (pruned windows are frozen by the init). This is the one record that export,
+        the report and reload consume.
     """
-    records = {}
     for name, layer in list(gblr_layers(model).items()):
         frozen = FrozenGBLR(layer.to_structure(name))
         frozen.train(layer.training)
         replace_module(model, name, frozen)
-        records[name] = frozen.structure()
-    return records
+    return {name: mod.structure() for name, mod in model.named_modules() if isinstance(mod, FrozenGBLR)}

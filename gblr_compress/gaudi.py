@@ -26,6 +26,7 @@ __all__ = [
     "window_indices",
     "window_slices",
     "component_cost",
+    "is_full_rank",
 ]
 
 
@@ -162,8 +163,19 @@ def window_slices(start: int, width: int, n: int) -> list[tuple[int, int]]:
 def component_cost(row_width: int, col_width: int, rank: int) -> int:
     """Exact multiply-adds per input vector of one rank-``rank`` block.
 
-    ``rank * (row_width + col_width)``, or 0 when either width is 0 (a dead component).
+    ``min(rank * (row_width + col_width), row_width * col_width)``, or 0 when either
+    width is 0 (a dead component). A block whose factored form costs at least its dense
+    form is stored and exported dense (GBLR.md section 7): a pruned window (all kept
+    units of a layer, full rank) costs ``rows * cols``, not ``rank * (rows + cols)``.
     """
     if row_width <= 0 or col_width <= 0 or rank <= 0:
         return 0
-    return int(rank) * (int(row_width) + int(col_width))
+    rw, cw = int(row_width), int(col_width)
+    return min(int(rank) * (rw + cw), rw * cw)
+
+
+def is_full_rank(row_width: int, col_width: int, rank: int) -> bool:
+    """Whether a block is cheaper stored dense than factored (``rank * (rows + cols) >=
+    rows * cols``): its cost is then ``rows * cols`` and the export emits one dense
+    MatMul for it."""
+    return row_width > 0 and col_width > 0 and rank * (row_width + col_width) >= row_width * col_width

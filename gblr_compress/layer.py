@@ -226,8 +226,20 @@ class GBLRLinear(nn.Module):
         ]
 
     def exact_cost(self) -> int:
-        """Exact multiply-adds per input vector of the rounded structure (GBLR.md s.2)."""
-        return sum(self.group_costs())
+        """Exact multiply-adds per input vector of the rounded structure (GBLR.md s.2):
+        the cost of what freezing deploys, i.e. groups with identical windows merged into
+        one block before :func:`~gblr_compress.gaudi.component_cost`'s rule (a merged
+        block of full rank is stored dense, so it may cost less than its groups' sum)."""
+        m, n = self.out_features, self.in_features
+        win = self.integer_windows()
+        ranks: dict[tuple[int, int, int, int], int] = {}
+        for rs, rw, cs, cw in zip(*(win[k].tolist() for k in ("row_start", "row_width", "col_start", "col_width"))):
+            if component_cost(rw, cw, self.rank) == 0:
+                continue
+            # canonical_block's rule: a full-width window is the same whatever its start.
+            key = (0 if rw == m else rs, rw, 0 if cw == n else cs, cw)
+            ranks[key] = ranks.get(key, 0) + self.rank
+        return sum(component_cost(rw, cw, r) for (_, rw, _, cw), r in ranks.items())
 
     @property
     def dense_cost(self) -> int:
@@ -342,6 +354,25 @@ class FrozenGBLR(nn.Module):
         # Slices are fixed at freeze time; computing them once keeps forward lean.
         self._col_slices = [window_slices(cs, cw, self.in_features) for _, _, cs, cw in self.windows]
         self._row_slices = [window_slices(rs, rw, self.out_features) for rs, rw, _, _ in self.windows]
+        self._eye: dict[int, tuple[int, int, str | None]] = {}
+
+    def _identity_side(self, k: int) -> str | None:
+        """``"U"`` / ``"V"`` when block ``k`` is a dense block stored with that factor the
+        identity (a pruned window, :mod:`~gblr_compress.init.prune`), so forward skips
+        multiplying by it; None otherwise. Cached per parameter version, so a factor
+        changed in place (fine-tuning) is checked again."""
+        U, V = self.U[k], self.V[k]
+        key = (U._version, V._version)
+        hit = self._eye.get(k)
+        if hit is not None and hit[:2] == key:
+            return hit[2]
+        side = None
+        for name, f in (("U", U), ("V", V)):
+            if f.shape[0] == f.shape[1] and torch.equal(f.detach(), torch.eye(f.shape[0], dtype=f.dtype, device=f.device)):
+                side = name
+                break
+        self._eye[k] = (*key, side)
+        return side
 
     def structure(self) -> LayerStructure:
         """The current record (windows plus the possibly fine-tuned factors)."""
@@ -369,10 +400,16 @@ class FrozenGBLR(nn.Module):
             y = x.new_zeros(*lead, self.out_features)
         else:
             y = self.bias.expand(*lead, self.out_features).clone()
-        for U, V, cols, rows in zip(self.U, self.V, self._col_slices, self._row_slices):
+        for k, (U, V, cols, rows) in enumerate(zip(self.U, self.V, self._col_slices, self._row_slices)):
             parts = [x[..., lo:hi] for lo, hi in cols]
             xs = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (..., cw)
-            out = (xs @ V.T) @ U.T  # (..., rw)
+            side = self._identity_side(k)
+            if side == "U":  # a dense block stored as (I, W): pruned producer rows
+                out = xs @ V.T  # (..., rw)
+            elif side == "V":  # (W, I): pruned consumer columns
+                out = xs @ U.T
+            else:
+                out = (xs @ V.T) @ U.T  # (..., rw)
             off = 0
             for lo, hi in rows:
                 y[..., lo:hi] += out[..., off : off + hi - lo]

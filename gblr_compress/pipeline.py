@@ -32,7 +32,9 @@ from gblr_compress.distill import (
 from gblr_compress.errors import ConfigError, InputError
 from gblr_compress.freeze import freeze_, recover_
 from gblr_compress.init import InitConfig, InitResult, allocate, collect_stats, init_layers_
+from gblr_compress.init.model import statistics_batches
 from gblr_compress.progress import Progress
+from gblr_compress.refit import RefitResult, refit_consumers_
 from gblr_compress.structure import LayerStructure
 from gblr_compress.swap import find_linears, replace_module
 from gblr_compress.usage import find_usage, tied_weights
@@ -131,6 +133,13 @@ class CompressConfig:
             distillation then gets 80% of what is left and the recovery the rest, each
             timing its first steps and keeping only the steps that fit. None (the
             default): every configured step runs, however long it takes.
+        refit: after the init, refit each pruned consumer (FFN down layer, attention
+            output projection) in closed form on the compressed model's own inputs
+            against the teacher's output of that layer, in model order, kept where it
+            lowers the held-out error (:func:`~gblr_compress.refit.refit_consumers_`).
+            Off by default: on all-MiniLM-L6-v2 with 64 Wikipedia sentences at budget
+            0.8 no refit lowered its layer's held-out error (7 of 7 rejected) and the
+            passes took 212 s (on a loaded 2-core machine).
         init: the initialization (:class:`~gblr_compress.init.InitConfig`;
             ``max_groups`` is the most blocks per layer, ``data_free`` ignores the
             activation statistics).
@@ -150,6 +159,7 @@ class CompressConfig:
     augment_copies: int = 4
     device: str = "cpu"
     time_budget: float | None = None
+    refit: bool = False
     init: InitConfig = field(default_factory=InitConfig)
     distill: DistillConfig = field(default_factory=_default_distill)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
@@ -200,6 +210,7 @@ class CompressResult:
         max_cost: exact cost the compressed layers were allowed (skipped layers excluded).
         left_dense: target layers left dense before the init and kept out of the
             budget, with the reason (not used by the outputs, weight tied).
+        refit: the refit of pruned consumers (None when nothing was pruned or refit).
     """
 
     model: nn.Module
@@ -212,6 +223,7 @@ class CompressResult:
     seconds: dict[str, float] = field(default_factory=dict)
     max_cost: int = 0
     left_dense: dict[str, str] = field(default_factory=dict)
+    refit: RefitResult | None = None
 
 
 def compress(
@@ -269,6 +281,9 @@ def compress(
         config.init,
         budget=min(1.0, config.budget * config.overcomplete) if distilling else config.budget,
         data_free=config.init.data_free or not fit,
+        # An over-complete init is pruned to the budget by the width projection, which
+        # cannot move frozen pruned windows: they would keep the over-complete cost.
+        prune=config.init.prune and not (distilling and config.overcomplete > 1.0),
     )
     # Statistics of the dense layers -> the budget split -> each layer searched and swapped.
     stats = collect_stats(student, init_cfg, fit or None, held or None, usable, progress)
@@ -284,19 +299,30 @@ def compress(
         raise InputError(f"budget {config.budget} is too small for the layers left dense")
     if distilling and config.overcomplete > 1.0:
         _split_for_pruning(student, config.init.max_groups)
-    project_widths_(list(gblr_layers(student).values()), max_cost)
+    # Pruned windows are frozen by the init at their exact cost; the GBLR layers share the rest.
+    pruned_cost = sum(r.exact_cost for r in init.layers.values() if r.status == "pruned")
+    gblr_max = max_cost - pruned_cost
+    project_widths_(list(gblr_layers(student).values()), gblr_max)
     seconds["init"] = time.perf_counter() - t0
+    refit = None
+    consumers = [n for n, r in init.layers.items() if r.status == "pruned"]
+    if config.refit and consumers and fit:
+        t0 = time.perf_counter()
+        # The statistics' batches (about 2 x moment_tokens tokens) serve: one pass per layer.
+        refit = refit_consumers_(student, teacher, consumers, statistics_batches(fit, init_cfg),
+                                 statistics_batches(held, init_cfg) if held else (), init_cfg.damping, progress)
+        seconds["refit"] = time.perf_counter() - t0
     quality: dict[str, dict[str, float]] = {}
     if held:
         quality["init"] = agreement(student.eval(), teacher, held, config.logits)
 
     distilled = recovery = None
-    compressed = [n for n, rec in init.layers.items() if rec.status != "skipped"]
+    compressed = [n for n, rec in init.layers.items() if rec.status in ("gblr", "lowrank")]
     if deadline is not None and time.perf_counter() >= deadline:
         distilling = False  # the time budget went to the init: freeze what it built
     if distilling and compressed:
         distilled, recovery = distill_and_recover(
-            student, teacher, fit, held, max_cost, config, progress, seconds, quality, deadline
+            student, teacher, fit, held, gblr_max, config, progress, seconds, quality, deadline
         )
 
     t0 = time.perf_counter()
@@ -309,7 +335,7 @@ def compress(
     if cost > max_cost:  # the projection guarantees this; a breach is a bug, not bad input
         raise RuntimeError(f"frozen cost {cost} exceeds the budget's {max_cost}")
     return CompressResult(student, records, usable, init, distilled, recovery, quality,
-                          seconds, max_cost, left_dense)
+                          seconds, max_cost, left_dense, refit)
 
 
 def _copies(config: CompressConfig, fit_batches: int) -> int:

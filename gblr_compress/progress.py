@@ -18,6 +18,7 @@ PHASES: dict[str, str] = {
     "sensitivity": "layer sensitivity",
     "spectra": "spectra",
     "layers": "init (per layer)",
+    "refit": "refit of pruned layers",
     "distill": "distillation",
     "recover": "recovery (content only)",
     "export": "export + verification",

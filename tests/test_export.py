@@ -197,7 +197,7 @@ def test_bad_input_raises_input_error(tmp_path) -> None:
     with pytest.raises(InputError):
         export_onnx(model, torch.randn(2, 4), tmp_path / "x.onnx", opset=13)
     with pytest.raises(InputError):
-        export_onnx(model, torch.randn(2, 4), tmp_path / "x.onnx", form="dense")
+        export_onnx(model, torch.randn(2, 4), tmp_path / "x.onnx", form="bogus")
     with pytest.raises(InputError):
         export_onnx(model, torch.randn(2, 4), tmp_path / "missing" / "x.onnx")
 

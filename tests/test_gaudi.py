@@ -9,6 +9,7 @@ from gblr_compress.gaudi import (
     boxcar_mask,
     component_cost,
     gaudi_mask,
+    is_full_rank,
     round_start,
     round_width,
     window_indices,
@@ -117,9 +118,17 @@ def test_window_helpers_cover_the_same_indices() -> None:
 
 
 def test_component_cost_counts_dead_components_as_zero() -> None:
-    assert component_cost(3, 5, 2) == 16
+    assert component_cost(3, 50, 2) == 106
     assert component_cost(0, 5, 2) == 0
     assert component_cost(3, 0, 2) == 0
+
+
+def test_component_cost_of_a_full_rank_block_is_its_dense_size() -> None:
+    # GBLR.md s.7: min(r (rows + cols), rows cols); a pruned window is stored dense.
+    assert component_cost(3, 5, 2) == 15  # 2 * 8 = 16 > 3 * 5
+    assert component_cost(16, 64, 16) == 16 * 64
+    assert component_cost(64, 16, 16) == 64 * 16
+    assert is_full_rank(16, 64, 16) and not is_full_rank(16, 64, 12)
 
 
 def test_rounding_is_half_up_and_cyclic() -> None:

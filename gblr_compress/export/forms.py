@@ -21,6 +21,13 @@ U-sides:
       stacked U rows; segments are concatenated; the bias is added once.
     * ``pad``: one MatMul with U zero-padded to all rows.
 
+A fifth form, ``dense``, multiplies each block as one dense ``(cols, rows)`` MatMul
+(``U @ V`` materialized) and concatenates the row segments; it is offered when no two
+blocks share an output row. For a pruned window (a full-rank block, stored dense at
+cost ``rows x cols``, GBLR.md s.7) it is exact and is a smaller dense MatMul: the
+pruned FFN's producer is ``x @ W1[S]^T`` into ``k`` rows, its consumer
+``x[..., :k] @ W2'^T``.
+
 Forms: ``segments`` = windows+outseg and ``grid`` = inseg+outseg store exactly the
 frozen cost in weights (``sliced`` is an alias of ``segments``); ``vpad`` = pad+outseg
 and ``lowrank`` = pad+pad store zero padding (for a full-width structure, i.e. a
@@ -43,7 +50,7 @@ from gblr_compress.structure import LayerStructure
 __all__ = ["FORMS", "LayerPlan", "plan_layer", "emit_layer", "form_params", "form_cost"]
 
 #: Forms accepted by :func:`plan_layer` besides ``"auto"``.
-FORMS = ("segments", "grid", "vpad", "lowrank")
+FORMS = ("segments", "grid", "vpad", "lowrank", "dense")
 _ALIASES = {"sliced": "segments"}
 _SIDES = {"segments": ("windows", "outseg"), "grid": ("inseg", "outseg"),
           "vpad": ("pad", "outseg"), "lowrank": ("pad", "pad")}
@@ -134,9 +141,22 @@ def _col_groups(s: LayerStructure, order) -> list[list[int]]:
 
 
 # -------------------------------------------------------------------- cost model
+def dense_allowed(s: LayerStructure) -> bool:
+    """Whether the ``dense`` form can emit ``s``: no output row is in two blocks."""
+    seen = [0] * s.out_features
+    for b in s.blocks:
+        for i in b.row_indices(s.out_features).tolist():
+            if seen[i]:
+                return False
+            seen[i] = 1
+    return True
+
+
 def form_params(s: LayerStructure, form: str) -> int:
     """Real weight parameters (bias excluded) that ``form`` stores for ``s``."""
     form = _ALIASES.get(form, form)
+    if form == "dense":
+        return sum(b.row_width * b.col_width for b in s.blocks)
     if form not in _SIDES:
         raise ValueError(f"unknown form {form!r}")
     vside, uside = _SIDES[form]
@@ -153,11 +173,18 @@ def _gemm(k: int, n_out: int) -> float:
 def form_cost(s: LayerStructure, form: str, order: tuple[int, ...]) -> float:
     """Estimated per-token cost of ``form`` with blocks in ``order`` (MAC units)."""
     form = _ALIASES.get(form, form)
-    vside, uside = _SIDES[form]
     m, n, R = s.out_features, s.in_features, s.rank
     if not s.blocks:
         return _NODE + m * _COPY
     cost = 0.0 if s.bias is None else m * _COPY + _NODE  # bias Add
+    if form == "dense":
+        segs = _row_segments(s, order)
+        for b in s.blocks:
+            for lo, hi in window_slices(b.col_start, b.col_width, n):
+                cost += _gemm(hi - lo, b.row_width) + (0 if hi - lo == n else (hi - lo) * _COPY + _NODE)
+        cost += sum((b - a) * _COPY + 3 * _NODE for a, b, cover in segs if not cover)
+        return cost + (m * _COPY + _NODE if len(segs) > 1 else 0.0)
+    vside, uside = _SIDES[form]
     if vside == "pad":
         cost += _gemm(n, R)
     elif vside == "windows":
@@ -220,8 +247,14 @@ def plan_layer(s: LayerStructure, form: str = "auto") -> LayerPlan:
     form = _ALIASES.get(form, form)
     if form != "auto" and form not in FORMS:
         raise ValueError(f"unknown form {form!r}; expected auto, sliced or one of {FORMS}")
+    if form == "dense" and not dense_allowed(s):
+        raise ValueError("form 'dense' needs blocks with disjoint output rows")
     plans = []
     for f in FORMS if form == "auto" else (form,):
+        # auto offers dense only where it is exact (every block full rank, e.g. pruned
+        # windows): elsewhere it would store more than the frozen cost.
+        if f == "dense" and form == "auto" and not (dense_allowed(s) and form_params(s, f) == s.cost):
+            continue
         order = _best_order(s, f)
         p = form_params(s, f)
         plans.append(LayerPlan(f, order, p, p == s.cost, form_cost(s, f, order)))
@@ -352,6 +385,26 @@ def _u_side(s: LayerStructure, B: _Builder, x: str, T: str, uside: str, order) -
     return outs[0] if len(outs) == 1 else B.op("Concat", outs, axis=-1)  # (..., m)
 
 
+def _dense_side(s: LayerStructure, B: _Builder, x: str, order) -> str:
+    """``y (..., m)`` without bias: per row segment, the one block covering it as a dense
+    MatMul of its column window (zeros where no block writes)."""
+    m, n, blocks = s.out_features, s.in_features, s.blocks
+    outs = []
+    for a, b, cover in _row_segments(s, order):
+        if not cover:
+            outs.append(B.zeros_like_rows(x, b - a))
+            continue
+        blk = blocks[cover[0]]
+        off = (a - blk.row_start) % m
+        D = (_np(blk.U)[off : off + b - a] @ _np(blk.V)).T  # (cw, b-a): dense block rows
+        prods, c = [], 0
+        for lo, hi in window_slices(blk.col_start, blk.col_width, n):  # 2 pieces if wrapping
+            prods.append(B.op("MatMul", [B.slice_last(x, lo, hi, n), B.weight("Wt", D[c : c + hi - lo])]))
+            c += hi - lo
+        outs.append(prods[0] if len(prods) == 1 else B.op("Add", prods))
+    return outs[0] if len(outs) == 1 else B.op("Concat", outs, axis=-1)
+
+
 def emit_layer(
     s: LayerStructure,
     plan: LayerPlan,
@@ -384,9 +437,12 @@ def emit_layer(
             shape = B.op("Concat", [B.op("Shape", [x], end=-1), B.const_i64("m", [m])], axis=0)
             B.op("Expand", [B.weight("bias", _np(s.bias)), shape], out=y)
         return B.nodes, B.inits, B.weight_params - (0 if s.bias is None else m)
-    vside, uside = _SIDES[plan.form]
-    T = _v_side(s, B, x, vside, plan.order)  # (..., R)
-    out = _u_side(s, B, x, T, uside, plan.order)  # (..., m)
+    if plan.form == "dense":
+        out = _dense_side(s, B, x, plan.order)  # (..., m)
+    else:
+        vside, uside = _SIDES[plan.form]
+        T = _v_side(s, B, x, vside, plan.order)  # (..., R)
+        out = _u_side(s, B, x, T, uside, plan.order)  # (..., m)
     if s.bias is None:
         B.op("Identity", [out], out=y)
         return B.nodes, B.inits, B.weight_params

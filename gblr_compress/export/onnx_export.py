@@ -228,7 +228,10 @@ def build_onnx(
         s = layer.structure()
         s.name = name  # the module path is the name a graph viewer and a report show
         structures.append(s)
-    plans = [plan_layer(s, form) for s in structures]  # plan
+    try:
+        plans = [plan_layer(s, form) for s in structures]  # plan
+    except ValueError as exc:  # a forced form this structure cannot take (dense on overlapping rows)
+        raise InputError(f"form {form!r}: {exc}") from None
 
     was_training = model.training
     model.eval()

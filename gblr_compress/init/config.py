@@ -47,6 +47,18 @@ class InitConfig:
             0 weighs every layer alike. Without the weights the split starves the
             layers whose relative error falls slowly with rank (on all-MiniLM-L6-v2 the
             FFN output layers got 1% of their dense cost) whatever they matter.
+        prune: also try, for each FFN coupling group (:mod:`~gblr_compress.coupling`),
+            pruned windows (its most important hidden units kept as full-rank blocks,
+            the consumer refit by least squares) at the group's allocation, kept when
+            they beat low rank on held-out statistics
+            (:func:`~gblr_compress.init.model.choose_group_form`).
+        prune_kinds: the coupling groups tried: ``"ffn"`` (hidden units) and
+            ``"attention"`` (whole heads across Q/K/V and the output projection; with
+            grouped-query attention, whole key/value groups).
+        prune_select: how the kept units are chosen: ``"obs"`` (elimination by the
+            error each removal adds after the least-squares refit,
+            :func:`~gblr_compress.init.prune.obs_order`) or ``"importance"``
+            (``E[h_j^2] ||W2[:, j]||^2``, Kwon et al. 2022).
     """
 
     budget: float = 0.3
@@ -62,6 +74,9 @@ class InitConfig:
     min_gain: float = 0.01
     moment_tokens: int | None = 16384
     sensitivity_batches: int = 1
+    prune: bool = True
+    prune_kinds: tuple[str, ...] = ("ffn", "attention")
+    prune_select: str = "obs"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
@@ -82,6 +97,10 @@ class InitConfig:
             raise ConfigError("moment_tokens", f"must be >= 1 or None, got {self.moment_tokens}")
         if self.sensitivity_batches < 0:
             raise ConfigError("sensitivity_batches", f"must be >= 0, got {self.sensitivity_batches}")
+        if not set(self.prune_kinds) <= {"ffn", "attention"}:
+            raise ConfigError("prune_kinds", f"must be ffn and/or attention, got {self.prune_kinds}")
+        if self.prune_select not in ("obs", "importance"):
+            raise ConfigError("prune_select", f"must be obs or importance, got {self.prune_select!r}")
         if not 0.0 <= self.min_gain < 1.0:
             raise ConfigError("min_gain", f"must be in [0, 1), got {self.min_gain}")
 
@@ -91,8 +110,9 @@ class LayerInit:
     """What the initialization did to one layer.
 
     ``status`` is ``"gblr"`` (windowed groups kept), ``"lowrank"`` (one full-width group:
-    the whitened / plain truncated SVD; ``reason`` says why) or ``"skipped"`` (left dense;
-    counts at its dense cost). Errors are relative output errors measured with the fit
+    the whitened / plain truncated SVD; ``reason`` says why), ``"pruned"`` (a pruned
+    window of its FFN coupling group, a FrozenGBLR from the start; ``rank`` is the kept
+    units) or ``"skipped"`` (left dense; counts at its dense cost). Errors are relative output errors measured with the fit
     moment (``calib_error``) and the held-out moment (``None`` without held-out data).
     ``sensitivity`` is the layer's weight in the budget split (``None``: not measured).
     ``note`` names a numerical fault worked around (see

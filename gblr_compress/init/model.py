@@ -24,10 +24,13 @@ from torch import nn
 from gblr_compress.batches import Batch, positions
 from gblr_compress.budget import dense_budget, greedy_allocation
 from gblr_compress.calib import Moment, collect_moments, layer_sensitivity
+from gblr_compress.coupling import CouplingGroup, find_groups
 from gblr_compress.errors import InputError
 from gblr_compress.init.config import InitConfig, InitResult, LayerInit
 from gblr_compress.init.layer import init_layer
 from gblr_compress.init.linalg import cholesky, gram_spectrum, whitening_moment
+from gblr_compress.init.prune import prune_group, pruned_structures, units_for_cost
+from gblr_compress.layer import FrozenGBLR
 from gblr_compress.progress import Progress, ProgressEvent
 from gblr_compress.swap import as_linear, find_linears, is_linear_like, replace_module
 
@@ -39,6 +42,7 @@ __all__ = [
     "allocate",
     "init_layers_",
     "initialize_",
+    "choose_group_form",
 ]
 
 _F64 = torch.float64
@@ -258,23 +262,35 @@ def init_layers_(
 
     # Layers are independent and their searches are many small LAPACK calls that use two
     # cores poorly, so two layers run at once with one thread each (1.25x on 2 cores).
+    # Coupling groups are found on the dense model, before any layer is replaced.
+    groups = [] if (stats.data_free or not cfg.prune) else [
+        g for g in find_groups(model) if g.kind in cfg.prune_kinds and all(n in modules for n in g.layers)
+    ]
     threads = torch.get_num_threads()
     workers = max(1, min(threads, len(names)))
+    built: dict[str, tuple[nn.Module, LayerInit]] = {}
     try:
         if workers > 1:
             torch.set_num_threads(1)
         with ThreadPoolExecutor(workers) as pool:
             for i, (module, rec) in enumerate(pool.map(one, range(len(names)))):
-                if rec.status != "skipped":
-                    replace_module(model, names[i], module)
                 rec.sensitivity = weights.get(names[i])
-                result.layers[names[i]] = rec
+                built[names[i]] = (module, rec)
                 if progress is not None:
                     progress(ProgressEvent("layers", i + 1, len(names)))
     finally:
         torch.set_num_threads(threads)
+    for group in groups:
+        built.update(choose_group_form(group, modules, built, stats, allocation, cfg))
+    for name in names:
+        module, rec = built[name]
+        if rec.status != "skipped":
+            replace_module(model, name, module)
+        result.layers[name] = rec
     skipped = sum(r.dense_cost for r in result.layers.values() if r.status == "skipped")
-    result.max_cost = budget - skipped
+    pruned = sum(r.exact_cost for r in result.layers.values() if r.status == "pruned")
+    # Pruned layers are frozen (FrozenGBLR) already: only the GBLR layers share the rest.
+    result.max_cost = budget - skipped - pruned
     result.seconds = stats.seconds + time.perf_counter() - t0
     assert result.exact_cost <= budget, "init must meet the global budget"
     return result
@@ -310,3 +326,106 @@ def initialize_(
     """
     stats = collect_stats(model, cfg, calib, holdout, names, progress)
     return init_layers_(model, cfg, stats, allocate(stats, cfg), progress)
+
+
+def _group_score(names: Sequence[str], errors: dict[str, float | None], stats: InitStats) -> float | None:
+    """Sensitivity-weighted sum of squared relative errors of a group's layers: what the
+    budget split minimizes, so forms of a group compare in the split's own units."""
+    total = 0.0
+    for name in names:
+        err = errors.get(name)
+        if err is None:
+            return None
+        weight = stats.sensitivity.get(name, 0.0) if stats.sensitivity else 1.0
+        total += weight * err * err
+    return total
+
+
+def choose_group_form(
+    group: CouplingGroup,
+    modules: dict[str, nn.Module],
+    built: dict[str, tuple[nn.Module, LayerInit]],
+    stats: InitStats,
+    allocation: Allocation,
+    cfg: InitConfig,
+) -> dict[str, tuple[nn.Module, LayerInit]]:
+    """Low rank (the per-layer init in ``built``) or a pruned window for one coupling
+    group (FFN hidden units, or attention heads), by error on held-out statistics at
+    equal exact cost.
+
+    The pruned form gets the group's whole allocation: ``k`` units cost ``k`` times the
+    summed widths their rows and columns span (``n`` per producer row, ``m`` per
+    consumer column), so ``k = floor(allocation / per_unit)``; its cost never exceeds
+    the group's. The forms are compared by the sensitivity-weighted squared relative errors
+    of the group's layers on the held-out moments (the fit moments without held-out
+    data): a pruned producer keeps its kept rows exactly (error 0), the consumer's error
+    is that of the least-squares refit (:func:`~gblr_compress.init.prune.prune_group`).
+
+    Returns:
+        ``built``'s entries for the group's layers, replaced by FrozenGBLR pruned layers
+        (status ``"pruned"``) when that form wins; the low-rank records, with a reason
+        saying why pruning lost, otherwise.
+    """
+    names = group.layers
+    recs = {n: built[n][1] for n in names}
+    consumer = group.consumer
+    C_fit = stats.moments.get(consumer)
+    if C_fit is None or C_fit.count == 0:
+        return {}
+    C_fit = C_fit.mean().to(_F64)
+    C_hold = stats.holdout.get(consumer)
+    C_hold = None if C_hold is None or C_hold.count == 0 else C_hold.mean().to(_F64)
+    lins = {n: as_linear(modules[n]) for n in names}
+    W2 = lins[consumer].weight.detach().to("cpu", _F64)  # (m, h)
+    # A unit: an FFN hidden unit, or a key/value head with its query heads (whole
+    # grouped-query groups are pruned, so the kept heads still find their keys/values).
+    G, size = group.kv_group, group.unit_size
+    units = group.units // G
+    rows = {p: G * size for p in group.producers} | {p: size for p in group.kv_producers}
+    per_unit = sum(lins[p].in_features * rows[p] for p in rows) + lins[consumer].out_features * G * size
+    cost = sum(min(allocation.costs[n], recs[n].dense_cost) for n in names)
+    k = units_for_cost(cost, per_unit, units)
+    if k == 0 or k == units:
+        return {}
+    pruned = prune_group(W2, C_fit, k, per_unit, C_hold, cfg.damping, unit_size=G * size, select=cfg.prune_select)
+    held = C_hold is not None and all(recs[n].heldout_error is not None or recs[n].status == "skipped"
+                                      for n in names)
+
+    def lowrank_error(n: str) -> float | None:
+        rec = recs[n]
+        if rec.status == "skipped":
+            return 0.0
+        return rec.heldout_error if held else rec.calib_error
+
+    pruned_err = pruned.heldout_error if held else pruned.fit_error
+    low = _group_score(names, {n: lowrank_error(n) for n in names}, stats)
+    prn = _group_score(names, {**{n: 0.0 for n in names}, consumer: pruned_err}, stats)
+    where = "held-out" if held else "fit"
+    unit_name = "units" if group.kind == "ffn" else ("heads" if G == 1 else "key/value groups")
+    if low is None or prn is None or not prn < low:
+        out = {}
+        for n in names:
+            module, rec = built[n]
+            note = f"pruned window ({k} of {units} {unit_name}) lost on {where} statistics ({prn:.4g} vs {low:.4g})"
+            rec.reason = f"{rec.reason}; {note}" if rec.reason else note
+            out[n] = (module, rec)
+        return out
+    tensors = {n: (n, lins[n].weight.detach().to("cpu", _F64),
+                   None if lins[n].bias is None else lins[n].bias.detach().to("cpu", _F64)) for n in names}
+    records = pruned_structures([(*tensors[p], rows[p]) for p in rows], tensors[consumer], pruned)
+    out = {}
+    for n in names:
+        lin, rec = lins[n], recs[n]
+        weight = lin.weight
+        frozen = FrozenGBLR(records[n]).to(device=weight.device, dtype=weight.dtype)
+        err = (pruned.fit_error, pruned.heldout_error) if n == consumer else (0.0, 0.0 if C_hold is not None else None)
+        out[n] = (frozen, LayerInit(
+            name=n, in_features=rec.in_features, out_features=rec.out_features, status="pruned",
+            reason=f"pruned window: {k} of {units} {unit_name} beat low rank on {where} statistics "
+                   f"({prn:.4g} vs {low:.4g})",
+            allocated_cost=rec.allocated_cost, exact_cost=records[n].cost, dense_cost=rec.dense_cost,
+            rank=k, groups=1, calib_error=err[0], heldout_error=err[1],
+            baseline_heldout_error=rec.heldout_error, baseline_calib_error=rec.calib_error,
+            seconds=rec.seconds, sensitivity=rec.sensitivity,
+        ))
+    return out

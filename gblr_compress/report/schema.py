@@ -61,7 +61,7 @@ class LayerReport:
         dense_cost: ``m * n``.
         allocated_cost: the init's share of the global budget.
         structure: ``LayerStructure.to_dict()`` of the frozen layer (None when skipped).
-        init_kind: ``"gblr"``, ``"lowrank"`` or ``"skipped"``.
+        init_kind: ``"gblr"``, ``"lowrank"``, ``"pruned"`` or ``"skipped"``.
         calib_error, heldout_error: init relative output error on fit / held-out data.
         baseline_heldout_error: whitened SVD at equal cost, held-out.
         export_form: form chosen by the exporter (``"lowrank"``, ``"segments"``, ...).

@@ -1,0 +1,288 @@
+"""Pruned windows: least-squares refit, exact cost, export form and ORT parity, and the
+choice between forms on held-out statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from gblr_compress.calib import Moment
+from gblr_compress.export import export_onnx
+from gblr_compress.init import InitConfig, InitStats, init_layers_
+from gblr_compress.init.model import Allocation
+from gblr_compress.init.prune import ls_refit, prune_group, pruned_error, pruned_structures
+from gblr_compress.layer import FrozenGBLR
+
+F64 = torch.float64
+
+
+def _moment(h: torch.Tensor) -> torch.Tensor:
+    return h.T @ h / h.shape[0]  # (h, h)
+
+
+def test_ls_refit_recovers_units_that_the_kept_ones_predict() -> None:
+    # 12 units driven by 6 latent factors: the 6 pruned units are linear in the kept ones,
+    # so the refit consumer is exact on held-out data while plain pruning is not.
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(12, 6, generator=gen, dtype=F64)
+    W2 = torch.randn(5, 12, generator=gen, dtype=F64)
+    fit = torch.randn(400, 6, generator=gen, dtype=F64) @ A.T  # (tokens, units)
+    held = torch.randn(400, 6, generator=gen, dtype=F64) @ A.T
+    C_fit, C_hold = _moment(fit), _moment(held)
+    keep = torch.arange(6)
+    refit = ls_refit(W2, C_fit, keep, damping=1e-9)
+    plain = W2[:, keep]
+    err_refit = pruned_error(W2, refit, keep, C_hold)
+    err_plain = pruned_error(W2, plain, keep, C_hold)
+    assert err_plain > 0.3
+    assert err_refit < 1e-4
+    # the closed form is the known answer: W2' h_S = W2 h for every h in the span
+    h = held[:7]
+    torch.testing.assert_close(h[:, keep] @ refit.T, h @ W2.T, atol=1e-3, rtol=1e-3)
+
+
+def test_ls_refit_reduces_heldout_error_with_noise() -> None:
+    gen = torch.Generator().manual_seed(1)
+    A = torch.randn(16, 8, generator=gen, dtype=F64)
+    W2 = torch.randn(6, 16, generator=gen, dtype=F64)
+    noise = lambda n: 0.3 * torch.randn(n, 16, generator=gen, dtype=F64)  # noqa: E731
+    fit = torch.randn(300, 8, generator=gen, dtype=F64) @ A.T + noise(300)
+    held = torch.randn(300, 8, generator=gen, dtype=F64) @ A.T + noise(300)
+    with_refit = prune_group(W2, _moment(fit), 8, per_unit=1, C_hold=_moment(held))
+    without = prune_group(W2, _moment(fit), 8, per_unit=1, C_hold=_moment(held), refit=False)
+    assert torch.equal(with_refit.keep, without.keep)
+    assert with_refit.heldout_error < 0.7 * without.heldout_error
+
+
+def _pruned_ffn(gen: torch.Generator, d: int = 12, h: int = 20, k: int = 7):
+    W1, b1 = torch.randn(h, d, generator=gen, dtype=F64), torch.randn(h, generator=gen, dtype=F64)
+    W2, b2 = torch.randn(d, h, generator=gen, dtype=F64), torch.randn(d, generator=gen, dtype=F64)
+    hid = torch.relu(torch.randn(200, d, generator=gen, dtype=F64) @ W1.T + b1)
+    pruned = prune_group(W2, _moment(hid), k, per_unit=2 * d)
+    recs = pruned_structures([("up", W1, b1, 1)], ("down", W2, b2), pruned)
+    return W1, b1, W2, b2, pruned, recs
+
+
+def test_pruned_structure_cost_and_function() -> None:
+    gen = torch.Generator().manual_seed(2)
+    d, h, k = 12, 20, 7
+    W1, b1, W2, b2, pruned, recs = _pruned_ffn(gen, d, h, k)
+    up, down = recs["up"], recs["down"]
+    # one full-rank block each, costed dense: k x d rows of W1, d x k columns of W2
+    assert [b.window_key() for b in up.blocks] == [(0, k, 0, d)] and up.cost == k * d
+    assert [b.window_key() for b in down.blocks] == [(0, d, 0, k)] and down.cost == d * k
+    assert up.cost + down.cost == pruned.cost == k * 2 * d
+    # frozen pair == the permuted, pruned, refit FFN
+    x = torch.randn(9, d, generator=gen, dtype=F64)
+    S = pruned.keep
+    want = torch.relu(x @ W1[S].T + b1[S]) @ pruned.consumer_weight.T + b2
+    got = FrozenGBLR(down)(torch.relu(FrozenGBLR(up)(x)))
+    torch.testing.assert_close(got, want)
+
+
+def test_pruned_windows_export_as_smaller_dense_matmuls(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(3)
+    d, h, k = 64, 96, 40  # big enough that the cost model's node overheads do not decide
+    *_, recs = _pruned_ffn(gen, d, h, k)
+    for name in ("up", "down"):
+        s = recs[name]
+        s = type(s)(s.in_features, s.out_features,
+                    [type(b)(*b.window_key(), b.U.float(), b.V.float()) for b in s.blocks],
+                    s.bias.float(), name=name)
+        model = nn.Sequential(FrozenGBLR(s))
+        res = export_onnx(model, torch.randn(3, 5, s.in_features), tmp_path / f"{name}.onnx")
+        assert res.ort_ok and res.max_abs_diff <= res.tolerance  # ORT parity per layer
+        (lay,) = res.layers
+        assert lay.form == "dense" and lay.params == lay.exact_cost == s.cost and not lay.zero_padded
+        proto = onnx.load(str(tmp_path / f"{name}.onnx"))
+        mats = [tuple(t.dims) for t in proto.graph.initializer
+                if t.name.startswith("gblr/0/") and len(t.dims) == 2]
+        want = (d, k) if name == "up" else (k, d)  # x @ W1[S]^T: (d, k); x[:, :k] @ W2'^T: (k, d)
+        assert mats == [want]
+        assert sum(int(np.prod(m)) for m in mats) == s.cost
+
+
+def test_dense_form_needs_disjoint_rows(tmp_path) -> None:
+    import pytest
+
+    from gblr_compress.errors import InputError
+    from gblr_compress.structure import Block, LayerStructure
+
+    gen = torch.Generator().manual_seed(6)
+    blocks = [Block(0, 6, 0, 8, torch.randn(6, 2, generator=gen), torch.randn(2, 8, generator=gen)),
+              Block(3, 6, 0, 8, torch.randn(6, 1, generator=gen), torch.randn(1, 8, generator=gen))]
+    model = nn.Sequential(FrozenGBLR(LayerStructure(8, 10, blocks)))
+    with pytest.raises(InputError, match="disjoint"):
+        export_onnx(model, torch.randn(2, 8), tmp_path / "x.onnx", form="dense")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Block(nn.Module):
+    """A BERT-layout FFN: ``intermediate.dense`` -> ReLU -> ``output.dense``."""
+
+    def __init__(self, up: nn.Linear, down: nn.Linear) -> None:
+        super().__init__()
+        self.intermediate = nn.Module()
+        self.intermediate.dense = up
+        self.output = nn.Module()
+        self.output.dense = down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output.dense(torch.relu(self.intermediate.dense(x)))
+
+
+def _choice(held_spread: bool) -> dict[str, str]:
+    # Held-out statistics decide: the fit moment of the hidden units has half of them
+    # silent (pruning them is free on fit data), the held-out moment has them all
+    # active. The consumer is exactly rank 1, so low rank is exact for it on any data.
+    gen = torch.Generator().manual_seed(4)
+    d, h = 8, 16
+    up, down = nn.Linear(d, h).double(), nn.Linear(h, d).double()
+    with torch.no_grad():
+        up.weight.copy_(torch.randn(h, d, generator=gen, dtype=F64))
+        down.weight.copy_(torch.randn(d, 1, generator=gen, dtype=F64) @ torch.rand(1, h, generator=gen, dtype=F64))
+    model = _Block(up, down)
+    var_fit = torch.cat([torch.ones(h // 2), torch.full((h // 2,), 1e-6)]).double()
+    var_held = torch.ones(h, dtype=F64) if held_spread else var_fit
+    mo = lambda C: Moment(C * 100, 100)  # noqa: E731
+    names = ["intermediate.dense", "output.dense"]
+    stats = InitStats(
+        names, {"intermediate.dense": (h, d), "output.dense": (d, h)},
+        moments={"intermediate.dense": mo(torch.eye(d, dtype=F64)), "output.dense": mo(torch.diag(var_fit))},
+        holdout={"intermediate.dense": mo(torch.eye(d, dtype=F64)), "output.dense": mo(torch.diag(var_held))},
+        sensitivity={"intermediate.dense": 0.01, "output.dense": 1.0}, data_free=False,
+    )
+    cfg = InitConfig(budget=0.5, refine_steps=0)
+    res = init_layers_(model, cfg, stats, Allocation({n: h * d // 2 for n in names}, h * d))
+    low = res.layers["output.dense"]
+    # the fit statistics favour pruning either way: 8 silent units cost nothing there
+    assert res.exact_cost <= h * d
+    return {n: r.status for n, r in res.layers.items()} | {"reason": low.reason}
+
+
+def test_form_choice_follows_heldout_statistics() -> None:
+    same = _choice(held_spread=False)
+    shifted = _choice(held_spread=True)
+    assert same["intermediate.dense"] == same["output.dense"] == "pruned"
+    assert "beat low rank on held-out" in same["reason"]
+    assert shifted["output.dense"] != "pruned" and shifted["intermediate.dense"] != "pruned"
+    assert "lost on held-out" in shifted["reason"]
+
+
+def test_pruned_layers_are_frozen_in_the_model_and_counted_in_max_cost() -> None:
+    gen = torch.Generator().manual_seed(5)
+    d, h = 8, 16
+    model = _Block(nn.Linear(d, h), nn.Linear(h, d))
+    from gblr_compress.init import initialize_
+
+    x = [torch.randn(32, d, generator=gen) for _ in range(4)]
+    res = initialize_(model, InitConfig(budget=0.5), calib=x[:3], holdout=x[3:])
+    assert {r.status for r in res.layers.values()} == {"pruned"}
+    assert isinstance(model.intermediate.dense, FrozenGBLR) and isinstance(model.output.dense, FrozenGBLR)
+    assert res.layers["output.dense"].rank == 8  # budget 0.5 of 16 units
+    pruned = sum(r.exact_cost for r in res.layers.values() if r.status == "pruned")
+    assert res.max_cost == res.budget_cost - pruned
+    assert res.exact_cost <= res.budget_cost
+
+
+def test_compress_prunes_a_bert_wrapper_and_exports_it(tmp_path) -> None:
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    from gblr_compress.distill import DistillConfig
+    from gblr_compress.pipeline import CompressConfig, compress
+    from tests.test_coupling import Wrapper
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16)
+    model = Wrapper(transformers.BertModel(cfg, add_pooling_layer=False)).eval()
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, 50, (4, 12), generator=gen) for _ in range(5)]
+    res = compress(model, CompressConfig(budget=0.7, distill=DistillConfig(steps=2)), calib=calib)
+    kinds = {n: r.status for n, r in res.init.layers.items()}
+    pruned = [n for n, k in kinds.items() if k == "pruned"]
+    assert pruned, kinds  # random weights: pruning wins somewhere at a mild budget
+    assert set(pruned) <= set(res.records) and all(isinstance(res.model.get_submodule(n), FrozenGBLR)
+                                                    for n in pruned)
+    assert sum(r.cost for r in res.records.values()) <= res.max_cost
+    out = export_onnx(res.model, calib[0], tmp_path / "m.onnx")
+    assert out.ort_ok and out.max_abs_diff <= out.tolerance
+    forms = {lay.name: lay.form for lay in out.layers}
+    assert all(forms[n] == "dense" for n in pruned), forms
+
+
+class _Two(nn.Module):
+    """Two BERT-layout FFN blocks with residuals: the second sees the first's error."""
+
+    def __init__(self, gen: torch.Generator, d: int = 8, h: int = 16) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        for _ in range(2):
+            up, down = nn.Linear(d, h), nn.Linear(h, d)
+            with torch.no_grad():
+                up.weight.copy_(torch.randn(h, d, generator=gen) / d**0.5)
+                down.weight.copy_(torch.randn(d, h, generator=gen) / h**0.5)
+            self.blocks.append(_Block(up, down))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+def test_sequential_refit_lowers_heldout_layer_error_and_keeps_cost() -> None:
+    import copy
+
+    from gblr_compress.init import initialize_
+    from gblr_compress.refit import refit_consumers_
+
+    gen = torch.Generator().manual_seed(7)
+    teacher = _Two(gen).eval()
+    student = copy.deepcopy(teacher)
+    xs = [torch.randn(64, 8, generator=gen) for _ in range(8)]
+    init = initialize_(student, InitConfig(budget=0.5, prune_kinds=("ffn",), prune_select="importance"),
+                       calib=xs[:4], holdout=xs[4:6])
+    consumers = [n for n, r in init.layers.items() if r.status == "pruned" and n.endswith("output.dense")]
+    assert consumers == ["blocks.0.output.dense", "blocks.1.output.dense"]
+    cost = {n: student.get_submodule(n).cost for n in consumers}
+    before = copy.deepcopy(student)
+    res = refit_consumers_(student, teacher, consumers, xs[:4], xs[4:6])
+    assert set(res.layers) == set(consumers)
+    assert all(r["kept"] == (r["after"] < r["before"]) for r in res.layers.values())
+    # the second block's consumer sees the first block's error: refit on its own inputs helps there
+    second = res.layers["blocks.1.output.dense"]
+    assert second["kept"] and second["after"] < 0.9 * second["before"]
+    assert {n: student.get_submodule(n).cost for n in consumers} == cost
+    # and the model's error on unseen inputs goes down
+    with torch.no_grad():
+        x = xs[7]
+        assert (student(x) - teacher(x)).norm() < (before(x) - teacher(x)).norm()
+
+
+def test_obs_selection_drops_a_duplicated_unit_that_importance_keeps() -> None:
+    # Units 0 and 1 carry the same signal (the largest); units 2..5 are independent and
+    # smaller. Keeping 4: importance keeps both duplicates, OBS keeps one and refits.
+    gen = torch.Generator().manual_seed(8)
+    z = torch.randn(500, 5, generator=gen, dtype=F64)
+    hid = torch.cat([3 * z[:, :1], 3 * z[:, :1], z[:, 1:] * torch.tensor([1.0, 0.9, 0.8, 0.7], dtype=F64)], 1)
+    W2 = torch.randn(4, 6, generator=gen, dtype=F64)
+    C = _moment(hid)
+    obs = prune_group(W2, C, 4, per_unit=1, select="obs", damping=1e-6)
+    imp = prune_group(W2, C, 4, per_unit=1, select="importance", damping=1e-6)
+    assert {0, 1} <= set(imp.keep.tolist())
+    assert len({0, 1} & set(obs.keep.tolist())) == 1
+    assert obs.fit_error < 0.7 * imp.fit_error
+    assert sorted(obs.order.tolist()) == list(range(6))
+
+
+def test_obs_selection_of_whole_heads() -> None:
+    gen = torch.Generator().manual_seed(9)
+    hid = torch.randn(400, 12, generator=gen, dtype=F64)
+    hid[:, 4:8] = hid[:, 0:4] * 1.5  # head 1 repeats head 0
+    W2 = torch.randn(5, 12, generator=gen, dtype=F64)
+    obs = prune_group(W2, _moment(hid), 2, per_unit=1, unit_size=4, select="obs", damping=1e-6)
+    assert 2 in obs.keep.tolist() and len({0, 1} & set(obs.keep.tolist())) == 1
+    assert obs.fit_error < 1e-3  # the repeated head is recovered by the refit
