@@ -18,6 +18,7 @@ from gblr_compress.report.png import write_pngs
 from gblr_compress.report.schema import (
     REPORT_METADATA_KEY,
     REPORT_VERSION,
+    Candidate,
     CompressionReport,
     LayerReport,
     load_report,
@@ -27,6 +28,7 @@ from gblr_compress.report.schema import (
 )
 
 __all__ = [
+    "Candidate",
     "REPORT_METADATA_KEY",
     "REPORT_VERSION",
     "SHADES",
@@ -35,6 +37,8 @@ __all__ = [
     "coverage_matrix",
     "heatmap_lines",
     "load_report",
+    "render_candidates",
+    "render_deploy",
     "render_inspect",
     "render_summary",
     "report_from_dict",
@@ -43,7 +47,7 @@ __all__ = [
     "write_report",
 ]
 
-_RENDER = ("render_inspect", "render_summary")
+_RENDER = ("render_candidates", "render_deploy", "render_inspect", "render_summary")
 
 
 def __getattr__(name: str) -> Any:
