@@ -123,13 +123,14 @@ def _console(stderr: bool = False) -> Any:
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--png", "png_dir", type=click.Path(path_type=Path), default=None,
-              help="Also write one block-layout PNG per compressed layer into DIR (needs matplotlib).")
+              help="Also write one block-layout PNG per compressed layer into DIR, and pareto.png (fidelity vs "
+                   "measured speedup) when the report has candidates (needs matplotlib: the 'plot' extra).")
 @click.option("--no-heatmap", is_flag=True, help="Only the per-layer table, no text heatmaps.")
 @verbose_option
 def inspect(path: Path, png_dir: Path | None, no_heatmap: bool) -> None:
     """Show the compression report in PATH (a report .json or an exported .onnx)."""
     # Lazy: rich and the report module are not needed by other commands' startup.
-    from gblr_compress.report import load_report, render_inspect, write_pngs
+    from gblr_compress.report import PLOT_HINT, load_report, render_inspect, write_pngs
 
     report = load_report(path)
     # PNGs first, so a missing matplotlib fails before any output.
@@ -138,6 +139,8 @@ def inspect(path: Path, png_dir: Path | None, no_heatmap: bool) -> None:
     render_inspect(report, console, heatmaps=not no_heatmap)
     for p in written:
         console.print(f"wrote {p}")
+    if report.candidates and png_dir is None:
+        console.print(f"Pareto picture of the candidates: add --png DIR (needs {PLOT_HINT})", markup=False)
 
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from gblr_compress.report.heatmap import SHADES, coverage_matrix, heatmap_lines
-from gblr_compress.report.png import write_pngs
+from gblr_compress.report.png import PLOT_HINT, write_pareto_png, write_pngs
 from gblr_compress.report.schema import (
     REPORT_METADATA_KEY,
     REPORT_VERSION,
@@ -28,6 +28,7 @@ from gblr_compress.report.schema import (
 )
 
 __all__ = [
+    "PLOT_HINT",
     "Candidate",
     "REPORT_METADATA_KEY",
     "REPORT_VERSION",
@@ -43,6 +44,7 @@ __all__ = [
     "render_summary",
     "report_from_dict",
     "report_to_dict",
+    "write_pareto_png",
     "write_pngs",
     "write_report",
 ]
