@@ -105,6 +105,8 @@ def _search(job: Job, inputs: Any, prep: Any, bench: Bench, target: float, allow
             peaks: Any, seconds: dict[str, float], t0: float) -> JobResult:
     init_only = replace(job.config.distill, steps=0)
     done = [0]
+    # Candidates built (float + int8 each): dense, the grid, one bisection, the finalists.
+    planned = 1 + len(GRID) + 1 + (FINALISTS if job.config.distill.steps > 0 else 0)
 
     def config_at(budget: float, distilled: bool) -> CompressConfig:
         return replace(job.config, budget=budget, distill=job.config.distill if distilled else init_only)
@@ -118,11 +120,12 @@ def _search(job: Job, inputs: Any, prep: Any, bench: Bench, target: float, allow
         entry = bench.add_float(result.model, budget, candidate_cost(result), result.distill is not None, result)
         bench.add_int8(entry)
         done[0] += 1
-        peaks(ProgressEvent("search", done[0], done[0]))
+        peaks(ProgressEvent("search", done[0], planned))
         return entry
 
     dense = bench.add_dense()
     bench.add_int8(dense)
+    done[0] += 1
     grid = {b: add(b, False) for b in GRID}
     met = [b for b in GRID if _cosine(grid[b]) >= target]
     low = min(met) if met else None
@@ -145,6 +148,7 @@ def _search(job: Job, inputs: Any, prep: Any, bench: Bench, target: float, allow
         for b in finalists:
             add(b, True)
     bench.time_all()
+    peaks(ProgressEvent("search", planned, planned))
     seconds["search"] = time.perf_counter() - t0
     candidates = bench.candidates()
     best = pick(candidates, target)
