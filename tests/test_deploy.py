@@ -77,7 +77,7 @@ def test_quantize_int8_integer_kernels_fidelity_dynamic_batch(bundles: dict[str,
     report = load_report(out)  # the report travels inside the int8 file
     q = report.deploy["quantization"]
     assert q["compressed_integer"] >= 1 and q["integer_kernels"] >= q["compressed_integer"]
-    assert q["left_float"] == []
+    assert q["left_float"] == [] and q["compressed_float"] == 0
     by = {(c.budget, c.int8): c for c in report.candidates}
     assert set(by) == {(0.9, False), (0.9, True), ("dense", False)}
     fl, q8 = by[(0.9, False)], by[(0.9, True)]

@@ -38,7 +38,8 @@ class QuantizeResult:
         integer: the weights (initializer names) now multiplied by integer kernels.
         compressed_integer: how many of those belong to compressed layers' sliced
             GEMMs (their weights live under ``gblr/<layer>/``).
-        left_float: ``{"node", "op", "reason"}`` of every MatMul / Gemm still in float.
+        left_float: ``{"node", "op", "reason", "compressed_layer"}`` of every MatMul /
+            Gemm still in float (``compressed_layer``: one of a compressed layer's GEMMs).
         ops: op-type counts of the quantized graph.
         per_channel: whether weights have one scale per output channel.
     """
@@ -46,7 +47,7 @@ class QuantizeResult:
     path: Path
     integer: list[str] = field(default_factory=list)
     compressed_integer: int = 0
-    left_float: list[dict[str, str]] = field(default_factory=list)
+    left_float: list[dict[str, Any]] = field(default_factory=list)
     ops: dict[str, int] = field(default_factory=dict)
     per_channel: bool = True
 
@@ -58,6 +59,7 @@ class QuantizeResult:
             "integer_kernels": sum(self.ops.get(op, 0) for op in INTEGER_OPS),
             "integer_weights": len(self.integer),
             "compressed_integer": self.compressed_integer,
+            "compressed_float": sum(bool(f.get("compressed_layer")) for f in self.left_float),
             "left_float": list(self.left_float),
             "ops": dict(self.ops),
         }
@@ -71,7 +73,7 @@ def _why_float(node: onnx.NodeProto, constants: set[str]) -> str:
     return "left in float by onnxruntime's quantizer"
 
 
-def _read_back(proto: onnx.ModelProto) -> tuple[list[str], int, list[dict[str, str]], dict[str, int]]:
+def _read_back(proto: onnx.ModelProto) -> tuple[list[str], int, list[dict[str, Any]], dict[str, int]]:
     constants = {t.name for t in proto.graph.initializer}
     constants |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
     integer, compressed = [], 0
@@ -82,7 +84,9 @@ def _read_back(proto: onnx.ModelProto) -> tuple[list[str], int, list[dict[str, s
             integer.append(w)
             compressed += w.startswith("gblr/")
         elif node.op_type in _FLOAT_GEMMS:
-            left.append({"node": node.name or node.output[0], "op": node.op_type, "reason": _why_float(node, constants)})
+            compressed_layer = any(i.startswith("gblr/") for i in node.input)
+            left.append({"node": node.name or node.output[0], "op": node.op_type,
+                         "reason": _why_float(node, constants), "compressed_layer": compressed_layer})
     return integer, compressed, left, dict(Counter(n.op_type for n in proto.graph.node))
 
 

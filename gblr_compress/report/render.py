@@ -158,7 +158,8 @@ def render_deploy(report: CompressionReport, console: Console) -> None:
     if q:
         console.print(Text(
             f"int8: {q.get('method')}; {q.get('integer_kernels')} integer GEMM kernels "
-            f"({q.get('compressed_integer')} in compressed layers), {len(q.get('left_float', []))} MatMul/Gemm left in float"
+            f"({q.get('compressed_integer')} in compressed layers; {q.get('compressed_float', 0)} of their GEMMs "
+            f"left float), {len(q.get('left_float', []))} MatMul/Gemm left in float in all"
         ))
         for reason in sorted({f["reason"] for f in q.get("left_float", [])}):
             n = sum(f["reason"] == reason for f in q["left_float"])
