@@ -333,6 +333,7 @@ def compress_cmd(model: str, budget: float | None, target_fidelity: float | None
               report=report, opset=opset, verify=not no_verify, config=config)
     console = _console()
     err_console = _console(stderr=True)
+    only_dense = None
     with _Bars(err_console, quiet or as_json) as bars:
         if target_fidelity is None:
             result = run_job(job, progress=bars)
@@ -342,13 +343,13 @@ def compress_cmd(model: str, budget: float | None, target_fidelity: float | None
             try:
                 result = run_target(job, target_fidelity, allow_dense, progress=bars)
             except OnlyDense as exc:
-                bars.__exit__()
-                from gblr_compress.report import render_candidates
+                only_dense = exc
+    if only_dense is not None:  # not bad input: the answer is "nothing but dense", exit 3
+        from gblr_compress.report import render_candidates
 
-                render_candidates(exc.candidates, err_console, exc.target)
-                click.echo(f"error: {exc}", err=True)
-                ctx = click.get_current_context()
-                ctx.exit(3)
+        render_candidates(only_dense.candidates, err_console, only_dense.target)
+        click.echo(f"error: {only_dense}", err=True)
+        click.get_current_context().exit(3)
     for w in result.warnings:
         err_console.print(f"warning: {w}")
     if as_json:

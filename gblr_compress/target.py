@@ -22,12 +22,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any
 
 from gblr_compress.deploy import DENSE, Bench, Entry, Timer
 from gblr_compress.errors import InputError
-from gblr_compress.job import Job, JobResult, candidate_cost, deploy_bench, input_shapes, load_inputs, write_outputs
-from gblr_compress.pipeline import CompressConfig, CompressResult, compress_prepared, prepare
+from gblr_compress.job import (
+    Job,
+    JobInputs,
+    JobResult,
+    candidate_cost,
+    deploy_bench,
+    input_shapes,
+    load_inputs,
+    write_outputs,
+)
+from gblr_compress.pipeline import CompressConfig, CompressResult, Prepared, compress_prepared, prepare
 from gblr_compress.progress import Progress, ProgressEvent
 from gblr_compress.report import Candidate
 
@@ -101,8 +109,8 @@ def run_target(
         bench.close()
 
 
-def _search(job: Job, inputs: Any, prep: Any, bench: Bench, target: float, allow_dense: bool,
-            peaks: Any, seconds: dict[str, float], t0: float) -> JobResult:
+def _search(job: Job, inputs: JobInputs, prep: Prepared, bench: Bench, target: float, allow_dense: bool,
+            peaks: Progress, seconds: dict[str, float], t0: float) -> JobResult:
     init_only = replace(job.config.distill, steps=0)
     done = [0]
     # Candidates built (float + int8 each): dense, the grid, one bisection, the finalists.
