@@ -152,13 +152,14 @@ def _console(stderr: bool = False) -> Any:
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--png", "png_dir", type=click.Path(path_type=Path), default=None,
-              help="Also write one block-layout PNG per compressed layer into DIR (needs matplotlib).")
+              help="Also write one block-layout PNG per compressed layer into DIR, and pareto.png (fidelity vs "
+                   "measured speedup) when the report has candidates (needs matplotlib: the 'plot' extra).")
 @click.option("--no-heatmap", is_flag=True, help="Only the per-layer table, no text heatmaps.")
 @verbose_option
 def inspect(path: Path, png_dir: Path | None, no_heatmap: bool) -> None:
     """Show the compression report in PATH (a report .json or an exported .onnx)."""
     # Lazy: rich and the report module are not needed by other commands' startup.
-    from gblr_compress.report import load_report, render_inspect, write_pngs
+    from gblr_compress.report import PLOT_HINT, load_report, render_inspect, write_pngs
 
     report = load_report(path)
     # PNGs first, so a missing matplotlib fails before any output.
@@ -167,10 +168,14 @@ def inspect(path: Path, png_dir: Path | None, no_heatmap: bool) -> None:
     render_inspect(report, console, heatmaps=not no_heatmap)
     for p in written:
         console.print(f"wrote {p}")
+    if report.candidates and png_dir is None:
+        console.print(f"Pareto picture of the candidates: add --png DIR (needs {PLOT_HINT})", markup=False)
 
 
 
-def _budget(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
+def _budget(_ctx: click.Context, _param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
     try:
         b = float(value)
     except ValueError:
@@ -246,8 +251,21 @@ def _config(build: Callable[[], Any]) -> Any:
 
 @main.command("compress", hidden=True)
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("--budget", "-b", callback=_budget, required=True,
-              help="Global fraction of the Linear layers' multiply-adds to keep, in (0, 1].")
+@click.option("--budget", "-b", callback=_budget, default=None,
+              help="Global fraction of the Linear layers' multiply-adds to keep, in (0, 1] "
+                   "(or give --target-fidelity instead).")
+@click.option("--target-fidelity", default=None, type=float, metavar="F",
+              help="Instead of --budget: write the fastest file (measured in onnxruntime on this machine, "
+                   "input shape of the calibration batches) whose held-out mean cosine similarity of the "
+                   "outputs to the dense model's is at least F, in (0, 1]; budgets with and without int8 "
+                   "are searched. Exit 3 with the table when only the dense model meets F.")
+@click.option("--allow-dense", is_flag=True,
+              help="With --target-fidelity: when only the dense model meets F, write it (exit 0).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Write the compressed graph quantized by onnxruntime's dynamic int8 quantization "
+                   "(per-channel weights); its held-out fidelity is measured and checked.")
+@click.option("--int8-tolerance", default=0.02, show_default=True, type=click.FloatRange(min=0),
+              help="Most held-out mean cosine the int8 file may lose against the float file.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="ONNX file to write.")
 @click.option("--factory", default=None, metavar="PKG.MODULE:FN",
               help="Builds the architecture for a state_dict / .safetensors MODEL (safe: nothing is unpickled).")
@@ -310,7 +328,8 @@ def _config(build: Callable[[], Any]) -> Any:
 @click.option("--quiet", "-q", is_flag=True, help="No progress and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @verbose_option
-def compress_cmd(model: str, budget: float, output: str, factory: str | None, calib: str | None,
+def compress_cmd(model: str, budget: float | None, target_fidelity: float | None, allow_dense: bool,
+                 quantize: str | None, int8_tolerance: float, output: str, factory: str | None, calib: str | None,
                  calib_text: str | None, tokenizer: str | None, max_length: int, batch_size: int | None,
                  input_spec: str | None, steps: int, lr: float, loss: str, augment: float, seed: int,
                  data_free: bool, no_prune: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
@@ -335,18 +354,29 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
 
     if deterministic:
         torch.use_deterministic_algorithms(True)
+    if budget is not None and target_fidelity is not None:
+        raise InputError("give --budget B or --target-fidelity F, not both")
+    if budget is None and target_fidelity is None:
+        raise InputError("give --budget B (a share of the multiply-adds) or --target-fidelity F")
+    if target_fidelity is not None and not 0.0 < target_fidelity <= 1.0:
+        raise InputError(f"--target-fidelity must be in (0, 1], got {target_fidelity}")
+    if target_fidelity is not None and quantize is not None:
+        raise InputError("--target-fidelity already tries int8: leave out --quantize")
+    if allow_dense and target_fidelity is None:
+        raise InputError("--allow-dense only applies with --target-fidelity")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise InputError(f"--device {device}: CUDA is not available on this machine")
     config = _config(lambda: CompressConfig(
-        budget=budget, seed=seed, include=include, exclude=exclude, augment=augment, device=device,
+        budget=1.0 if budget is None else budget, seed=seed, include=include, exclude=exclude, augment=augment, device=device,
         compress_tied=compress_tied, time_budget=time_budget, init=InitConfig(max_groups=max_blocks, data_free=data_free,
                                                                           prune=not no_prune),
         distill=DistillConfig(steps=steps, lr=lr, loss=loss, teacher_cache_mb=teacher_cache_mb),
     ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
               calib_text=calib_text, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
-              max_memory_gb=max_memory, trust_checkpoint=trust_checkpoint, min_fidelity=min_fidelity,
+              max_memory_gb=max_memory, quantize=quantize, int8_tolerance=int8_tolerance,
+              trust_checkpoint=trust_checkpoint, min_fidelity=min_fidelity,
               force=force, report=report, opset=opset, verify=not no_verify, config=config)
     console = _console()
     err_console = _console(stderr=True)
@@ -356,8 +386,23 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
         shown.append(text)
         err_console.print(f"warning: {text}", soft_wrap=True, markup=False, highlight=False)
 
+    only_dense = None
     with _Bars(err_console, quiet or as_json) as bars:
-        result = run_job(job, progress=bars, warn=warn)
+        if target_fidelity is None:
+            result = run_job(job, progress=bars, warn=warn)
+        else:
+            from gblr_compress.target import OnlyDense, run_target
+
+            try:
+                result = run_target(job, target_fidelity, allow_dense, progress=bars, warn=warn)
+            except OnlyDense as exc:
+                only_dense = exc
+    if only_dense is not None:  # not bad input: the answer is "nothing but dense", exit 3
+        from gblr_compress.report import render_candidates
+
+        render_candidates(only_dense.candidates, err_console, only_dense.target)
+        click.echo(f"error: {only_dense}", err=True)
+        click.get_current_context().exit(3)
     click.get_current_context().meta[_WRITTEN] = True  # a later interrupt must not say "nothing written"
     for w in result.warnings:
         if w not in shown:
@@ -368,7 +413,7 @@ def compress_cmd(model: str, budget: float, output: str, factory: str | None, ca
         summary = report_to_dict(result.report)
         click.echo(json.dumps({"totals": summary["totals"], "quality": summary["quality"],
                                "parity": summary["parity"], "seconds": summary["seconds"],
-                               "outputs": summary["outputs"]}))
+                               "outputs": summary["outputs"], "candidates": summary["candidates"]}))
     elif not quiet:
         render_summary(result.report, console)
 

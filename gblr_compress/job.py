@@ -16,15 +16,27 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from gblr_compress.batches import Batch, flatten_outputs, graph_outputs, positions
+from gblr_compress.batches import Batch, flatten_outputs, graph_outputs, positions, split_batches
 from gblr_compress.calibration import calibration_batches, check_inputs_fit
 from gblr_compress.checkpoint import LoadedModel, load_model
+from gblr_compress.deploy import Bench, int8_check, timer
 from gblr_compress.errors import FidelityError, InputError
-from gblr_compress.export import ExportResult, LayerExport, Parity, build_onnx, save_onnx, verify_graph
-from gblr_compress.export.verify import VerificationError
+from gblr_compress.export import (
+    ExportResult,
+    LayerExport,
+    OnnxGraph,
+    Parity,
+    VerificationError,
+    build_onnx,
+    save_onnx,
+    verify_graph,
+)
+from gblr_compress.export.quantize import copy_with_metadata
+from gblr_compress.export.trace import ModelCall
 from gblr_compress.memory import MemoryEstimate, available_bytes, estimate_bytes, gib, peak_rss_bytes, reset_peak
 from gblr_compress.numerics import (
     batches_to_float32,
@@ -36,10 +48,21 @@ from gblr_compress.numerics import (
 )
 from gblr_compress.pipeline import CompressConfig, CompressResult, compress
 from gblr_compress.progress import Progress, ProgressEvent
-from gblr_compress.report import CompressionReport, LayerReport, report_to_dict, write_report
+from gblr_compress.report import REPORT_METADATA_KEY, CompressionReport, LayerReport, report_to_dict, write_report
 from gblr_compress.swap import find_linears, linear_shape
 
-__all__ = ["Job", "JobResult", "build_report", "default_report_path", "run_job"]
+__all__ = [
+    "Job",
+    "JobInputs",
+    "JobResult",
+    "build_report",
+    "candidate_cost",
+    "default_report_path",
+    "deploy_bench",
+    "load_inputs",
+    "run_job",
+    "write_outputs",
+]
 
 
 @dataclass(frozen=True)
@@ -74,6 +97,12 @@ class Job:
             raised and nothing is written.
         force: write the outputs even when the fidelity gate or ORT parity fails; the
             report's ``gate`` says so.
+        quantize: ``"int8"``: the written file is the compressed graph quantized by
+            onnxruntime's dynamic int8 quantization (see :mod:`gblr_compress.deploy`);
+            None: float.
+        int8_tolerance: the most held-out mean cosine the int8 file may lose against
+            the float file (int8 cannot match the float graph to ``1e-4``).
+        timing_rounds: interleaved onnxruntime rounds timing the candidates.
         config: the compression settings.
     """
 
@@ -94,6 +123,9 @@ class Job:
     trust_checkpoint: bool = False
     min_fidelity: float | None = None
     force: bool = False
+    quantize: str | None = None
+    int8_tolerance: float = 0.02
+    timing_rounds: int = 9
     config: CompressConfig = field(default_factory=CompressConfig)
 
 
@@ -328,26 +360,44 @@ def _gate(job: Job, report: CompressionReport, failed_parity: VerificationError 
         f"{job.min_fidelity} (relative error {rel:.4f}); nothing written", forceable=True)
 
 
-def run_job(job: Job, progress: Progress | None = None, warn: Callable[[str], None] | None = None) -> JobResult:
-    """Load, compress, export, verify and report: the whole product as one call.
+@dataclass
+class JobInputs:
+    """What :func:`load_inputs` read and checked: the model, its data, the run's clocks."""
 
-    Outputs are written atomically; when a later step fails, files this run wrote are
-    removed, so a failure never leaves a model without its report. The input files are
-    only read. ``warn`` gets each warning when it arises (they are also collected in
-    :attr:`JobResult.warnings`).
+    loaded: LoadedModel
+    calib: list[Batch]
+    synthetic: bool
+    example: Batch
+    estimate: MemoryEstimate
+    available: int | None
+    out: Path
+    report_path: Path
+    peaks: _PhasePeaks
+    t_start: float
+    seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    cast: str | None = None
+
+
+def load_inputs(job: Job, progress: Progress | None = None,
+                warn: Callable[[str], None] | None = None) -> JobInputs:
+    """The first part of every job: check the outputs, load the model and its data, and
+    refuse (before any long phase) what cannot work: data that does not fit, outputs a
+    graph cannot carry, a run that cannot fit in memory.
+
+    ``warn`` gets each warning when it arises (they are also collected in
+    :attr:`JobInputs.warnings`).
 
     Raises:
-        InputError: anything the user can fix (paths, formats, data that does not fit,
-            NaN / Inf in weights or data).
-        FidelityError: the ONNX model does not match the PyTorch student
-            (:class:`~gblr_compress.export.verify.VerificationError`), or the held-out
-            cosine is below ``job.min_fidelity``; nothing is written (unless ``job.force``).
+        InputError: anything the user can fix (NaN / Inf in weights or data too).
     """
     t_start = time.perf_counter()
     out = Path(job.output)
     report_path = Path(job.report) if job.report else default_report_path(out)
     if job.calib and job.calib_text:
         raise InputError("give calibration data once: --calib FILE or --calib-text FILE, not both")
+    if job.quantize not in (None, "int8"):
+        raise InputError(f"--quantize must be int8, got {job.quantize!r}")
     _check_output(out, [job.model, job.calib, job.calib_text])
     _check_output(report_path, [job.model, job.calib, job.calib_text, job.output])
     seconds: dict[str, float] = {}
@@ -398,41 +448,161 @@ def run_job(job: Job, progress: Progress | None = None, warn: Callable[[str], No
     example = loaded.example_inputs if loaded.example_inputs is not None else calib[0]
     seconds["load"] = time.perf_counter() - t0
     peaks.close("load")
+    return JobInputs(loaded, list(calib), synthetic, example, estimate, available, out, report_path,
+                     peaks, t_start, seconds, warnings, cast)
 
-    result = compress(loaded.model, job.config, calib, peaks)
-    seconds.update(result.seconds)
-    peaks.close("freeze")
 
-    t0 = time.perf_counter()
-    peaks(ProgressEvent("export", 0, 1))
-    graph = build_onnx(result.model, example, opset=job.opset)
-    parity, failed_parity = None, None
-    try:
-        parity = verify_graph(graph, result.model) if job.verify else None
-    except VerificationError as exc:
-        failed_parity = exc  # the gate decides: exit 3, or written and marked when forced
-    peaks(ProgressEvent("export", 1, 1))
-    seconds["export"] = time.perf_counter() - t0
+def deploy_bench(job: Job, inputs: JobInputs, dense_cost: int) -> Bench:
+    """A :class:`~gblr_compress.deploy.Bench` for the job's candidates: the dense model,
+    the held-out batches (the same split :func:`~gblr_compress.pipeline.compress` holds
+    out), the example input and the job's timing rounds."""
+    _, held = split_batches(inputs.calib, job.config.holdout_fraction)
+    return Bench(inputs.loaded.model.eval(), held, inputs.example, job.config.logits, job.opset, dense_cost,
+                 timer=timer(job.timing_rounds))
+
+
+def candidate_cost(result: CompressResult) -> int:
+    """Exact cost of the budgeted layers: compressed at their structure's cost, skipped
+    ones at their dense cost (the report's ``linear_cost``)."""
+    skipped = sum(r.dense_cost for r in result.init.layers.values() if r.status == "skipped")
+    return sum(r.cost for r in result.records.values()) + skipped
+
+
+def write_outputs(
+    job: Job,
+    inputs: JobInputs,
+    result: CompressResult,
+    layers: Sequence[LayerExport],
+    parity: Parity | None,
+    graph: OnnxGraph | None = None,
+    chosen_file: Path | None = None,
+    bench: Bench | None = None,
+    deploy: Mapping[str, Any] | None = None,
+    failed_parity: VerificationError | None = None,
+) -> JobResult:
+    """The last part of every job: the report (inside the ONNX file and beside it) and
+    both files written atomically; a failure leaves neither.
+
+    Args:
+        graph: the float graph to write; or ``chosen_file``: a file to copy (an int8
+            file, or a candidate of the target search).
+        bench: its candidates go to the report (the chosen one marked already).
+        deploy: the report's ``deploy`` record.
+        failed_parity: the ORT parity failure, if any: the fidelity gate decides
+            (:class:`FidelityError`, nothing written, unless ``job.force``).
+    """
+    seconds = inputs.seconds
+    out, report_path = inputs.out, inputs.report_path
     # The report holds the verification figures and the time of the whole run, and it
     # travels inside the ONNX file: build it before the file is written.
-    seconds["total"] = time.perf_counter() - t_start
-    peaks.close("export")
-    report = build_report(job, loaded, result, graph.layers, parity, seconds, synthetic, len(calib))
-    report.memory = {"estimate": estimate.total, "available": available, "peak": dict(peaks.peak)}
-    report.notes = ([cast] if cast else []) + _distill_notes(result)
+    seconds["total"] = time.perf_counter() - inputs.t_start
+    inputs.peaks.close("export")
+    report = build_report(job, inputs.loaded, result, layers, parity, seconds, inputs.synthetic, len(inputs.calib))
+    report.memory = {"estimate": inputs.estimate.total, "available": inputs.available, "peak": dict(inputs.peaks.peak)}
+    if bench is not None:
+        report.candidates = bench.candidates()
+    report.deploy = dict(deploy or {})
+    report.notes = ([inputs.cast] if inputs.cast else []) + _distill_notes(result)
     if failed_parity is not None:  # NaN is no JSON number: a NaN difference is reported as null
         diff = failed_parity.max_abs_diff
         report.parity = {"max_abs_diff": diff if diff is not None and math.isfinite(diff) else None,
                          "tolerance": failed_parity.tolerance, "ok": False}
     _gate(job, report, failed_parity)
+    metadata = {REPORT_METADATA_KEY: json.dumps(report_to_dict(report))}
     exported = None
     try:
-        exported = save_onnx(graph, out, {"gblr.report": json.dumps(report_to_dict(report))}, parity)
-        exported.seconds = seconds["export"]
+        if chosen_file is not None:
+            copy_with_metadata(chosen_file, out, metadata)
+            exported = ExportResult(path=out, layers=list(layers), opset=job.opset)
+            if parity is not None:
+                exported.max_abs_diff, exported.tolerance, exported.ort_ok = parity.max_abs_diff, parity.tolerance, True
+        else:
+            assert graph is not None, "write_outputs needs a graph or a file"
+            exported = save_onnx(graph, out, metadata, parity)
+        exported.seconds = seconds.get("export", 0.0)
         write_report(report, report_path)
     except BaseException:  # an error or an interrupt (SIGINT, SIGTERM)
         out.unlink(missing_ok=True)  # never leave a model without its report
         if exported is not None and exported.external_data:
             out.with_name(out.name + ".data").unlink(missing_ok=True)
         raise
-    return JobResult(report, result, exported, report_path, warnings)
+    return JobResult(report, result, exported, report_path, inputs.warnings)
+
+
+def _quantized(job: Job, inputs: JobInputs, result: CompressResult, graph: OnnxGraph) -> tuple[Bench, dict[str, Any]]:
+    """``--quantize int8``: the verified float graph and its int8 file as candidates,
+    the int8 file's fidelity checked against its tolerance, both timed against dense."""
+    bench = deploy_bench(job, inputs, sum(r.dense_cost for r in result.init.layers.values()))
+    try:
+        fl = bench.add_float(result.model, job.config.budget, candidate_cost(result),
+                             result.distill is not None, result, graph)
+        q = bench.add_int8(fl)
+        problem = int8_check(fl.candidate.fidelity, q.candidate.fidelity, job.int8_tolerance)
+        if problem is not None:
+            raise VerificationError(problem)
+        bench.time_all()
+    except BaseException:
+        bench.close()
+        raise
+    q.candidate.chosen = True
+    assert bench.quantization is not None
+    deploy = {
+        "quantization": bench.quantization.to_dict(),
+        "int8_tolerance": job.int8_tolerance,
+        "choice": f"--quantize int8: the int8 file (held-out cosine {q.candidate.cosine:.4f}, "
+                  f"float {fl.candidate.cosine:.4f})",
+        "timing": {"rounds": job.timing_rounds, "input": input_shapes(inputs.example)},
+    }
+    return bench, deploy
+
+
+def input_shapes(batch: Batch) -> dict[str, list[int]]:
+    """Each input's shape, by graph input name (what the candidates were timed on)."""
+    call = ModelCall(batch)
+    return {n: list(t.shape) for n, t in zip(call.names, call.tensors)}
+
+
+def run_job(job: Job, progress: Progress | None = None, warn: Callable[[str], None] | None = None) -> JobResult:
+    """Load, compress, export, verify and report: the whole product as one call.
+
+    Outputs are written atomically; when a later step fails, files this run wrote are
+    removed, so a failure never leaves a model without its report. The input files are
+    only read. With ``job.quantize`` the written file is the int8 one, and the report
+    lists the float and the int8 file as candidates, with their measured trade-off.
+    ``warn`` gets each warning when it arises (they are also collected in
+    :attr:`JobResult.warnings`).
+
+    Raises:
+        InputError: anything the user can fix (paths, formats, data that does not fit,
+            NaN / Inf in weights or data).
+        FidelityError: the ONNX model does not match the PyTorch student
+            (:class:`~gblr_compress.export.verify.VerificationError`, also when the int8
+            file loses more than its tolerance), or the held-out cosine is below
+            ``job.min_fidelity``; nothing is written (unless ``job.force``).
+    """
+    inputs = load_inputs(job, progress, warn)
+    peaks, seconds = inputs.peaks, inputs.seconds
+    result = compress(inputs.loaded.model, job.config, inputs.calib, peaks)
+    seconds.update(result.seconds)
+    peaks.close("freeze")
+
+    t0 = time.perf_counter()
+    peaks(ProgressEvent("export", 0, 1))
+    graph = build_onnx(result.model, inputs.example, opset=job.opset)
+    parity, failed_parity = None, None
+    try:
+        parity = verify_graph(graph, result.model) if job.verify else None
+    except VerificationError as exc:
+        failed_parity = exc  # the gate decides: exit 3, or written and marked when forced
+    bench, deploy, chosen = None, None, None
+    if job.quantize == "int8" and failed_parity is None:
+        bench, deploy = _quantized(job, inputs, result, graph)
+        chosen = bench.entry(job.config.budget, True, result.distill is not None)
+    peaks(ProgressEvent("export", 1, 1))
+    seconds["export"] = time.perf_counter() - t0
+    try:
+        return write_outputs(job, inputs, result, graph.layers, parity, graph,
+                             None if chosen is None else chosen.path, bench, deploy, failed_parity)
+    finally:
+        if bench is not None:
+            bench.close()

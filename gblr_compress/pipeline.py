@@ -31,7 +31,7 @@ from gblr_compress.distill import (
 )
 from gblr_compress.errors import ConfigError, InputError
 from gblr_compress.freeze import freeze_, recover_
-from gblr_compress.init import InitConfig, InitResult, allocate, collect_stats, init_layers_
+from gblr_compress.init import InitConfig, InitResult, InitStats, allocate, collect_stats, init_layers_
 from gblr_compress.init.model import statistics_batches
 from gblr_compress.progress import Progress
 from gblr_compress.refit import RefitResult, refit_consumers_
@@ -44,8 +44,11 @@ __all__ = [
     "RecoverConfig",
     "CompressResult",
     "Progress",
+    "Prepared",
     "compress",
+    "compress_prepared",
     "distill_and_recover",
+    "prepare",
     "split_batches",
 ]
 
@@ -226,6 +229,85 @@ class CompressResult:
     refit: RefitResult | None = None
 
 
+@dataclass
+class Prepared:
+    """What every compression of one model shares, computed once: the dense copies,
+    the target layers, the fit / held-out split and the activation statistics. The
+    target-fidelity search compresses one :class:`Prepared` at many budgets.
+
+    Attributes:
+        teacher: the dense model (eval mode, on the run's device).
+        dense: a dense copy each compression deep-copies its student from.
+        usable: the target layers that may be compressed.
+        left_dense: target layers left dense and out of the budget, with the reason.
+        fit, held: calibration batches trained on / held out (on the device).
+        stats: :func:`~gblr_compress.init.collect_stats` of the dense layers.
+        started: ``time.perf_counter()`` when preparation began (the time budget's start).
+    """
+
+    teacher: nn.Module
+    dense: nn.Module
+    usable: list[str]
+    left_dense: dict[str, str]
+    fit: list[Batch]
+    held: list[Batch]
+    stats: InitStats | None
+    started: float
+
+
+def _init_config(config: CompressConfig, distilling: bool, data: bool) -> InitConfig:
+    """The run's init: over-complete while distilling, data-free without data."""
+    return replace(
+        config.init,
+        budget=min(1.0, config.budget * config.overcomplete) if distilling else config.budget,
+        data_free=config.init.data_free or not data,
+        # An over-complete init is pruned to the budget by the width projection, which
+        # cannot move frozen pruned windows: they would keep the over-complete cost.
+        prune=config.init.prune and not (distilling and config.overcomplete > 1.0),
+    )
+
+
+def prepare(
+    model: nn.Module,
+    config: CompressConfig = CompressConfig(),
+    calib: Sequence[Batch] | None = None,
+    progress: Progress | None = None,
+) -> Prepared:
+    """The budget-independent first half of :func:`compress`: copies of the model, the
+    target layers, the layers left dense, the fit / held-out split and the statistics.
+
+    Raises:
+        InputError: no Linear layers to compress, or none that may be compressed.
+    """
+    t_start = time.perf_counter()
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    teacher = copy.deepcopy(model).to(device).eval()
+    dense = copy.deepcopy(model).to(device).eval()
+    targets = find_linears(dense, config.include or None, config.exclude or None)
+    if not targets:
+        raise InputError("the model has no Linear layers to compress (check include/exclude)")
+
+    fit: list[Batch] = []
+    held: list[Batch] = []
+    if calib:
+        fit, held = split_batches([move_batch(b, device) for b in calib], config.holdout_fraction)
+
+    # Layers the outputs never use, and tied ones, stay dense and out of the budget.
+    if fit:
+        left_dense = find_usage(dense, fit[0], targets, include_tied=config.compress_tied).dense
+    else:  # without data only ties can be seen
+        left_dense = {} if config.compress_tied else tied_weights(dense, targets)
+    usable = [n for n in targets if n not in left_dense]
+    if not usable:
+        raise InputError("none of the model's Linear layers can be compressed: "
+                         + "; ".join(f"{n}: {r}" for n, r in left_dense.items()))
+    # The statistics do not depend on the budget, only on the data and the settings.
+    init_cfg = _init_config(config, False, bool(fit))
+    stats = collect_stats(dense, init_cfg, fit or None, held or None, usable, progress)
+    return Prepared(teacher, dense, usable, left_dense, fit, held, stats, t_start)
+
+
 def compress(
     model: nn.Module,
     config: CompressConfig = CompressConfig(),
@@ -233,6 +315,9 @@ def compress(
     progress: Progress | None = None,
 ) -> CompressResult:
     """Compress the Linear layers of ``model`` to the global budget (the model is not modified).
+
+    :func:`prepare` (statistics) then :func:`compress_prepared` (budget split, init,
+    distillation, freeze).
 
     Args:
         model: the dense model; its forward takes a tensor, a tuple or a dict of tensors.
@@ -249,49 +334,36 @@ def compress(
         >>> sum(r.cost for r in result.records.values()) <= result.max_cost
         True
     """
+    return compress_prepared(prepare(model, config, calib, progress), config, progress, release_stats=True)
+
+
+def compress_prepared(prep: Prepared, config: CompressConfig, progress: Progress | None = None,
+                      release_stats: bool = False) -> CompressResult:
+    """The budget's half of :func:`compress` on a :class:`Prepared` model (left as it
+    is, so it can be compressed again at another budget): budget split + init ->
+    distill -> recover -> freeze. ``config`` must be the one ``prep`` was made with,
+    up to ``budget`` and the distillation settings. ``release_stats`` drops
+    ``prep.stats`` after the init (``prep`` cannot be compressed again then), so the
+    distillation does not carry the moments."""
     seconds: dict[str, float] = {}
-    t_start = time.perf_counter()
-    deadline = None if config.time_budget is None else t_start + config.time_budget
-    device = torch.device(config.device)
+    deadline = None if config.time_budget is None else prep.started + config.time_budget
     torch.manual_seed(config.seed)
-    teacher = copy.deepcopy(model).to(device).eval()
-    student = copy.deepcopy(model).to(device).eval()
-    targets = find_linears(student, config.include or None, config.exclude or None)
-    if not targets:
-        raise InputError("the model has no Linear layers to compress (check include/exclude)")
-
-    fit: list[Batch] = []
-    held: list[Batch] = []
-    if calib:
-        fit, held = split_batches([move_batch(b, device) for b in calib], config.holdout_fraction)
-
-    # Layers the outputs never use, and tied ones, stay dense and out of the budget.
-    if fit:
-        left_dense = find_usage(student, fit[0], targets, include_tied=config.compress_tied).dense
-    else:  # without data only ties can be seen
-        left_dense = {} if config.compress_tied else tied_weights(student, targets)
-    usable = [n for n in targets if n not in left_dense]
-    if not usable:
-        raise InputError("none of the model's Linear layers can be compressed: "
-                         + "; ".join(f"{n}: {r}" for n, r in left_dense.items()))
+    teacher, fit, held = prep.teacher, prep.fit, prep.held
+    student = copy.deepcopy(prep.dense)
 
     distilling = config.distill.steps > 0 and bool(fit)
     t0 = time.perf_counter()
-    init_cfg = replace(  # the run's init: over-complete while distilling, data-free without data
-        config.init,
-        budget=min(1.0, config.budget * config.overcomplete) if distilling else config.budget,
-        data_free=config.init.data_free or not fit,
-        # An over-complete init is pruned to the budget by the width projection, which
-        # cannot move frozen pruned windows: they would keep the over-complete cost.
-        prune=config.init.prune and not (distilling and config.overcomplete > 1.0),
-    )
-    # Statistics of the dense layers -> the budget split -> each layer searched and swapped.
-    stats = collect_stats(student, init_cfg, fit or None, held or None, usable, progress)
-    allocation = allocate(stats, init_cfg)
-    init = init_layers_(student, init_cfg, stats, allocation, progress)
-    # The moments (an n x n float64 matrix per layer input, fit and held-out) are done
-    # with: on a 135M-parameter LM they are about 2 GB the distillation does not need.
-    del stats, allocation
+    init_cfg = _init_config(config, distilling, bool(fit))
+    stats_seconds = prep.stats.seconds
+    # The budget split -> each layer searched and swapped.
+    allocation = allocate(prep.stats, init_cfg)
+    init = init_layers_(student, init_cfg, prep.stats, allocation, progress)
+    del allocation
+    if release_stats:
+        # The moments (an n x n float64 matrix per layer input, fit and held-out) are
+        # done with: on a 135M-parameter LM they are about 2 GB the distillation does
+        # not need.
+        prep.stats = None
     dense_total = sum(rec.dense_cost for rec in init.layers.values())
     skipped_dense = sum(r.dense_cost for r in init.layers.values() if r.status == "skipped")
     max_cost = math.floor(config.budget * dense_total) - skipped_dense
@@ -303,7 +375,7 @@ def compress(
     pruned_cost = sum(r.exact_cost for r in init.layers.values() if r.status == "pruned")
     gblr_max = max_cost - pruned_cost
     project_widths_(list(gblr_layers(student).values()), gblr_max)
-    seconds["init"] = time.perf_counter() - t0
+    seconds["init"] = stats_seconds + time.perf_counter() - t0
     refit = None
     consumers = [n for n, r in init.layers.items() if r.status == "pruned"]
     if config.refit and consumers and fit:
@@ -334,8 +406,8 @@ def compress(
     cost = sum(r.cost for r in records.values())
     if cost > max_cost:  # the projection guarantees this; a breach is a bug, not bad input
         raise RuntimeError(f"frozen cost {cost} exceeds the budget's {max_cost}")
-    return CompressResult(student, records, usable, init, distilled, recovery, quality,
-                          seconds, max_cost, left_dense, refit)
+    return CompressResult(student, records, list(prep.usable), init, distilled, recovery, quality,
+                          seconds, max_cost, dict(prep.left_dense), refit)
 
 
 def _copies(config: CompressConfig, fit_batches: int) -> int:

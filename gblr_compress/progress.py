@@ -22,6 +22,7 @@ PHASES: dict[str, str] = {
     "distill": "distillation",
     "recover": "recovery (content only)",
     "export": "export + verification",
+    "search": "target search (candidates)",
 }
 
 

@@ -63,7 +63,7 @@ def test_inspect_png_needs_matplotlib(tmp_path: Path) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert _error_line(res) == "error: --png needs matplotlib: pip install matplotlib"
+        assert _error_line(res) == "error: --png needs matplotlib: pip install 'gblr-compress[plot]' (matplotlib)"
         assert "enc.fc1" not in res.stdout  # failed before printing anything
         return
     assert res.exit_code == 0 and (tmp_path / "png" / "enc.fc1.png").is_file()

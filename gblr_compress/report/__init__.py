@@ -14,10 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 from gblr_compress.report.heatmap import SHADES, coverage_matrix, heatmap_lines
-from gblr_compress.report.png import write_pngs
+from gblr_compress.report.png import PLOT_HINT, write_pareto_png, write_pngs
 from gblr_compress.report.schema import (
     REPORT_METADATA_KEY,
     REPORT_VERSION,
+    Candidate,
     CompressionReport,
     LayerReport,
     load_report,
@@ -27,6 +28,8 @@ from gblr_compress.report.schema import (
 )
 
 __all__ = [
+    "PLOT_HINT",
+    "Candidate",
     "REPORT_METADATA_KEY",
     "REPORT_VERSION",
     "SHADES",
@@ -35,15 +38,18 @@ __all__ = [
     "coverage_matrix",
     "heatmap_lines",
     "load_report",
+    "render_candidates",
+    "render_deploy",
     "render_inspect",
     "render_summary",
     "report_from_dict",
     "report_to_dict",
+    "write_pareto_png",
     "write_pngs",
     "write_report",
 ]
 
-_RENDER = ("render_inspect", "render_summary")
+_RENDER = ("render_candidates", "render_deploy", "render_inspect", "render_summary")
 
 
 def __getattr__(name: str) -> Any:

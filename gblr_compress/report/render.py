@@ -11,9 +11,9 @@ from rich.table import Table
 from rich.text import Text
 
 from gblr_compress.report.heatmap import SHADES, coverage_matrix, heatmap_lines
-from gblr_compress.report.schema import CompressionReport, LayerReport
+from gblr_compress.report.schema import Candidate, CompressionReport, LayerReport
 
-__all__ = ["render_inspect", "render_summary"]
+__all__ = ["render_candidates", "render_deploy", "render_inspect", "render_summary"]
 
 
 def _int(v: int | None) -> str:
@@ -121,12 +121,58 @@ def render_summary(report: CompressionReport, console: Console) -> None:
     for note in report.notes:
         console.print(Text(f"Note: {note}"))
 
+    render_deploy(report, console)
     if report.seconds:
         s = _table(console, "Time", *report.seconds.keys())
         s.add_row(*(f"{float(v):.1f}s" for v in report.seconds.values()))
         console.print(s)
     for kind, out in report.outputs.items():
         console.print(f"{kind}: {out}")
+
+
+def render_candidates(candidates: list[Candidate], console: Console, target: float | None = None) -> None:
+    """The measured trade-off: one row per candidate file, fastest first."""
+    title = "Candidates (held-out fidelity vs the dense model; latency: onnxruntime, medians of interleaved rounds"
+    title += f"; target cosine >= {target})" if target is not None else ")"
+    t = _table(console, title, "", "file", "int8", "cost", "share", "cosine", "rel error", "top-1", "ms", "speedup",
+               "distilled")
+    for c in candidates:
+        top1 = c.fidelity.get("top1")
+        meets = target is None or c.cosine is None or c.cosine >= target or (c.budget == "dense" and not c.int8)
+        t.add_row(
+            "*" if c.chosen else ("" if meets else "x"),
+            "dense" if c.budget == "dense" else f"budget {float(c.budget):.3g}",
+            "yes" if c.int8 else "no",
+            _int(c.cost),
+            _pct(c.cost / c.dense_cost if c.dense_cost else None),
+            _num(c.cosine),
+            _num(c.fidelity.get("rel_error")),
+            _pct(top1) if top1 is not None else "-",
+            _num(c.latency_ms, ".2f"),
+            "-" if c.speedup is None else f"{c.speedup:.2f}x",
+            "yes" if c.distilled else "no",
+        )
+    console.print(t)
+    console.print(Text("* chosen" + (", x misses the target" if target is not None else "")))
+
+
+def render_deploy(report: CompressionReport, console: Console) -> None:
+    """The candidates table, the choice and what int8 quantization did (if recorded)."""
+    if not report.candidates:
+        return
+    render_candidates(report.candidates, console, report.deploy.get("target"))
+    if report.deploy.get("choice"):
+        console.print(Text(f"Chosen: {report.deploy['choice']}"))
+    q = report.deploy.get("quantization")
+    if q:
+        console.print(Text(
+            f"int8: {q.get('method')}; {q.get('integer_kernels')} integer GEMM kernels "
+            f"({q.get('compressed_integer')} in compressed layers; {q.get('compressed_float', 0)} of their GEMMs "
+            f"left float), {len(q.get('left_float', []))} MatMul/Gemm left in float in all"
+        ))
+        for reason in sorted({f["reason"] for f in q.get("left_float", [])}):
+            n = sum(f["reason"] == reason for f in q["left_float"])
+            console.print(Text(f"  float ({n}): {reason}"))
 
 
 def _block_cols(layer: LayerReport) -> tuple[str, str]:
@@ -185,6 +231,7 @@ def render_inspect(report: CompressionReport, console: Console, heatmaps: bool =
         f"Budget: requested {_pct(report.budget)}, achieved {_pct(report.achieved, 2)} of "
         f"{_int(report.linear_dense_cost)} dense multiply-adds per token"
     )
+    render_deploy(report, console)
     if not heatmaps:
         return
     for l in report.layers:

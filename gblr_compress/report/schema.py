@@ -28,6 +28,7 @@ from gblr_compress.files import write_text_atomic
 from gblr_compress.structure import LayerStructure, layout_from_dict
 
 __all__ = [
+    "Candidate",
     "REPORT_METADATA_KEY",
     "REPORT_VERSION",
     "CompressionReport",
@@ -126,6 +127,69 @@ class LayerReport:
         return 0 if s is None else s.rank
 
 
+@dataclass
+class Candidate:
+    """One deployable file that was measured: the trade-off the report shows.
+
+    Attributes:
+        budget: the budget it was compressed to, or ``"dense"`` (the model as given).
+        int8: whether its weights are int8 (onnxruntime dynamic quantization).
+        cost: exact multiply-adds per token of the target Linear layers (in the budget).
+        dense_cost: the same layers' dense cost (``cost / dense_cost`` is the share kept).
+        fidelity: held-out ``{"rel_error", "cosine", "top1"?}`` of the file against the
+            dense model (onnxruntime for ONNX files).
+        latency_ms: median onnxruntime milliseconds per call on the run's input shape.
+        speedup: median per-round ratio dense fp32 time / its time.
+        chosen: the file that was written (at most one candidate).
+        distilled: whether it was distilled (else: init only, or dense).
+    """
+
+    budget: float | str
+    int8: bool
+    cost: int
+    dense_cost: int
+    fidelity: dict[str, float] = field(default_factory=dict)
+    latency_ms: float | None = None
+    speedup: float | None = None
+    chosen: bool = False
+    distilled: bool = False
+
+    @property
+    def label(self) -> str:
+        """``dense``, ``dense+int8``, ``0.5`` or ``0.5+int8``."""
+        b = self.budget if isinstance(self.budget, str) else f"{self.budget:.3g}"
+        return b + ("+int8" if self.int8 else "")
+
+    @property
+    def cosine(self) -> float | None:
+        """Held-out mean cosine vs the dense model (None when not measured)."""
+        c = self.fidelity.get("cosine")
+        return None if c is None else float(c)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Candidate:
+        """Rebuild from the JSON object; checks every field's type.
+
+        Raises:
+            InputError: a malformed candidate.
+        """
+        if not isinstance(d, dict):
+            raise _bad("each candidate must be an object")
+        missing = [k for k in ("budget", "int8", "cost", "dense_cost") if k not in d]
+        if missing:
+            raise _bad(f"candidate is missing {', '.join(missing)}")
+        known = {f.name for f in fields(cls)}
+        c = cls(**{k: v for k, v in d.items() if k in known})
+        budget_ok = c.budget == "dense" or (isinstance(c.budget, (int, float)) and not isinstance(c.budget, bool)
+                                            and 0 < c.budget <= 1)
+        numbers = [c.latency_ms, c.speedup, *c.fidelity.values()] if isinstance(c.fidelity, dict) else [None, "x"]
+        if (not budget_ok or not all(isinstance(v, bool) for v in (c.int8, c.chosen, c.distilled))
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in (c.cost, c.dense_cost))
+                or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in numbers)):
+            raise _bad(f"candidate {d.get('budget')!r} has fields of the wrong type")
+        return c
+
+
 @dataclass(kw_only=True)
 class CompressionReport:
     """The whole run: inputs, settings, per-layer results, quality, parity and timings.
@@ -152,6 +216,13 @@ class CompressionReport:
         gate: ``{"min_fidelity", "cosine", "parity_ok", "passed", "forced"}`` when a
             minimum fidelity was asked for or a failed check was forced through; None
             otherwise.
+        candidates: the deployable files measured (:class:`Candidate`): with
+            ``--quantize int8`` the float and the int8 file, with ``--target-fidelity``
+            every file the search measured; empty otherwise.
+        deploy: what the deployment step did: ``quantization`` (what became integer
+            kernels, what stayed float and why), ``target`` (the fidelity asked for),
+            ``choice`` (which candidate won and why), ``timing`` (rounds, input shape),
+            ``search_seconds``.
     """
 
     version: int = REPORT_VERSION
@@ -168,6 +239,13 @@ class CompressionReport:
     memory: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     gate: dict[str, Any] | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    deploy: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> Candidate | None:
+        """The candidate that was written, if the run measured candidates."""
+        return next((c for c in self.candidates if c.chosen), None)
 
     # Derived totals: one place, from the per-layer structures.
     @property
@@ -247,8 +325,10 @@ def report_to_dict(report: CompressionReport) -> dict[str, Any]:
     ``"totals"`` is for readers (dashboards, jq); :func:`report_from_dict` ignores it and
     recomputes everything from the structures.
     """
-    d: dict[str, Any] = {f.name: getattr(report, f.name) for f in fields(report) if f.name != "layers"}
+    d: dict[str, Any] = {f.name: getattr(report, f.name) for f in fields(report)
+                         if f.name not in ("layers", "candidates")}
     d["layers"] = [{f.name: getattr(l, f.name) for f in fields(l)} for l in report.layers]
+    d["candidates"] = [{f.name: getattr(c, f.name) for f in fields(c)} for c in report.candidates]
     d["totals"] = report.totals()
     return json.loads(json.dumps(d))  # a deep, plain copy: no shared dicts with the report
 
@@ -325,10 +405,10 @@ def report_from_dict(d: Any) -> CompressionReport:
         raise _bad("'layers' must be a list")
     kw: dict[str, Any] = {}
     for f in fields(CompressionReport):
-        if f.name in ("layers", "version") or f.name not in d:
+        if f.name in ("layers", "version", "candidates") or f.name not in d:
             continue
         kw[f.name] = d[f.name]
-    for key in ("source", "settings", "quality", "seconds", "outputs", "model_params", "memory"):
+    for key in ("source", "settings", "quality", "seconds", "outputs", "model_params", "memory", "deploy"):
         if key in kw and not isinstance(kw[key], dict):
             raise _bad(f"{key!r} must be an object")
     for key in ("parity", "gate"):
@@ -339,7 +419,13 @@ def report_from_dict(d: Any) -> CompressionReport:
     budget = kw.get("settings", {}).get("budget")
     if budget is not None and not isinstance(budget, (int, float)):
         raise _bad("settings.budget must be a number")
-    return CompressionReport(version=REPORT_VERSION, layers=[_layer_from_dict(l) for l in d["layers"]], **kw)
+    candidates = d.get("candidates", [])
+    if not isinstance(candidates, list):
+        raise _bad("'candidates' must be a list")
+    if sum(bool(isinstance(c, dict) and c.get("chosen")) for c in candidates) > 1:
+        raise _bad("more than one candidate is marked chosen")
+    return CompressionReport(version=REPORT_VERSION, layers=[_layer_from_dict(l) for l in d["layers"]],
+                             candidates=[Candidate.from_dict(c) for c in candidates], **kw)
 
 
 def write_report(report: CompressionReport, path: str | Path) -> Path:

@@ -1,0 +1,190 @@
+"""``--target-fidelity F``: the fastest file that keeps the quality the user names.
+
+The user knows what quality they can accept, not which budget gives it. F is the
+held-out mean cosine similarity of the outputs to the dense model's (the ``cosine`` the
+report prints, :func:`~gblr_compress.distill.agreement`), measured in onnxruntime on
+the written file. The search, within a few times one compress run:
+
+1. the statistics once (:func:`~gblr_compress.pipeline.prepare`);
+2. a coarse budget grid (:data:`GRID`), each budget init only (budget split + init, no
+   distillation), frozen, exported, verified and scored, float and int8;
+3. one bisection step between the lowest grid budget that meets F and the next one down;
+4. the finalists distilled (distillation only raises fidelity, so the budgets around
+   the boundary are the ones it can move): the lowest budget that met F after init and
+   the one below it, at most :data:`FINALISTS`; each re-scored, float and int8;
+5. dense fp32 and dense + int8 as candidates; one interleaved onnxruntime timing run
+   over every file on the user's input shape (medians of per-round ratios vs dense fp32);
+6. the fastest candidate that meets F is written. When only dense fp32 meets F, that is
+   :class:`OnlyDense` (the CLI prints the table and exits 3) unless ``allow_dense``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from gblr_compress.deploy import DENSE, Bench, Entry, Timer
+from gblr_compress.errors import InputError
+from gblr_compress.job import (
+    Job,
+    JobInputs,
+    JobResult,
+    candidate_cost,
+    deploy_bench,
+    input_shapes,
+    load_inputs,
+    write_outputs,
+)
+from gblr_compress.pipeline import CompressConfig, CompressResult, Prepared, compress_prepared, prepare
+from gblr_compress.progress import Progress, ProgressEvent
+from gblr_compress.report import Candidate
+
+__all__ = ["FINALISTS", "GRID", "OnlyDense", "meets", "pick", "run_target"]
+
+GRID = (0.9, 0.7, 0.5, 0.3)
+FINALISTS = 2
+
+
+class OnlyDense(InputError):
+    """Nothing but the dense fp32 model meets the target (the CLI exits 3 with the table)."""
+
+    def __init__(self, target: float, candidates: list[Candidate]) -> None:
+        best = max((c.cosine or 0.0 for c in candidates if c.budget != DENSE or c.int8), default=0.0)
+        super().__init__(f"only the dense model meets --target-fidelity {target} (best other candidate: cosine "
+                         f"{best:.4f}); nothing written: lower the target, or pass --allow-dense")
+        self.target, self.candidates = target, candidates
+
+
+def meets(c: Candidate, target: float) -> bool:
+    """Whether ``c`` keeps the target; dense fp32 is the reference and always does."""
+    if c.budget == DENSE and not c.int8:
+        return True
+    return c.cosine is not None and c.cosine >= target
+
+
+def pick(candidates: list[Candidate], target: float) -> Candidate:
+    """The fastest candidate that meets ``target`` (measured speedup; ties: higher fidelity)."""
+    ok = [c for c in candidates if meets(c, target)]
+    return max(ok, key=lambda c: (c.speedup or 0.0, c.cosine or 0.0))
+
+
+def _cosine(e: Entry | None) -> float:
+    return -1.0 if e is None or e.candidate.cosine is None else e.candidate.cosine
+
+
+def run_target(
+    job: Job, target: float, allow_dense: bool = False, progress: Progress | None = None, timer: Timer | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> JobResult:
+    """Search budgets (with and without int8) for the fastest file keeping ``target``
+    held-out mean cosine, and write it with a report listing every candidate.
+
+    Args:
+        job: the run (its ``config.budget`` is ignored; its distillation settings are
+            what the finalists get).
+        target: F in (0, 1].
+        allow_dense: write the dense model when only it meets F.
+        progress: gets the usual phase events, plus ``"search"`` (one per candidate).
+        timer: latency function (default: interleaved onnxruntime rounds).
+        warn: gets each warning when it arises (e.g. the pickle warning at the load).
+
+    Raises:
+        InputError: bad target, or no held-out data to measure fidelity on.
+        OnlyDense: only the dense fp32 model meets F and ``allow_dense`` is off.
+    """
+    if not 0.0 < target <= 1.0:
+        raise InputError(f"--target-fidelity must be in (0, 1], got {target}")
+    inputs = load_inputs(job, progress, warn)
+    peaks, seconds = inputs.peaks, inputs.seconds
+    t0 = time.perf_counter()
+    prep = prepare(inputs.loaded.model, job.config, inputs.calib, peaks)
+    if not prep.held:
+        raise InputError("--target-fidelity needs held-out calibration data to measure fidelity on "
+                         "(give more calibration batches)")
+    dense_cost = sum(m * n for m, n in prep.stats.shapes.values())
+    bench = deploy_bench(job, inputs, dense_cost)
+    if timer is not None:
+        bench.timer = timer
+    try:
+        return _search(job, inputs, prep, bench, target, allow_dense, peaks, seconds, t0)
+    finally:
+        bench.close()
+
+
+def _search(job: Job, inputs: JobInputs, prep: Prepared, bench: Bench, target: float, allow_dense: bool,
+            peaks: Progress, seconds: dict[str, float], t0: float) -> JobResult:
+    init_only = replace(job.config.distill, steps=0)
+    done = [0]
+    # Candidates built (float + int8 each): dense, the grid, one bisection, the finalists.
+    planned = 1 + len(GRID) + 1 + (FINALISTS if job.config.distill.steps > 0 else 0)
+
+    def config_at(budget: float, distilled: bool) -> CompressConfig:
+        return replace(job.config, budget=budget, distill=job.config.distill if distilled else init_only)
+
+    def compress_at(budget: float, distilled: bool) -> CompressResult:
+        # The search reports per candidate, not per step.
+        return compress_prepared(prep, config_at(budget, distilled), None)
+
+    def add(budget: float, distilled: bool) -> Entry:
+        result = compress_at(budget, distilled)
+        entry = bench.add_float(result.model, budget, candidate_cost(result), result.distill is not None, result)
+        bench.add_int8(entry)
+        done[0] += 1
+        peaks(ProgressEvent("search", done[0], planned))
+        return entry
+
+    dense = bench.add_dense()
+    bench.add_int8(dense)
+    done[0] += 1
+    grid = {b: add(b, False) for b in GRID}
+    met = [b for b in GRID if _cosine(grid[b]) >= target]
+    low = min(met) if met else None
+    if low is not None and low > min(GRID):
+        below = max(b for b in GRID if b < low)
+        mid = round((low + below) / 2, 4)
+        grid[mid] = add(mid, False)
+        if _cosine(grid[mid]) >= target:
+            low = mid
+    # The finalists: the boundary pair around F after init (the lowest budget that met
+    # F and the next one down), or the two highest budgets when none met.
+    budgets = sorted(grid, reverse=True)
+    if low is None:
+        finalists = budgets[:FINALISTS]
+    else:
+        i = budgets.index(low)
+        finalists = budgets[i: i + FINALISTS]
+    distilling = job.config.distill.steps > 0
+    if distilling:
+        for b in finalists:
+            add(b, True)
+    bench.time_all()
+    peaks(ProgressEvent("search", planned, planned))
+    seconds["search"] = time.perf_counter() - t0
+    candidates = bench.candidates()
+    best = pick(candidates, target)
+    if best.budget == DENSE and not best.int8 and not allow_dense:
+        raise OnlyDense(target, candidates)
+    best.chosen = True
+    entry = next(e for e in bench.entries.values() if e.candidate is best)
+    if entry.result is None:  # dense (fp32 or int8): the report of the model as it is
+        entry.result = compress_at(1.0, False)
+    chosen_budget = 1.0 if best.budget == DENSE else float(best.budget)
+    why = (f"the fastest candidate with held-out cosine >= {target}: {best.label}"
+           f"{' distilled' if best.distilled else ''}, cosine {best.cosine:.4f}, "
+           f"{best.speedup:.2f}x dense fp32" if best.speedup is not None else f"{best.label}")
+    deploy = {
+        "target": target,
+        "choice": why,
+        "grid": list(GRID),
+        "finalists": finalists if distilling else [],
+        "search_seconds": seconds["search"],
+        "timing": {"input": input_shapes(inputs.example)},
+    }
+    if bench.quantization is not None:
+        deploy["quantization"] = bench.quantization.to_dict()
+    seconds.update(entry.result.seconds)  # the chosen file's own phases, beside the whole search's
+    # The report's settings are the chosen candidate's: its budget and distillation.
+    chosen_job = replace(job, config=config_at(chosen_budget, best.distilled))
+    return write_outputs(chosen_job, inputs, entry.result, entry.layers, entry.parity,
+                         chosen_file=entry.path, bench=bench, deploy=deploy)
