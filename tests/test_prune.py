@@ -286,3 +286,22 @@ def test_obs_selection_of_whole_heads() -> None:
     obs = prune_group(W2, _moment(hid), 2, per_unit=1, unit_size=4, select="obs", damping=1e-6)
     assert 2 in obs.keep.tolist() and len({0, 1} & set(obs.keep.tolist())) == 1
     assert obs.fit_error < 1e-3  # the repeated head is recovered by the refit
+
+
+def test_a_pruning_solve_that_fails_keeps_the_low_rank_init(monkeypatch) -> None:
+    # SmolLM2 at budget 0.8 hit "Pivots given to lu_solve must all be >= 1" inside the
+    # pruned-window search: the group keeps its low-rank init and says why.
+    import gblr_compress.init.model as init_model
+    from gblr_compress.init import initialize_
+
+    def failing(*_args, **_kwargs):
+        raise RuntimeError("Pivots given to lu_solve must all be greater or equal to 1.")
+
+    monkeypatch.setattr(init_model, "prune_group", failing)
+    gen = torch.Generator().manual_seed(5)
+    model = _Block(nn.Linear(8, 16), nn.Linear(16, 8))
+    x = [torch.randn(32, 8, generator=gen) for _ in range(4)]
+    res = initialize_(model, InitConfig(budget=0.5), calib=x[:3], holdout=x[3:])
+    assert all(r.status != "pruned" for r in res.layers.values())
+    assert all("pruned window not tried: Pivots" in (r.reason or "") for r in res.layers.values())
+    assert res.exact_cost <= res.budget_cost

@@ -387,7 +387,19 @@ def choose_group_form(
     k = units_for_cost(cost, per_unit, units)
     if k == 0 or k == units:
         return {}
-    pruned = prune_group(W2, C_fit, k, per_unit, C_hold, cfg.damping, unit_size=G * size, select=cfg.prune_select)
+    try:
+        pruned = prune_group(W2, C_fit, k, per_unit, C_hold, cfg.damping, unit_size=G * size, select=cfg.prune_select)
+        failure = None if math.isfinite(pruned.fit_error) else "a non-finite refit error"
+    except RuntimeError as exc:  # torch.linalg on a moment it cannot solve (SmolLM2: a NaN pivot)
+        failure = str(exc).splitlines()[0][:120]
+    if failure is not None:  # the low-rank init stands; the report says why
+        out = {}
+        for n in names:
+            module, rec = built[n]
+            note = f"pruned window not tried: {failure}"
+            rec.reason = f"{rec.reason}; {note}" if rec.reason else note
+            out[n] = (module, rec)
+        return out
     held = C_hold is not None and all(recs[n].heldout_error is not None or recs[n].status == "skipped"
                                       for n in names)
 
