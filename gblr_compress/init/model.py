@@ -341,6 +341,19 @@ def _group_score(names: Sequence[str], errors: dict[str, float | None], stats: I
     return total
 
 
+def _kept_low_rank(
+    names: Sequence[str], built: dict[str, tuple[nn.Module, LayerInit]], note: str
+) -> dict[str, tuple[nn.Module, LayerInit]]:
+    """``built``'s low-rank entries for ``names``, each record's reason extended by ``note``
+    (why the group is not a pruned window)."""
+    out = {}
+    for n in names:
+        module, rec = built[n]
+        rec.reason = f"{rec.reason}; {note}" if rec.reason else note
+        out[n] = (module, rec)
+    return out
+
+
 def choose_group_form(
     group: CouplingGroup,
     modules: dict[str, nn.Module],
@@ -393,13 +406,7 @@ def choose_group_form(
     except RuntimeError as exc:  # torch.linalg on a moment it cannot solve (SmolLM2: a NaN pivot)
         failure = str(exc).splitlines()[0][:120]
     if failure is not None:  # the low-rank init stands; the report says why
-        out = {}
-        for n in names:
-            module, rec = built[n]
-            note = f"pruned window not tried: {failure}"
-            rec.reason = f"{rec.reason}; {note}" if rec.reason else note
-            out[n] = (module, rec)
-        return out
+        return _kept_low_rank(names, built, f"pruned window not tried: {failure}")
     held = C_hold is not None and all(recs[n].heldout_error is not None or recs[n].status == "skipped"
                                       for n in names)
 
@@ -415,13 +422,8 @@ def choose_group_form(
     where = "held-out" if held else "fit"
     unit_name = "units" if group.kind == "ffn" else ("heads" if G == 1 else "key/value groups")
     if low is None or prn is None or not prn < low:
-        out = {}
-        for n in names:
-            module, rec = built[n]
-            note = f"pruned window ({k} of {units} {unit_name}) lost on {where} statistics ({prn:.4g} vs {low:.4g})"
-            rec.reason = f"{rec.reason}; {note}" if rec.reason else note
-            out[n] = (module, rec)
-        return out
+        return _kept_low_rank(names, built, f"pruned window ({k} of {units} {unit_name}) lost on {where} "
+                                            f"statistics ({prn:.4g} vs {low:.4g})")
     tensors = {n: (n, lins[n].weight.detach().to("cpu", _F64),
                    None if lins[n].bias is None else lins[n].bias.detach().to("cpu", _F64)) for n in names}
     records = pruned_structures([(*tensors[p], rows[p]) for p in rows], tensors[consumer], pruned)
