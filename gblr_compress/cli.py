@@ -266,6 +266,12 @@ def _config(build: Callable[[], Any]) -> Any:
                    "(per-channel weights); its held-out fidelity is measured and checked.")
 @click.option("--int8-tolerance", default=0.02, show_default=True, type=click.FloatRange(min=0),
               help="Most held-out mean cosine the int8 file may lose against the float file.")
+@click.option("--export-dtype", type=click.Choice(["float32", "float16", "checkpoint"]), default="float32",
+              show_default=True,
+              help="Float type of the written file; the compression always computes in float32. float16 "
+                   "(onnxruntime's converter) is checked on held-out data; checkpoint: float16 for a "
+                   "float16 checkpoint, else float32 (bfloat16 is refused: onnxruntime's CPU provider "
+                   "cannot run it).")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="ONNX file to write.")
 @click.option("--factory", default=None, metavar="PKG.MODULE:FN",
               help="Builds the architecture for a state_dict / .safetensors MODEL (safe: nothing is unpickled).")
@@ -329,7 +335,7 @@ def _config(build: Callable[[], Any]) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @verbose_option
 def compress_cmd(model: str, budget: float | None, target_fidelity: float | None, allow_dense: bool,
-                 quantize: str | None, int8_tolerance: float, output: str, factory: str | None, calib: str | None,
+                 quantize: str | None, int8_tolerance: float, export_dtype: str, output: str, factory: str | None, calib: str | None,
                  calib_text: str | None, tokenizer: str | None, max_length: int, batch_size: int | None,
                  input_spec: str | None, steps: int, lr: float, loss: str, augment: float, seed: int,
                  data_free: bool, no_prune: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
@@ -362,6 +368,8 @@ def compress_cmd(model: str, budget: float | None, target_fidelity: float | None
         raise InputError(f"--target-fidelity must be in (0, 1], got {target_fidelity}")
     if target_fidelity is not None and quantize is not None:
         raise InputError("--target-fidelity already tries int8: leave out --quantize")
+    if target_fidelity is not None and export_dtype != "float32":
+        raise InputError("--target-fidelity searches float32 and int8 files: leave out --export-dtype")
     if allow_dense and target_fidelity is None:
         raise InputError("--allow-dense only applies with --target-fidelity")
     if device.startswith("cuda"):
@@ -375,7 +383,7 @@ def compress_cmd(model: str, budget: float | None, target_fidelity: float | None
     ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
               calib_text=calib_text, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
-              max_memory_gb=max_memory, quantize=quantize, int8_tolerance=int8_tolerance,
+              max_memory_gb=max_memory, quantize=quantize, int8_tolerance=int8_tolerance, export_dtype=export_dtype,
               trust_checkpoint=trust_checkpoint, min_fidelity=min_fidelity,
               force=force, report=report, opset=opset, verify=not no_verify, config=config)
     console = _console()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from gblr_compress.export import (
     save_onnx,
     verify_graph,
 )
+from gblr_compress.export.half import EXPORT_DTYPES, HALF_TOLERANCE, export_dtype_for, to_float16
+from gblr_compress.export.measure import onnx_fidelity
 from gblr_compress.export.quantize import copy_with_metadata
 from gblr_compress.export.trace import ModelCall
 from gblr_compress.memory import MemoryEstimate, available_bytes, estimate_bytes, gib, peak_rss_bytes, reset_peak
@@ -102,6 +105,10 @@ class Job:
             None: float.
         int8_tolerance: the most held-out mean cosine the int8 file may lose against
             the float file (int8 cannot match the float graph to ``1e-4``).
+        export_dtype: the written file's float type: ``"float32"`` (default),
+            ``"float16"``, or ``"checkpoint"`` (the checkpoint's own: float16 for a
+            float16 checkpoint, float32 otherwise; bfloat16 is refused). The work is
+            float32 either way; see :mod:`gblr_compress.export.half`.
         timing_rounds: interleaved onnxruntime rounds timing the candidates.
         config: the compression settings.
     """
@@ -125,6 +132,7 @@ class Job:
     force: bool = False
     quantize: str | None = None
     int8_tolerance: float = 0.02
+    export_dtype: str = "float32"
     timing_rounds: int = 9
     config: CompressConfig = field(default_factory=CompressConfig)
 
@@ -326,14 +334,24 @@ def _distill_notes(result: CompressResult) -> list[str]:
     return notes
 
 
-def _check_numerics(job: Job, loaded: LoadedModel) -> str | None:
-    """Refuse weights larger than memory or not finite; a half-precision model is
-    computed in float32. Returns the note saying so when the model was cast (its float
-    batches must be cast too), else None."""
+def _check_numerics(job: Job, loaded: LoadedModel) -> tuple[str | None, str]:
+    """Refuse weights larger than memory or not finite, and an export dtype the
+    checkpoint cannot have; a half-precision model is computed in float32.
+
+    Returns:
+        The note saying the model was cast (its float batches must be cast too), else
+        None; and the dtype the file is written in (``"float32"`` / ``"float16"``).
+    """
     check_declared_size(loaded.model, [], _memory_limit(job))
     check_finite_model(loaded.model)
     half = to_float32(loaded.model)
-    return None if half is None else f"the checkpoint is {half}: it is compressed in float32 and the ONNX model is float32"
+    try:
+        dtype = export_dtype_for(job.export_dtype, half or "float32")
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if half is None:
+        return None, dtype
+    return f"the checkpoint is {half}: it is compressed in float32 and the ONNX model is {dtype}", dtype
 
 
 def _gate(job: Job, report: CompressionReport, failed_parity: VerificationError | None) -> None:
@@ -377,6 +395,7 @@ class JobInputs:
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     cast: str | None = None
+    dtype: str = "float32"
 
 
 def load_inputs(job: Job, progress: Progress | None = None,
@@ -398,6 +417,10 @@ def load_inputs(job: Job, progress: Progress | None = None,
         raise InputError("give calibration data once: --calib FILE or --calib-text FILE, not both")
     if job.quantize not in (None, "int8"):
         raise InputError(f"--quantize must be int8, got {job.quantize!r}")
+    if job.export_dtype not in EXPORT_DTYPES:
+        raise InputError(f"--export-dtype must be one of {', '.join(EXPORT_DTYPES)}, got {job.export_dtype!r}")
+    if job.quantize and job.export_dtype == "float16":
+        raise InputError("--export-dtype float16 and --quantize int8 do not combine: int8 replaces the float weights")
     _check_output(out, [job.model, job.calib, job.calib_text])
     _check_output(report_path, [job.model, job.calib, job.calib_text, job.output])
     seconds: dict[str, float] = {}
@@ -414,7 +437,7 @@ def load_inputs(job: Job, progress: Progress | None = None,
     pickle_note = None if job.trust_checkpoint else "pass --trust-checkpoint to silence this"
     loaded = load_model(job.model, job.factory, warn=None if pickle_note is None else
                         (lambda text: _warn(f"{text}; {pickle_note}")))
-    cast = _check_numerics(job, loaded)
+    cast, dtype = _check_numerics(job, loaded)
     if cast:
         _warn(cast)
     # A causal LM returns its KV cache next to the logits; the deployed graph returns
@@ -449,7 +472,7 @@ def load_inputs(job: Job, progress: Progress | None = None,
     seconds["load"] = time.perf_counter() - t0
     peaks.close("load")
     return JobInputs(loaded, list(calib), synthetic, example, estimate, available, out, report_path,
-                     peaks, t_start, seconds, warnings, cast)
+                     peaks, t_start, seconds, warnings, cast, dtype)
 
 
 def deploy_bench(job: Job, inputs: JobInputs, dense_cost: int) -> Bench:
@@ -556,6 +579,35 @@ def _quantized(job: Job, inputs: JobInputs, result: CompressResult, graph: OnnxG
     return bench, deploy
 
 
+def _half(job: Job, inputs: JobInputs, graph: OnnxGraph, folder: Path) -> tuple[Path, dict[str, Any]]:
+    """``--export-dtype float16``: the verified float32 graph converted to float16 in
+    ``folder``, its held-out fidelity measured against the dense model and checked
+    against the float32 graph's within :data:`HALF_TOLERANCE`.
+
+    Raises:
+        VerificationError: the float16 file loses more than the tolerance.
+    """
+    _, held = split_batches(inputs.calib, job.config.holdout_fraction)
+    dense = inputs.loaded.model.eval()
+    f32_path, f16_path = folder / "float32.onnx", folder / "float16.onnx"
+    save_onnx(graph, f32_path)
+    half = to_float16(graph.proto)
+    save_onnx(OnnxGraph(half.proto, graph.call, graph.reference, graph.layers, graph.opset), f16_path)
+    fid32 = onnx_fidelity(f32_path, dense, held, job.config.logits)
+    fid16 = onnx_fidelity(f16_path, dense, held, job.config.logits)
+    lost = fid32["cosine"] - fid16["cosine"]
+    if not lost <= HALF_TOLERANCE:  # also catches NaN
+        raise VerificationError(
+            f"the float16 file loses {lost:.4f} of held-out cosine against the float32 graph "
+            f"({fid16['cosine']:.4f} vs {fid32['cosine']:.4f}; tolerance {HALF_TOLERANCE}): values leave "
+            "float16's range; export float32 (the default)"
+        )
+    f32_path.unlink()
+    deploy = {"export_dtype": {**half.to_dict(), "heldout_float32": fid32, "heldout_float16": fid16,
+                               "tolerance": HALF_TOLERANCE}}
+    return f16_path, deploy
+
+
 def input_shapes(batch: Batch) -> dict[str, list[int]]:
     """Each input's shape, by graph input name (what the candidates were timed on)."""
     call = ModelCall(batch)
@@ -595,14 +647,20 @@ def run_job(job: Job, progress: Progress | None = None, warn: Callable[[str], No
     except VerificationError as exc:
         failed_parity = exc  # the gate decides: exit 3, or written and marked when forced
     bench, deploy, chosen = None, None, None
-    if job.quantize == "int8" and failed_parity is None:
-        bench, deploy = _quantized(job, inputs, result, graph)
-        chosen = bench.entry(job.config.budget, True, result.distill is not None)
-    peaks(ProgressEvent("export", 1, 1))
-    seconds["export"] = time.perf_counter() - t0
+    half_dir = None
     try:
-        return write_outputs(job, inputs, result, graph.layers, parity, graph,
-                             None if chosen is None else chosen.path, bench, deploy, failed_parity)
+        if job.quantize == "int8" and failed_parity is None:
+            bench, deploy = _quantized(job, inputs, result, graph)
+            entry = bench.entry(job.config.budget, True, result.distill is not None)
+            chosen = None if entry is None else entry.path
+        elif inputs.dtype == "float16" and failed_parity is None:
+            half_dir = tempfile.TemporaryDirectory(prefix="gblr-half-")
+            chosen, deploy = _half(job, inputs, graph, Path(half_dir.name))
+        peaks(ProgressEvent("export", 1, 1))
+        seconds["export"] = time.perf_counter() - t0
+        return write_outputs(job, inputs, result, graph.layers, parity, graph, chosen, bench, deploy, failed_parity)
     finally:
         if bench is not None:
             bench.close()
+        if half_dir is not None:
+            half_dir.cleanup()

@@ -10,7 +10,7 @@ line naming the tensor, before any work is done.
 Half-precision checkpoints (float16 / bfloat16) are computed in float32
 (:func:`to_float32`): moments, window searches and the distillation need float32
 precision (float16 sums of squares overflow at 65504), and the exported ONNX model is
-float32.
+float32 unless ``--export-dtype`` asks for float16 (:mod:`gblr_compress.export.half`).
 """
 
 from __future__ import annotations

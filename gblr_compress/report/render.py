@@ -157,7 +157,15 @@ def render_candidates(candidates: list[Candidate], console: Console, target: flo
 
 
 def render_deploy(report: CompressionReport, console: Console) -> None:
-    """The candidates table, the choice and what int8 quantization did (if recorded)."""
+    """The candidates table, the choice and what int8 quantization did (if recorded);
+    the float16 conversion's held-out check (``--export-dtype float16``)."""
+    half = report.deploy.get("export_dtype")
+    if half:
+        console.print(Text(
+            f"float16 file: held-out cosine {half['heldout_float16']['cosine']:.4f} "
+            f"(float32 graph {half['heldout_float32']['cosine']:.4f}, may lose {half['tolerance']}); "
+            f"{half['float16_initializers']} initializers in float16"
+        ))
     if not report.candidates:
         return
     render_candidates(report.candidates, console, report.deploy.get("target"))
