@@ -13,7 +13,9 @@ What runs (all offline; assets from ``python -m benchmarks.assets``):
    what a CPU user gets today in one call);
 3. the command with ``--target-fidelity F`` (default 0.95), timed against one default
    run (the first budget's float run);
-4. :data:`CONTENDERS`: more files to put on the same frontier (the pruning anchor);
+4. :data:`CONTENDERS`: more files on the same frontier: the pruning + least-squares
+   anchor at ``--anchor-budgets`` (default 0.8 0.6 0.5), float and int8, calibrated on
+   the same Wikipedia text;
 5. every file scored on news sentences (mean / min cosine of the embeddings vs the dense
    PyTorch model, nearest-neighbour agreement) and timed in ONE interleaved onnxruntime
    run (2 threads, spinning off, medians of per-round ratios vs dense fp32) on a batch
@@ -55,10 +57,47 @@ from gblr_compress.export.quantize import quantize_int8
 
 # ---------------------------------------------------------------- more contenders
 # Each entry builds one more ONNX file for the frontier from (workdir, dense wrapper,
-# calibration text file) and returns (path, exact Linear cost share or None). The
-# pruning + least-squares anchor (benchmarks/minilm/) goes here when it is merged, e.g.
-#   CONTENDERS["prune+lsq 0.5"] = lambda work, dense, calib: anchor_onnx(work, dense, calib, 0.5)
+# calibration text file) and returns (path, exact Linear cost share or None).
 CONTENDERS: dict[str, Callable[[Path, nn.Module, Path], tuple[Path, float | None]]] = {}
+ANCHOR_BUDGETS = (0.8, 0.6, 0.5)  # the pruning anchor's points on the frontier (--anchor-budgets)
+_ANCHOR: dict[str, object] = {}  # the dense model's consumer moments, computed once per run
+
+
+def anchor_onnx(work: Path, dense: nn.Module, calib_txt: Path, budget: float, int8: bool = False) -> tuple[Path, float]:
+    """The pruning + least-squares anchor (``benchmarks/prune_anchor.py``: FFN units and
+    heads pruned by output energy, consumers refit in closed form, global split, no
+    fine-tune) at ``budget`` of the encoder's Linear cost, calibrated on the same text
+    as the command, exported to ONNX (smaller dense GEMMs), optionally int8 on top."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from benchmarks.prune_anchor import compressible_linears, consumer_moments, linear_cost, prune_anchor_
+
+    if "moments" not in _ANCHOR:
+        tokenizer = AutoTokenizer.from_pretrained(str(assets.minilm_dir()), local_files_only=True)
+        lines = [t for t in calib_txt.read_text().splitlines() if t.strip()]
+        batches = [_tokenize(tokenizer, lines[i:i + 32]) for i in range(0, len(lines), 32)]
+        _ANCHOR.update(moments=consumer_moments(dense, batches), sample=batches[0])
+    names = compressible_linears(dense)
+    student = copy.deepcopy(dense)
+    result = prune_anchor_(student, [], int(budget * linear_cost(dense, names)), moments=_ANCHOR["moments"])
+    path = work / f"anchor_{budget}.onnx"
+    if not path.exists():
+        export_onnx(student.eval(), _ANCHOR["sample"], path, verify=False)
+    share = result.cost / linear_cost(dense, names)
+    if not int8:
+        return path, share
+    q = work / f"anchor_{budget}_int8.onnx"
+    quantize_int8(path, q)
+    return q, share
+
+
+def add_anchor(budgets: tuple[float, ...] | list[float]) -> None:
+    """Put the pruning anchor (float and int8) at each budget into :data:`CONTENDERS`."""
+    for b in budgets:
+        CONTENDERS[f"prune+lsq {b}"] = lambda work, dense, calib, b=b: anchor_onnx(work, dense, calib, b)
+        CONTENDERS[f"prune+lsq {b} + int8"] = lambda work, dense, calib, b=b: anchor_onnx(work, dense, calib, b, True)
 
 
 def command(args: list[str]) -> tuple[dict, float]:
@@ -100,11 +139,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--command-int8", action="store_true",
                     help="also run the command with --quantize int8 at the first budget (one more compress run)")
+    ap.add_argument("--anchor-budgets", nargs="*", type=float, default=list(ANCHOR_BUDGETS),
+                    help="budgets of the pruning + least-squares anchor (none: leave it out)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more arguments for every command")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--workdir", type=Path, default=None, help="keep the files here")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    add_anchor(args.anchor_budgets)
     from transformers import AutoModel, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:

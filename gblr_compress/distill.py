@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +46,7 @@ __all__ = [
     "output_kind",
     "normalized_mse",
     "output_loss",
+    "kl_rows",
     "agreement",
     "distill_",
 ]
@@ -59,8 +61,9 @@ class DistillConfig:
         lr: peak learning rate of the content (U, V, bias).
         structure_lr: peak learning rate of widths and locations (fractions of the axis).
         weight_decay: AdamW decay of the content toward 0.
-        loss: ``"auto"`` (KL on a single 2-D logits output, normalized MSE otherwise),
-            ``"mse"`` or ``"kl"``.
+        loss: ``"auto"`` (KL on a single logits output: 2-D classifier logits, or a
+            causal LM's ``logits``; normalized MSE otherwise, see :func:`output_kind`),
+            ``"mse"`` or ``"kl"`` (per output position, at the real positions only).
         temperature: KL temperature.
         layer_weight: weight of the feature term (normalized MSE of intermediate features
             vs the teacher's, averaged over the tapped modules, see ``features``); 0
@@ -159,14 +162,18 @@ def gblr_layers(model: nn.Module) -> dict[str, GBLRLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, GBLRLinear)}
 
 
-def output_kind(t: torch.Tensor) -> str:
+def output_kind(t: torch.Tensor, name: str | None = None) -> str:
     """What a model output is, for ``loss="auto"`` and the held-out top-1:
 
     - ``"embedding"``: 2-D with unit-norm rows (a normalized sentence embedding); a
       softmax over its coordinates means nothing, so it is matched by normalized MSE;
-    - ``"logits"``: any other 2-D output with more than one column (a classifier), KL;
+    - ``"logits"``: any other 2-D output with more than one column (a classifier), or an
+      output the model itself names ``logits`` (a HuggingFace output field) at any rank:
+      a causal LM's ``(B, T, vocab)`` next-token logits; KL;
     - ``"features"``: everything else (per-token states, scalars), normalized MSE.
     """
+    if name == "logits" and t.dim() >= 2 and t.shape[-1] >= 2:
+        return "logits"
     if t.dim() != 2 or t.shape[1] < 2:
         return "features"
     norms = t.detach().double().norm(dim=1)
@@ -196,23 +203,81 @@ def output_loss(
     """Distance between student and teacher outputs (any nesting of tensors).
 
     Normalized MSE ``mean((s - t)^2) / mean(t^2)`` per tensor, averaged; with ``"kl"`` (or
-    ``"auto"`` on a single output that :func:`output_kind` takes for classifier logits:
-    2-D, rows not unit-norm) the KL divergence of the tempered softmaxes, scaled by
-    ``T^2``. ``mask`` is the batch's boolean attention mask
+    ``"auto"`` on a single output that :func:`output_kind` takes for logits: 2-D rows not
+    unit-norm, or a causal LM's ``logits``) the KL divergence of the tempered softmaxes,
+    scaled by ``T^2`` and averaged over rows / positions (:func:`kl_rows`). ``mask`` is
+    the batch's boolean attention mask
     (:func:`~gblr_compress.calib.token_mask`): per-token outputs are compared at the
     unpadded positions only, since what a model computes at padding is never used.
     """
     s_list, t_list = flatten_outputs(student_out), flatten_outputs(teacher_out)
     if len(s_list) != len(t_list) or not s_list:
         raise ValueError("student and teacher outputs do not match")
-    use_kl = loss == "kl" or (loss == "auto" and len(t_list) == 1 and _is_logits(t_list[0]))
+    use_kl = loss == "kl" or (
+        loss == "auto" and len(t_list) == 1 and output_kind(t_list[0], _single_name(teacher_out)) == "logits"
+    )
     if use_kl:
-        T = temperature
         s, t = s_list[0], t_list[0]
-        return F.kl_div(
-            F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean"
-        ) * (T * T)
+        s, t = real_positions(s, mask), real_positions(t, mask)  # per-token logits: real positions only
+        return kl_rows(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), temperature)
     return torch.stack([normalized_mse(s, t, mask) for s, t in zip(s_list, t_list)]).mean()
+
+
+def _single_name(out: object) -> str | None:
+    """The key of a one-tensor dict / ``ModelOutput`` (``"logits"`` for a HF causal LM or
+    classifier), else None."""
+    if isinstance(out, Mapping):
+        keys = [k for k, v in out.items() if flatten_outputs(v)]
+        return str(keys[0]) if len(keys) == 1 else None
+    return None
+
+
+# Rows of logits per chunk in kl_rows: 256 x 49,152 float32 is 50 MB a temporary.
+_KL_CHUNK = 256
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Forward and backward of :func:`kl_rows` a chunk of rows at a time."""
+
+    @staticmethod
+    def forward(ctx: Any, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+        T, rows = temperature, s.shape[0]
+        total = torch.zeros((), dtype=torch.float64, device=s.device)
+        for i in range(0, rows, _KL_CHUNK):
+            ls = F.log_softmax(s[i : i + _KL_CHUNK].float() / T, -1)
+            lt = F.log_softmax(t[i : i + _KL_CHUNK].float() / T, -1)
+            total += (lt.exp() * (lt - ls)).sum(dtype=torch.float64)
+        ctx.save_for_backward(s, t)
+        ctx.temperature = T
+        return (total * (T * T / max(rows, 1))).to(s.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        s, t = ctx.saved_tensors
+        T, rows = ctx.temperature, s.shape[0]
+        out = torch.empty_like(s)
+        # d/ds of T^2 * KL(p_t || softmax(s / T)) = T * (softmax(s / T) - p_t), per row.
+        scale = grad * (T / max(rows, 1))
+        for i in range(0, rows, _KL_CHUNK):
+            ps = F.softmax(s[i : i + _KL_CHUNK].float() / T, -1)
+            pt = F.softmax(t[i : i + _KL_CHUNK].float() / T, -1)
+            out[i : i + _KL_CHUNK] = ((ps - pt) * scale).to(s.dtype)
+        return out, None, None
+
+
+def kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """``T^2 * mean over rows of KL(softmax(t / T) || softmax(s / T))`` for ``(N, C)``
+    student / teacher logits (gradient to ``s`` only).
+
+    The same value as ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True,
+    reduction="batchmean") * T^2``, computed in chunks of rows: the plain form keeps
+    about six ``(N, C)`` temporaries for its backward, which for a causal LM's 1,024
+    positions x 49,152 vocabulary is 1.2 GB; this keeps none (one chunk at a time, the
+    backward recomputes its softmaxes).
+    """
+    if s.shape != t.shape or s.dim() != 2:
+        raise ValueError(f"kl_rows takes two (N, C) tensors of one shape, got {tuple(s.shape)} and {tuple(t.shape)}")
+    return _ChunkedKL.apply(s, t.detach(), float(temperature))
 
 
 @torch.no_grad()

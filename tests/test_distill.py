@@ -225,3 +225,32 @@ def test_only_the_compressed_layers_train_dropout_stays_off() -> None:
     distill_(student, teacher, calib, budget_cost(layers, 0.5), DistillConfig(steps=4, eval_every=2),
              holdout=[torch.randn(16, 8)])
     assert student.drop_modes and not any(student.drop_modes)
+
+
+def test_a_causal_lms_named_logits_are_matched_by_kl_per_position() -> None:
+    from torch.nn import functional as F
+
+    from gblr_compress.distill import kl_rows, output_kind, output_loss
+
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 5, 11, generator=gen) * 2
+    s = (t + 0.5 * torch.randn(2, 5, 11, generator=gen)).requires_grad_()
+    assert output_kind(t, "logits") == "logits" and output_kind(t) == "features"
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    got = output_loss({"logits": s}, {"logits": t}, mask=mask)
+    # the plain KL at the 8 real positions, per position, times T^2
+    rs, rt = s[mask], t[mask]
+    ref = F.kl_div(F.log_softmax(rs / 2, -1), F.log_softmax(rt / 2, -1), log_target=True, reduction="batchmean") * 4
+    torch.testing.assert_close(got, ref)
+    (g_got,) = torch.autograd.grad(got, s)
+    (g_ref,) = torch.autograd.grad(ref, s)
+    torch.testing.assert_close(g_got, g_ref)
+    # more rows than one chunk: the chunked value and gradient are the plain ones
+    big_t = torch.randn(600, 7, generator=gen)
+    big_s = (big_t + torch.randn(600, 7, generator=gen)).requires_grad_()
+    plain = F.kl_div(F.log_softmax(big_s, -1), F.log_softmax(big_t, -1), log_target=True, reduction="batchmean")
+    chunked = kl_rows(big_s, big_t, 1.0)
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(torch.autograd.grad(chunked, big_s)[0], torch.autograd.grad(plain, big_s)[0])
+    # hidden states under any other name stay normalized MSE
+    assert output_kind(t, "last_hidden_state") == "features"

@@ -354,6 +354,11 @@ def _kept_low_rank(
     return out
 
 
+def _score(value: float | None) -> str:
+    """A group score for a reason line (None: a layer of the group had no error)."""
+    return "n/a" if value is None else f"{value:.4g}"
+
+
 def choose_group_form(
     group: CouplingGroup,
     modules: dict[str, nn.Module],
@@ -423,7 +428,7 @@ def choose_group_form(
     unit_name = "units" if group.kind == "ffn" else ("heads" if G == 1 else "key/value groups")
     if low is None or prn is None or not prn < low:
         return _kept_low_rank(names, built, f"pruned window ({k} of {units} {unit_name}) lost on {where} "
-                                            f"statistics ({prn:.4g} vs {low:.4g})")
+                                            f"statistics ({_score(prn)} vs {_score(low)})")
     tensors = {n: (n, lins[n].weight.detach().to("cpu", _F64),
                    None if lins[n].bias is None else lins[n].bias.detach().to("cpu", _F64)) for n in names}
     records = pruned_structures([(*tensors[p], rows[p]) for p in rows], tensors[consumer], pruned)
