@@ -56,7 +56,9 @@ def test_distill_and_freeze_beat_whitened_svd_and_stay_near_dense(digits) -> Non
 
 
 def test_proximal_step_moves_widths_kills_groups_and_reallocates(digits) -> None:
-    config = CompressConfig(budget=BUDGET, distill=DistillConfig(steps=200), overcomplete=1.5)
+    # structure_lr 5x the default: at the default a group dies within 200 steps on one
+    # CPU kind and not on another (BLAS rounding moves the trained digits model).
+    config = CompressConfig(budget=BUDGET, distill=DistillConfig(steps=200, structure_lr=5e-2), overcomplete=1.5)
     result = compress(digits.model, config, calib=_calib(digits))
     history = result.distill.history
     first, last = history[0], history[-1]

@@ -5,8 +5,10 @@ block record or the pipeline's stages must leave the exact costs, every layer's 
 record, the frozen windows and the held-out agreement as they were. Two models: the
 trained digits MLP (its target layers end full-width: low-rank or dense) and a seeded MLP
 whose weights are four wrapped dense blocks plus noise, where the window search wins (and
-the gradient refinement runs). Figures hold on one torch thread (BLAS results may move in
-the last bits with the thread count).
+the gradient refinement runs). Costs, records and windows hold exactly on one torch
+thread (BLAS results may move in the last bits with the thread count); the error and
+agreement figures are compared to 1e-4 relative, since BLAS kernels of another CPU kind
+(MKL on AMD EPYC vs Intel) move them by a few 1e-6.
 """
 
 from __future__ import annotations
@@ -220,15 +222,17 @@ def _check(model: nn.Module, batches: list[torch.Tensor], key: tuple) -> None:
     assert set(res.quality) == set(want["quality"])
     for phase, figs in want["quality"].items():
         for metric, value in figs.items():
-            assert res.quality[phase][metric] == pytest.approx(value, rel=1e-6, abs=1e-9)
+            # 1e-4: BLAS kernels differ between CPU kinds (MKL on AMD vs Intel) and move
+            # a small relative error such as the digits model's 0.0063 by ~4e-6 relative.
+            assert res.quality[phase][metric] == pytest.approx(value, rel=1e-4, abs=1e-9)
     assert list(res.init.layers) == list(want["layers"])
     for name, (status, alloc, cost, rank, groups, calib, held) in want["layers"].items():
         rec = res.init.layers[name]
         assert (rec.status, rec.allocated_cost, rec.exact_cost, rec.rank, rec.groups) == (
             status, alloc, cost, rank, groups
         )
-        assert rec.calib_error == pytest.approx(calib, rel=1e-6, abs=1e-12)
-        assert rec.heldout_error == pytest.approx(held, rel=1e-6, abs=1e-12)
+        assert rec.calib_error == pytest.approx(calib, rel=1e-4, abs=1e-12)  # 1e-4: see the quality figures
+        assert rec.heldout_error == pytest.approx(held, rel=1e-4, abs=1e-12)
     windows = {n: [b.window_key() + (b.rank,) for b in r.blocks] for n, r in res.records.items()}
     assert windows == want["windows"]
 
