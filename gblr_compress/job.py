@@ -40,6 +40,7 @@ from gblr_compress.export.half import EXPORT_DTYPES, HALF_TOLERANCE, export_dtyp
 from gblr_compress.export.measure import onnx_fidelity
 from gblr_compress.export.quantize import copy_with_metadata
 from gblr_compress.export.trace import ModelCall
+from gblr_compress.layer import FrozenGBLR
 from gblr_compress.memory import MemoryEstimate, available_bytes, estimate_bytes, gib, peak_rss_bytes, reset_peak
 from gblr_compress.numerics import (
     batches_to_float32,
@@ -320,7 +321,9 @@ def build_report(
         outputs={"onnx": str(job.output), "report": str(job.report or default_report_path(job.output))},
         model_params={
             "dense": sum(p.numel() for p in loaded.model.parameters()),
-            "compressed": sum(p.numel() for p in result.model.parameters()),
+            # A pruned window's identity factor is never exported (see identity_params).
+            "compressed": sum(p.numel() for p in result.model.parameters())
+            - sum(m.identity_params() for m in result.model.modules() if isinstance(m, FrozenGBLR)),
         },
     )
 
@@ -634,7 +637,8 @@ def run_job(job: Job, progress: Progress | None = None, warn: Callable[[str], No
     """
     inputs = load_inputs(job, progress, warn)
     peaks, seconds = inputs.peaks, inputs.seconds
-    result = compress(inputs.loaded.model, job.config, inputs.calib, peaks)
+    # The job owns the loaded model: it is the teacher, not copied (read-only after).
+    result = compress(inputs.loaded.model, job.config, inputs.calib, peaks, share_teacher=True)
     seconds.update(result.seconds)
     peaks.close("freeze")
 

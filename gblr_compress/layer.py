@@ -356,6 +356,17 @@ class FrozenGBLR(nn.Module):
         self._row_slices = [window_slices(rs, rw, self.out_features) for rs, rw, _, _ in self.windows]
         self._eye: dict[int, tuple[int, int, str | None]] = {}
 
+    def identity_params(self) -> int:
+        """Elements of the identity factors of pruned-window blocks: stored here so that
+        every block is a (U, V) pair, never exported (a pruned window exports as one
+        dense MatMul), so parameter counts leave them out."""
+        total = 0
+        for k in range(len(self.U)):
+            side = self._identity_side(k)
+            if side is not None:
+                total += (self.U if side == "U" else self.V)[k].numel()
+        return total
+
     def _identity_side(self, k: int) -> str | None:
         """``"U"`` / ``"V"`` when block ``k`` is a dense block stored with that factor the
         identity (a pruned window, :mod:`~gblr_compress.init.prune`), so forward skips

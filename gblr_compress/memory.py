@@ -118,13 +118,15 @@ def estimate_bytes(
         distilling: whether there are distillation steps (else init and export only).
         baseline: the process's resident size now (libraries loaded, the model read).
 
-    The loaded model, the teacher and the student are three copies; the trainable
+    On top of the loaded model (in ``baseline``; on a CPU run it is also the teacher)
+    come the student and, while the init builds it, its new layers beside the dense
+    ones: two more copies at most; the trainable
     factors carry a gradient and two AdamW moments; the backward pass keeps each target
     layer's input and output and about as much again around it (norms, activations,
     the GBLR intermediate), in float32, for the tokens of one batch; the loss holds a
     few copies of the outputs (softmax, log-softmax, gradient).
     """
-    models = 3 * param_bytes
+    models = 2 * param_bytes
     trainable = 3 * target_param_bytes if distilling else 0
     activations = 3 * batch_tokens * target_widths * 4 + 4 * output_bytes_per_batch
     cache = teacher_cache_bytes if distilling else 0

@@ -272,9 +272,15 @@ def prepare(
     config: CompressConfig = CompressConfig(),
     calib: Sequence[Batch] | None = None,
     progress: Progress | None = None,
+    share_teacher: bool = False,
 ) -> Prepared:
     """The budget-independent first half of :func:`compress`: copies of the model, the
     target layers, the layers left dense, the fit / held-out split and the statistics.
+
+    ``share_teacher``: on a CPU run, ``model`` itself is the teacher instead of a copy
+    (it is put in eval mode and its parameters stop requiring grad; no value changes),
+    for a caller that owns the model (the job): one model's size less in memory, 540 MB
+    on a 135M-parameter LM.
 
     Raises:
         InputError: no Linear layers to compress, or none that may be compressed.
@@ -282,7 +288,8 @@ def prepare(
     t_start = time.perf_counter()
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    teacher = copy.deepcopy(model).to(device).eval()
+    shared = share_teacher and device.type == "cpu"  # .to(cuda) would move the caller's model
+    teacher = (model if shared else copy.deepcopy(model)).to(device).eval()
     dense = copy.deepcopy(model).to(device).eval()
     targets = find_linears(dense, config.include or None, config.exclude or None)
     if not targets:
@@ -313,8 +320,10 @@ def compress(
     config: CompressConfig = CompressConfig(),
     calib: Sequence[Batch] | None = None,
     progress: Progress | None = None,
+    share_teacher: bool = False,
 ) -> CompressResult:
-    """Compress the Linear layers of ``model`` to the global budget (the model is not modified).
+    """Compress the Linear layers of ``model`` to the global budget (the model's values
+    are not modified; with ``share_teacher`` it serves as the teacher, see :func:`prepare`).
 
     :func:`prepare` (statistics) then :func:`compress_prepared` (budget split, init,
     distillation, freeze).
@@ -334,7 +343,8 @@ def compress(
         >>> sum(r.cost for r in result.records.values()) <= result.max_cost
         True
     """
-    return compress_prepared(prepare(model, config, calib, progress), config, progress, release_stats=True)
+    return compress_prepared(prepare(model, config, calib, progress, share_teacher), config, progress,
+                             release_stats=True)
 
 
 def compress_prepared(prep: Prepared, config: CompressConfig, progress: Progress | None = None,
@@ -342,14 +352,15 @@ def compress_prepared(prep: Prepared, config: CompressConfig, progress: Progress
     """The budget's half of :func:`compress` on a :class:`Prepared` model (left as it
     is, so it can be compressed again at another budget): budget split + init ->
     distill -> recover -> freeze. ``config`` must be the one ``prep`` was made with,
-    up to ``budget`` and the distillation settings. ``release_stats`` drops
-    ``prep.stats`` after the init (``prep`` cannot be compressed again then), so the
-    distillation does not carry the moments."""
+    up to ``budget`` and the distillation settings. ``release_stats`` makes this the
+    last use of ``prep``: ``prep.dense`` becomes the student itself instead of being
+    copied, and ``prep.stats`` is dropped after the init, so the distillation carries
+    neither a spare model nor the moments."""
     seconds: dict[str, float] = {}
     deadline = None if config.time_budget is None else prep.started + config.time_budget
     torch.manual_seed(config.seed)
     teacher, fit, held = prep.teacher, prep.fit, prep.held
-    student = copy.deepcopy(prep.dense)
+    student = prep.dense if release_stats else copy.deepcopy(prep.dense)
 
     distilling = config.distill.steps > 0 and bool(fit)
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ def test_available_is_positive() -> None:
 def test_estimate_parts() -> None:
     est = estimate_bytes(param_bytes=100, target_param_bytes=40, batch_tokens=10, target_widths=5,
                          output_bytes_per_batch=7, teacher_cache_bytes=1000, distilling=True, baseline=3)
-    assert (est.models, est.trainable, est.teacher_cache, est.activations) == (300, 120, 1000, 3 * 10 * 5 * 4 + 28)
-    assert est.total == 300 + 120 + 1000 + 628 + 3
+    assert (est.models, est.trainable, est.teacher_cache, est.activations) == (200, 120, 1000, 3 * 10 * 5 * 4 + 28)
+    assert est.total == 200 + 120 + 1000 + 628 + 3
     idle = estimate_bytes(100, 40, 10, 5, 7, 1000, distilling=False, baseline=0)
     assert idle.trainable == 0 and idle.teacher_cache == 0

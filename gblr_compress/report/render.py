@@ -78,7 +78,9 @@ def render_summary(report: CompressionReport, console: Console) -> None:
     # any padding the chosen forms store.
     exported = [l.export_params for l in report.layers if l.compressed]
     if exported and all(p is not None for p in exported):
-        dense_rest = sum(l.dense_cost for l in report.layers if not l.compressed)
+        # Layers the budget kept dense ("skipped"); the ones left outside it ("excluded",
+        # e.g. a tied lm_head) are in neither column, like linear_dense_cost.
+        dense_rest = sum(l.dense_cost for l in report.layers if l.status == "skipped")
         stored = sum(exported) + dense_rest  # type: ignore[arg-type]
         t.add_row(
             "linear weight params (exported)",
