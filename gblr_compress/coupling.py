@@ -51,12 +51,20 @@ class CouplingGroup:
         return (*self.producers, *self.kv_producers, self.consumer)
 
 
-def _linear(parent: nn.Module, name: str) -> nn.Linear | None:
+def _linear(parent: nn.Module, name: str) -> nn.Module | None:
+    """The child ``name`` when it is linear-like: an ``nn.Linear``, or a module with
+    integer ``in_features`` / ``out_features`` (a GBLR layer: a frozen model's groups are
+    found the same way as the dense model's)."""
     mod = getattr(parent, name, None)
-    return mod if isinstance(mod, nn.Linear) else None
+    if isinstance(mod, nn.Linear):
+        return mod
+    if isinstance(mod, nn.Module) and isinstance(getattr(mod, "in_features", None), int) \
+            and isinstance(getattr(mod, "out_features", None), int):
+        return mod
+    return None
 
 
-def _heads(attn: nn.Module, q: nn.Linear) -> tuple[int, int, int] | None:
+def _heads(attn: nn.Module, q: nn.Module) -> tuple[int, int, int] | None:
     """``(query heads, key/value heads, head dim)`` of an attention module, or None."""
     cfg = getattr(attn, "config", None)
     heads = None

@@ -210,8 +210,19 @@ def test_compress_prunes_a_bert_wrapper_and_exports_it(tmp_path) -> None:
     assert sum(r.cost for r in res.records.values()) <= res.max_cost
     out = export_onnx(res.model, calib[0], tmp_path / "m.onnx")
     assert out.ort_ok and out.max_abs_diff <= out.tolerance
+    # A fully pruned group leaves the graph as smaller nn.Linear layers (export/shrink.py):
+    # the producers' weights have only the kept rows, the consumer's the kept columns.
     forms = {lay.name: lay.form for lay in out.layers}
-    assert all(forms[n] == "dense" for n in pruned), forms
+    assert all(forms[n] == "pruned" for n in pruned), forms
+    import onnx
+
+    shapes = {tuple(t.dims) for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    for n in pruned:
+        lay = next(lay for lay in out.layers if lay.name == n)
+        rec = res.records[n]
+        (block,) = rec.blocks
+        assert lay.params == block.row_width * block.col_width < rec.dense_cost
+        assert (block.col_width, block.row_width) in shapes or (block.row_width, block.col_width) in shapes
 
 
 class _Two(nn.Module):

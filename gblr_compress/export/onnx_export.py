@@ -29,6 +29,7 @@ from torch import nn
 
 from gblr_compress.errors import InputError
 from gblr_compress.export.forms import FORMS, LayerPlan, emit_layer, plan_layer
+from gblr_compress.export.shrink import ShrunkLayer, shrink_pruned
 from gblr_compress.export.trace import DOMAIN, ModelCall, compressed_layers, trace_model
 from gblr_compress.export.verify import compare, reference
 from gblr_compress.files import atomic_path
@@ -55,7 +56,9 @@ class LayerExport:
 
     Attributes:
         name: dotted module path in the model.
-        form: the emitted form (``segments``, ``vpad`` or ``lowrank``).
+        form: the emitted form (``segments``, ``vpad``, ``lowrank``, ``dense``, or
+            ``pruned``: a layer of a pruned group emitted as a smaller ``nn.Linear``, see
+            :mod:`~gblr_compress.export.shrink`).
         params: real weight parameters stored for the layer (bias excluded).
         exact_cost: the frozen exact cost; ``params == exact_cost`` for exact forms.
         dense_cost: ``m * n`` of the dense layer it replaces.
@@ -222,38 +225,57 @@ def build_onnx(
         raise InputError(f"unknown form {form!r}; expected auto, sliced or one of {', '.join(FORMS)}")
     call = ModelCall(example_inputs, input_names)
 
-    named = compressed_layers(model)
-    structures = []
-    for name, layer in named:
-        s = layer.structure()
-        s.name = name  # the module path is the name a graph viewer and a report show
-        structures.append(s)
-    try:
-        plans = [plan_layer(s, form) for s in structures]  # plan
-    except ValueError as exc:  # a forced form this structure cannot take (dense on overlapping rows)
-        raise InputError(f"form {form!r}: {exc}") from None
-
     was_training = model.training
     model.eval()
     try:
         ref_out, out_names = call.run(model)
-        proto = trace_model(model, call, [layer for _, layer in named], out_names, opset, dynamic_axes)
+        # Fully pruned groups become smaller nn.Linear layers (traced as plain MatMuls);
+        # the graph is checked against ``model`` itself, so the shrink is verified too.
+        view, shrunk = (model, []) if form != "auto" else shrink_pruned(model, lambda m: call.run(m)[0])
+        named = compressed_layers(view)
+        structures = []
+        for name, layer in named:
+            s = layer.structure()
+            s.name = name  # the module path is the name a graph viewer and a report show
+            structures.append(s)
+        try:
+            plans = [plan_layer(s, form) for s in structures]  # plan
+        except ValueError as exc:  # a forced form this structure cannot take (dense on overlapping rows)
+            raise InputError(f"form {form!r}: {exc}") from None
+        proto = trace_model(view, call, [layer for _, layer in named], out_names, opset, dynamic_axes)
     finally:
         model.train(was_training)
     order = _replace_placeholders(proto, structures, plans)  # build
     order = list(dict.fromkeys(order))  # first call of each layer, graph order
     if sorted(order) != list(range(len(named))):
         raise RuntimeError("some compressed layers were not reached by the traced graph")
+    layers = _layer_exports(structures, plans, order) + _shrunk_exports(model, shrunk)
+    records = [structures[i].to_dict() for i in order] + [_structure(model, s.name).to_dict() for s in shrunk]
     for k, v in {
-        "gblr.structure": json.dumps([structures[i].to_dict() for i in order]),
-        "gblr.export": json.dumps(
-            [{"name": structures[i].name, "form": plans[i].form, "params": plans[i].params} for i in order]
-        ),
+        "gblr.structure": json.dumps(records),
+        "gblr.export": json.dumps([{"name": le.name, "form": le.form, "params": le.params} for le in layers]),
     }.items():
         proto.metadata_props.add(key=k, value=v)
     if not _too_big(proto):  # a larger one is checked from its file (see _write)
         onnx.checker.check_model(proto, full_check=True)
-    return OnnxGraph(proto, call, ref_out, _layer_exports(structures, plans, order), opset)
+    return OnnxGraph(proto, call, ref_out, layers, opset)
+
+
+def _structure(model: nn.Module, name: str) -> LayerStructure:
+    s = model.get_submodule(name).structure()
+    s.name = name
+    return s
+
+
+def _shrunk_exports(model: nn.Module, shrunk: list[ShrunkLayer]) -> list[LayerExport]:
+    """Export records of the layers of pruned groups emitted as smaller nn.Linear layers
+    (form ``"pruned"``: the pruned units are gone from the graph)."""
+    out = []
+    for s in shrunk:
+        structure = _structure(model, s.name)
+        out.append(LayerExport(name=s.name, form="pruned", params=s.params, exact_cost=structure.cost,
+                               dense_cost=structure.dense_cost, zero_padded=s.params > structure.cost, bias=s.bias))
+    return out
 
 
 def _too_big(proto: onnx.ModelProto) -> bool:
