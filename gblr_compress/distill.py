@@ -34,13 +34,15 @@ from torch.nn import functional as F
 from gblr_compress.batches import Batch, flatten_outputs, positions, real_positions, run_model, token_mask
 from gblr_compress.budget import project_widths_, total_cost
 from gblr_compress.errors import ConfigError
-from gblr_compress.layer import GBLRLinear
+from gblr_compress.layer import FrozenGBLR, GBLRLinear
 from gblr_compress.progress import Progress, ProgressEvent
 
 __all__ = [
     "DistillConfig",
     "DistillResult",
     "gblr_layers",
+    "frozen_layers",
+    "frozen_content",
     "feature_modules",
     "heldout_subset",
     "output_kind",
@@ -160,6 +162,30 @@ class DistillResult:
 def gblr_layers(model: nn.Module) -> dict[str, GBLRLinear]:
     """The GBLRLinear layers of a model by dotted name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, GBLRLinear)}
+
+
+def frozen_layers(model: nn.Module) -> dict[str, FrozenGBLR]:
+    """The FrozenGBLR layers of a model by dotted name: during distillation, the pruned
+    windows the init froze (their windows are fixed; their content trains)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, FrozenGBLR)}
+
+
+def frozen_content(layers: Mapping[str, FrozenGBLR]) -> list[nn.Parameter]:
+    """The trainable content of frozen layers: each block's factors, except a pruned
+    window's identity factor (it stays the identity, so the block stays one dense
+    MatMul of the kept units and the export can still drop the pruned ones), and the bias.
+    """
+    params: list[nn.Parameter] = []
+    for layer in layers.values():
+        for k in range(len(layer.U)):
+            side = layer.identity_side(k)
+            if side != "U":
+                params.append(layer.U[k])
+            if side != "V":
+                params.append(layer.V[k])
+        if layer.bias is not None:
+            params.append(layer.bias)
+    return params
 
 
 def output_kind(t: torch.Tensor, name: str | None = None) -> str:
@@ -489,8 +515,9 @@ def distill_(
     """
     start = time.perf_counter()
     layers = gblr_layers(student)
-    if not layers:
-        raise ValueError("the student has no GBLRLinear layers to distill")
+    frozen = frozen_layers(student)
+    if not layers and not frozen:
+        raise ValueError("the student has no GBLRLinear or FrozenGBLR layers to distill")
     if not calib:
         raise ValueError("distillation needs at least one calibration batch")
     layer_list = list(layers.values())
@@ -513,7 +540,7 @@ def distill_(
         return result
 
     gen = torch.Generator().manual_seed(config.seed)
-    content = [p for l in layer_list for p in (l.U, l.V, l.bias) if p is not None]
+    content = [p for l in layer_list for p in (l.U, l.V, l.bias) if p is not None] + frozen_content(frozen)
     structure = [p for l in layer_list for p in (l.widths, l.locations)]
     trainable = {id(p) for p in content + structure}
     for p in student.parameters():  # only the compressed layers learn
@@ -525,10 +552,13 @@ def distill_(
     # Structure moves by SGD on globally normalized gradients, not Adam: Adam's per-
     # parameter scaling moves every width at the same speed, so the shared proximal
     # shrink could not tell important groups from idle ones and none would die.
-    sopt = torch.optim.SGD(structure, lr=config.structure_lr, momentum=0.9)
-    sopt.param_groups[0]["base_lr"] = config.structure_lr
-    use_taps = config.layer_weight > 0
-    names = feature_modules(student, list(layers), config.features)
+    # A student whose compressed layers are all pruned windows has no structure to move.
+    sopt = torch.optim.SGD(structure, lr=config.structure_lr, momentum=0.9) if structure else None
+    if sopt is not None:
+        sopt.param_groups[0]["base_lr"] = config.structure_lr
+    tracked = {**layers, **frozen}  # whose state the best held-out state saves
+    names = feature_modules(student, [*layers, *frozen], config.features)
+    use_taps = config.layer_weight > 0 and bool(names)
     s_taps = _LayerTaps(student, names) if use_taps else None
     t_taps = _LayerTaps(teacher, names) if use_taps else None
     fit_teacher = _TeacherCache(teacher, t_taps, held_teacher.limit - held_teacher.used)
@@ -537,12 +567,13 @@ def distill_(
     ste_start = int(round((1.0 - config.ste_fraction) * steps))
     t_loop = time.perf_counter()
     best = heldout_before if heldout_before is not None else math.inf
-    best_state = _gblr_state(layers) if holdout else None
+    best_state = _gblr_state(tracked) if holdout else None
     order: list[int] = []
     # Without held-out data the last evaluated state is what a numerical fault falls
     # back to (with it, the best held-out state is).
-    safe_state = best_state if holdout else _gblr_state(layers)
+    safe_state = best_state if holdout else _gblr_state(tracked)
     _train_compressed_only(student, layer_list)
+    checked: list[nn.Module] = [*layer_list, *frozen.values()]  # parameters checked for faults
     try:
         step = 0
         while step < steps:
@@ -551,7 +582,7 @@ def distill_(
             index = order.pop()
             batch = calib[index]
             _set_mask_schedule(layer_list, step, ste_start, config)
-            for group in opt.param_groups + sopt.param_groups:
+            for group in opt.param_groups + (sopt.param_groups if sopt is not None else []):
                 group["lr"] = group["base_lr"] * _lr_factor(step, steps, warmup)
             t_out, t_layers = fit_teacher(index, batch)
             s_out = run_model(student, batch)
@@ -560,20 +591,22 @@ def distill_(
             if use_taps:
                 terms = [normalized_mse(s_taps.outputs[n], t_layers[n], mask) for n in names]
                 loss = loss + config.layer_weight * torch.stack(terms).mean()
-            result.stopped = _fault(step + 1, loss, None, None, layer_list)
+            result.stopped = _fault(step + 1, loss, None, None, checked)
             if result.stopped:
                 break
             opt.zero_grad(set_to_none=True)
-            sopt.zero_grad(set_to_none=True)
+            if sopt is not None:
+                sopt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            _normalize_grads(structure)
-            sopt.step()
+            if sopt is not None:
+                _normalize_grads(structure)
+                sopt.step()
             with torch.no_grad():  # proximal step: cyclic locations, widths onto the budget
                 for layer in layer_list:
                     layer.clamp_structure_()
                 project_widths_(layer_list, max_cost)
-            result.stopped = _fault(step + 1, None, None, None, layer_list)
+            result.stopped = _fault(step + 1, None, None, None, checked)
             if result.stopped:
                 break
             done = step = step + 1
@@ -594,10 +627,10 @@ def distill_(
                 held = _heldout_loss(student, held_teacher, holdout, config) if holdout else None
                 result.history.append(_snapshot(done, loss.item(), held, layers))
                 if held is not None and held < best:
-                    best, best_state, result.best_step = held, _gblr_state(layers), done
+                    best, best_state, result.best_step = held, _gblr_state(tracked), done
                 if not holdout:
-                    safe_state = _gblr_state(layers)
-                result.stopped = _fault(done, None, held, heldout_before, layer_list)
+                    safe_state = _gblr_state(tracked)
+                result.stopped = _fault(done, None, held, heldout_before, checked)
                 if result.stopped:
                     break
             if progress is not None:
@@ -614,7 +647,7 @@ def distill_(
         best_state = safe_state  # no held-out data: the last evaluated state
         result.best_step = max((h["step"] for h in result.history), default=0)
     if best_state is not None:
-        _load_gblr_state(layers, best_state)
+        _load_gblr_state(tracked, best_state)
         result.heldout_after = best
         for layer in layer_list:  # the saved state may carry a soft-phase sigma
             layer.sigma.fill_(math.inf)
@@ -627,7 +660,7 @@ def distill_(
 
 def _fault(
     step: int, loss: torch.Tensor | None, held: float | None, held_before: float | None,
-    layers: Sequence[GBLRLinear],
+    layers: Sequence[nn.Module],
 ) -> str | None:
     """Why the loop must stop at ``step`` (one line), or None: a non-finite training
     loss (checked before the backward pass), held-out loss or parameter (after the
@@ -673,11 +706,11 @@ def _set_mask_schedule(layers: Sequence[GBLRLinear], step: int, ste_start: int, 
         layer.round_ste = False
 
 
-def _gblr_state(layers: dict[str, GBLRLinear]) -> dict[str, dict[str, torch.Tensor]]:
+def _gblr_state(layers: Mapping[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
     return {n: {k: v.detach().clone() for k, v in l.state_dict().items()} for n, l in layers.items()}
 
 
-def _load_gblr_state(layers: dict[str, GBLRLinear], state: dict[str, dict[str, torch.Tensor]]) -> None:
+def _load_gblr_state(layers: Mapping[str, nn.Module], state: dict[str, dict[str, torch.Tensor]]) -> None:
     for n, l in layers.items():
         l.load_state_dict(state[n])
 

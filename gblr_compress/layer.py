@@ -362,12 +362,12 @@ class FrozenGBLR(nn.Module):
         dense MatMul), so parameter counts leave them out."""
         total = 0
         for k in range(len(self.U)):
-            side = self._identity_side(k)
+            side = self.identity_side(k)
             if side is not None:
                 total += (self.U if side == "U" else self.V)[k].numel()
         return total
 
-    def _identity_side(self, k: int) -> str | None:
+    def identity_side(self, k: int) -> str | None:
         """``"U"`` / ``"V"`` when block ``k`` is a dense block stored with that factor the
         identity (a pruned window, :mod:`~gblr_compress.init.prune`), so forward skips
         multiplying by it; None otherwise. Cached per parameter version, so a factor
@@ -414,7 +414,7 @@ class FrozenGBLR(nn.Module):
         for k, (U, V, cols, rows) in enumerate(zip(self.U, self.V, self._col_slices, self._row_slices)):
             parts = [x[..., lo:hi] for lo, hi in cols]
             xs = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (..., cw)
-            side = self._identity_side(k)
+            side = self.identity_side(k)
             if side == "U":  # a dense block stored as (I, W): pruned producer rows
                 out = xs @ V.T  # (..., rw)
             elif side == "V":  # (W, I): pruned consumer columns

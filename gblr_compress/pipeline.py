@@ -401,7 +401,8 @@ def compress_prepared(prep: Prepared, config: CompressConfig, progress: Progress
         quality["init"] = agreement(student.eval(), teacher, _quality_batches(held, config), config.logits)
 
     distilled = recovery = None
-    compressed = [n for n, rec in init.layers.items() if rec.status in ("gblr", "lowrank")]
+    # Pruned windows train too (content only: their windows are fixed by the init).
+    compressed = [n for n, rec in init.layers.items() if rec.status in ("gblr", "lowrank", "pruned")]
     if deadline is not None and time.perf_counter() >= deadline:
         distilling = False  # the time budget went to the init: freeze what it built
     if distilling and compressed:

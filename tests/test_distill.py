@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch import nn
 
 from gblr_compress.budget import budget_cost, total_cost
 from gblr_compress.distill import (
@@ -254,3 +255,25 @@ def test_a_causal_lms_named_logits_are_matched_by_kl_per_position() -> None:
     torch.testing.assert_close(torch.autograd.grad(chunked, big_s)[0], torch.autograd.grad(plain, big_s)[0])
     # hidden states under any other name stay normalized MSE
     assert output_kind(t, "last_hidden_state") == "features"
+
+
+def test_pruned_windows_train_their_content_and_keep_their_identity_factor() -> None:
+    from gblr_compress.distill import frozen_content
+    from gblr_compress.layer import FrozenGBLR
+    from tests.test_shrink import _cols, _rows
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 5)).eval()
+    student = copy.deepcopy(teacher)
+    student[0], student[2] = _rows(student[0], 10), _cols(student[2], 10)  # 10 of 24 units kept
+    before = {n: t.detach().clone() for n, t in student.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(16, 12, generator=gen) for _ in range(6)]
+    held = [torch.randn(16, 12, generator=gen) for _ in range(2)]
+    assert len(frozen_content({"0": student[0], "2": student[2]})) == 4  # W sides and biases
+    result = distill_(student, teacher, calib, 0, DistillConfig(steps=30, lr=1e-2, eval_every=5), holdout=held)
+    assert result.heldout_after < result.heldout_before  # the kept units' weights moved usefully
+    after = student.state_dict()
+    assert not torch.equal(after["0.V.0"], before["0.V.0"]) and not torch.equal(after["2.U.0"], before["2.U.0"])
+    assert torch.equal(after["0.U.0"], torch.eye(10)) and torch.equal(after["2.V.0"], torch.eye(10))
+    assert isinstance(student[0], FrozenGBLR) and student[0].identity_side(0) == "U"
