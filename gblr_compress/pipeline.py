@@ -34,6 +34,7 @@ from gblr_compress.errors import ConfigError, InputError
 from gblr_compress.freeze import freeze_, recover_
 from gblr_compress.init import InitConfig, InitResult, InitStats, allocate, collect_stats, init_layers_
 from gblr_compress.init.model import statistics_batches
+from gblr_compress.memory import give_back_freed
 from gblr_compress.progress import Progress
 from gblr_compress.refit import RefitResult, refit_consumers_
 from gblr_compress.structure import LayerStructure
@@ -376,6 +377,7 @@ def compress_prepared(prep: Prepared, config: CompressConfig, progress: Progress
         # done with: on a 135M-parameter LM they are about 2 GB the distillation does
         # not need.
         prep.stats = None
+        give_back_freed()
     dense_total = sum(rec.dense_cost for rec in init.layers.values())
     skipped_dense = sum(r.dense_cost for r in init.layers.values() if r.status == "skipped")
     max_cost = math.floor(config.budget * dense_total) - skipped_dense
