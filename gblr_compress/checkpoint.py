@@ -184,7 +184,8 @@ def _load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], path: 
 
 # -------------------------------------------------------------------------- models
 def load_model(
-    path: str | os.PathLike, factory: str | None = None, warn: Callable[[str], None] | None = None
+    path: str | os.PathLike, factory: str | None = None, warn: Callable[[str], None] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Load a model in any supported format (see the module docstring).
 
@@ -199,6 +200,8 @@ def load_model(
             state_dict / safetensors file.
         warn: called with a one-line warning right before a file is unpickled (the
             only load that can run code from the file); None: no warning.
+        note: called with a one-line note on what was loaded when it is not what the
+            file names (a HuggingFace folder's base model, see :func:`_load_hf_dir`).
 
     Returns:
         A :class:`LoadedModel` whose model is on CPU in eval mode.
@@ -209,7 +212,7 @@ def load_model(
     """
     p = existing_path(path)
     if p.is_dir():
-        return _load_hf_dir(p)
+        return _load_hf_dir(p, note)
     if p.suffix == ".safetensors":
         return _load_safetensors(p, factory)
     kind = _zip_kind(p)
@@ -299,7 +302,11 @@ def _load_safetensors(p: Path, factory: str | None) -> LoadedModel:
     return _finish(model, p, example_inputs=None, calib=None, source_format="safetensors")
 
 
-def _load_hf_dir(p: Path) -> LoadedModel:
+def _load_hf_dir(p: Path, note: Callable[[str], None] | None = None) -> LoadedModel:
+    """The folder's model as its config names it, or its base model (``AutoModel``)
+    when the folder's weights do not hold that class's head: a sentence-transformers
+    folder says ``MPNetForMaskedLM`` but ships the encoder only, and a head initialized
+    at random would be the teacher's output (``note`` says which was loaded)."""
     if not (p / "config.json").is_file():
         raise InputError(f"{p} is a directory without config.json; supported: {SUPPORTED_MODEL_FORMATS}")
     try:
@@ -314,7 +321,20 @@ def _load_hf_dir(p: Path) -> LoadedModel:
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
         cls = cls or transformers.AutoModel
-        model = cls.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+        # transformers' own "newly initialized" warning would contradict the note below.
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            model, info = cls.from_pretrained(str(p), local_files_only=True, trust_remote_code=False,
+                                              output_loading_info=True)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        missing = list(info.get("missing_keys") or [])
+        if missing and cls is not transformers.AutoModel:
+            model = transformers.AutoModel.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+            if note is not None:
+                note(f"{p}: the weights hold no {arch} head ({len(missing)} missing, e.g. {missing[0]}): "
+                     f"loaded the base model ({type(model).__name__}) instead")
     except Exception as exc:
         raise InputError(f"cannot load HuggingFace model from {p}: {short_reason(exc)}") from exc
     return _finish(model, p, example_inputs=None, calib=None, source_format="huggingface")

@@ -439,7 +439,7 @@ def load_inputs(job: Job, progress: Progress | None = None,
     t0 = time.perf_counter()
     pickle_note = None if job.trust_checkpoint else "pass --trust-checkpoint to silence this"
     loaded = load_model(job.model, job.factory, warn=None if pickle_note is None else
-                        (lambda text: _warn(f"{text}; {pickle_note}")))
+                        (lambda text: _warn(f"{text}; {pickle_note}")), note=_warn)
     cast, dtype = _check_numerics(job, loaded)
     if cast:
         _warn(cast)

@@ -91,3 +91,26 @@ def test_hf_directory_needs_transformers(tmp_path) -> None:
         _one_line_error(load_model, tmp_path, match="pip install transformers")
     else:
         _one_line_error(load_model, tmp_path, match="cannot load HuggingFace")
+
+
+def test_hf_folder_without_its_named_head_loads_the_base_model(tmp_path) -> None:
+    """A sentence-transformers folder names MPNetForMaskedLM but ships the encoder only:
+    the base model is loaded (and said so), not a model with a random head."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=8)
+    transformers.BertModel(cfg).save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf["architectures"] = ["BertForMaskedLM"]
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    notes: list[str] = []
+    loaded = load_model(tmp_path, note=notes.append)
+    assert type(loaded.model).__name__ == "BertModel"
+    assert len(notes) == 1 and "BertForMaskedLM" in notes[0] and "base model" in notes[0]
+    # a folder whose weights hold the named head loads that class, with no note
+    transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / "mlm")
+    notes.clear()
+    assert type(load_model(tmp_path / "mlm", note=notes.append).model).__name__ == "BertForMaskedLM"
+    assert notes == []
