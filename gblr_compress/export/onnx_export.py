@@ -231,7 +231,7 @@ def build_onnx(
         ref_out, out_names = call.run(model)
         # Fully pruned groups become smaller nn.Linear layers (traced as plain MatMuls);
         # the graph is checked against ``model`` itself, so the shrink is verified too.
-        view, shrunk = (model, []) if form != "auto" else shrink_pruned(model, lambda m: call.run(m)[0])
+        view, shrunk = (model, []) if form != "auto" else shrink_pruned(model, lambda m: call.run(m)[0], ref_out)
         named = compressed_layers(view)
         structures = []
         for name, layer in named:

@@ -141,13 +141,15 @@ def _close(a: Any, b: Any) -> bool:
 
 
 @torch.no_grad()
-def shrink_pruned(model: nn.Module, run: Any) -> tuple[nn.Module, list[ShrunkLayer]]:
+def shrink_pruned(model: nn.Module, run: Any, reference: Any = None) -> tuple[nn.Module, list[ShrunkLayer]]:
     """A view of ``model`` with every fully pruned coupling group made smaller.
 
     Args:
         model: a frozen model (FrozenGBLR layers), left as it is.
         run: ``run(module) -> outputs`` on the example inputs; each shrunk group is
             kept only when the view's outputs still match the model's.
+        reference: ``run(model)``, when the caller has it already (the export does);
+            else it is computed when there is a group to check.
 
     Returns:
         ``(view, shrunk layers)``; ``(model, [])`` when no group could be shrunk.
@@ -158,7 +160,8 @@ def shrink_pruned(model: nn.Module, run: Any) -> tuple[nn.Module, list[ShrunkLay
     plans = [(g, plan) for g in groups if (plan := _group_plan(model, g)) is not None]
     if not plans:
         return model, []
-    reference = run(model)
+    if reference is None:
+        reference = run(model)
     # All groups at once (one check); when that fails, one group at a time, so a layout
     # this module does not know costs only its own groups.
     view = _apply(model, plans)
