@@ -354,7 +354,7 @@ class FrozenGBLR(nn.Module):
         # Slices are fixed at freeze time; computing them once keeps forward lean.
         self._col_slices = [window_slices(cs, cw, self.in_features) for _, _, cs, cw in self.windows]
         self._row_slices = [window_slices(rs, rw, self.out_features) for rs, rw, _, _ in self.windows]
-        self._eye: dict[int, tuple[int, int, str | None]] = {}
+        self._eye: dict[tuple[int, str], tuple[int, bool]] = {}
 
     def identity_params(self) -> int:
         """Elements of the identity factors of pruned-window blocks: stored here so that
@@ -370,20 +370,23 @@ class FrozenGBLR(nn.Module):
     def identity_side(self, k: int) -> str | None:
         """``"U"`` / ``"V"`` when block ``k`` is a dense block stored with that factor the
         identity (a pruned window, :mod:`~gblr_compress.init.prune`), so forward skips
-        multiplying by it; None otherwise. Cached per parameter version, so a factor
-        changed in place (fine-tuning) is checked again."""
-        U, V = self.U[k], self.V[k]
-        key = (U._version, V._version)
-        hit = self._eye.get(k)
-        if hit is not None and hit[:2] == key:
-            return hit[2]
-        side = None
-        for name, f in (("U", U), ("V", V)):
-            if f.shape[0] == f.shape[1] and torch.equal(f.detach(), torch.eye(f.shape[0], dtype=f.dtype, device=f.device)):
-                side = name
-                break
-        self._eye[k] = (*key, side)
-        return side
+        multiplying by it; None otherwise. Checked again whenever a factor changes in place
+        (fine-tuning)."""
+        for name, f in (("U", self.U[k]), ("V", self.V[k])):
+            if self._is_eye(k, name, f):
+                return name
+        return None
+
+    def _is_eye(self, k: int, name: str, f: torch.Tensor) -> bool:
+        """Whether factor ``name`` of block ``k`` is the identity, cached per factor and
+        version: fine-tuning a pruned window changes its other factor every step, and
+        the identity need not be compared again for that."""
+        hit = self._eye.get((k, name))
+        if hit is not None and hit[0] == f._version:
+            return hit[1]
+        eye = f.shape[0] == f.shape[1] and torch.equal(f.detach(), torch.eye(f.shape[0], dtype=f.dtype, device=f.device))
+        self._eye[(k, name)] = (f._version, eye)
+        return eye
 
     def structure(self) -> LayerStructure:
         """The current record (windows plus the possibly fine-tuned factors)."""

@@ -139,7 +139,7 @@ def refit_consumers_(
             if not isinstance(layer, FrozenGBLR) or len(layer.U) != 1 or layer.bias is None:
                 continue
             (rs, rw, cs, cw), U, V = layer.windows[0], layer.U[0], layer.V[0]
-            if (rs, rw, cs) != (0, layer.out_features, 0) or not _is_eye(V):
+            if (rs, rw, cs) != (0, layer.out_features, 0) or layer.identity_side(0) != "V":
                 continue  # not a pruned consumer (W, I): e.g. a pruned producer (I, W)
             W2 = dense.weight.detach().to("cpu", _F64)
             b2 = (dense.bias.detach() if dense.bias is not None else torch.zeros(W2.shape[0])).to("cpu", _F64)
@@ -166,6 +166,3 @@ def refit_consumers_(
     result.seconds = time.perf_counter() - t0
     return result
 
-
-def _is_eye(V: torch.Tensor) -> bool:
-    return V.shape[0] == V.shape[1] and torch.equal(V.detach(), torch.eye(V.shape[0], dtype=V.dtype, device=V.device))
