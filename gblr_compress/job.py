@@ -25,6 +25,7 @@ from gblr_compress.batches import Batch, flatten_outputs, graph_outputs, positio
 from gblr_compress.calibration import calibration_batches, check_inputs_fit
 from gblr_compress.checkpoint import LoadedModel, load_model
 from gblr_compress.deploy import Bench, int8_check, timer
+from gblr_compress.distill import agreement
 from gblr_compress.errors import FidelityError, InputError
 from gblr_compress.export import (
     ExportResult,
@@ -582,21 +583,22 @@ def _quantized(job: Job, inputs: JobInputs, result: CompressResult, graph: OnnxG
     return bench, deploy
 
 
-def _half(job: Job, inputs: JobInputs, graph: OnnxGraph, folder: Path) -> tuple[Path, dict[str, Any]]:
+def _half(job: Job, inputs: JobInputs, result: CompressResult, graph: OnnxGraph,
+          folder: Path) -> tuple[Path, dict[str, Any]]:
     """``--export-dtype float16``: the verified float32 graph converted to float16 in
-    ``folder``, its held-out fidelity measured against the dense model and checked
-    against the float32 graph's within :data:`HALF_TOLERANCE`.
+    ``folder``; the float16 file's held-out fidelity against the dense model, checked
+    against the float32 model's (the frozen student, which its graph matches to
+    ``1e-4``) within :data:`HALF_TOLERANCE`.
 
     Raises:
         VerificationError: the float16 file loses more than the tolerance.
     """
     _, held = split_batches(inputs.calib, job.config.holdout_fraction)
     dense = inputs.loaded.model.eval()
-    f32_path, f16_path = folder / "float32.onnx", folder / "float16.onnx"
-    save_onnx(graph, f32_path)
+    f16_path = folder / "float16.onnx"
     half = to_float16(graph.proto)
     save_onnx(OnnxGraph(half.proto, graph.call, graph.reference, graph.layers, graph.opset), f16_path)
-    fid32 = onnx_fidelity(f32_path, dense, held, job.config.logits)
+    fid32 = agreement(result.model.eval(), dense, held, job.config.logits)
     fid16 = onnx_fidelity(f16_path, dense, held, job.config.logits)
     lost = fid32["cosine"] - fid16["cosine"]
     if not lost <= HALF_TOLERANCE:  # also catches NaN
@@ -605,7 +607,6 @@ def _half(job: Job, inputs: JobInputs, graph: OnnxGraph, folder: Path) -> tuple[
             f"({fid16['cosine']:.4f} vs {fid32['cosine']:.4f}; tolerance {HALF_TOLERANCE}): values leave "
             "float16's range; export float32 (the default)"
         )
-    f32_path.unlink()
     deploy = {"export_dtype": {**half.to_dict(), "heldout_float32": fid32, "heldout_float16": fid16,
                                "tolerance": HALF_TOLERANCE}}
     return f16_path, deploy
@@ -659,7 +660,7 @@ def run_job(job: Job, progress: Progress | None = None, warn: Callable[[str], No
             chosen = None if entry is None else entry.path
         elif inputs.dtype == "float16" and failed_parity is None:
             half_dir = tempfile.TemporaryDirectory(prefix="gblr-half-")
-            chosen, deploy = _half(job, inputs, graph, Path(half_dir.name))
+            chosen, deploy = _half(job, inputs, result, graph, Path(half_dir.name))
         peaks(ProgressEvent("export", 1, 1))
         seconds["export"] = time.perf_counter() - t0
         return write_outputs(job, inputs, result, graph.layers, parity, graph, chosen, bench, deploy, failed_parity)

@@ -31,10 +31,9 @@ from gblr_compress.export.verify import session
 __all__ = ["OrtModel", "Timing", "latency", "onnx_fidelity"]
 
 
-def _as_input(t: torch.Tensor, ort_type: str) -> np.ndarray:
-    """``t`` as the graph input takes it: float tensors cast to a float16 input's type
+def _as_input(a: np.ndarray, ort_type: str) -> np.ndarray:
+    """``a`` as the graph input takes it: float arrays cast to a float16 input's type
     (a float16 file, see :mod:`gblr_compress.export.half`), the rest as they are."""
-    a = t.detach().cpu().numpy()
     if ort_type == "tensor(float16)" and a.dtype.kind == "f":
         return a.astype(np.float16)
     return a
@@ -57,7 +56,7 @@ class OrtModel(nn.Module):
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
         given = dict(kwargs) if kwargs else {f"input_{i}": t for i, t in enumerate(args)}
         # The exporter drops inputs the graph does not use: feed only the ones it kept.
-        feeds = {n: _as_input(given[n], self.types[n]) for n in self.inputs}
+        feeds = {n: _as_input(given[n].detach().cpu().numpy(), self.types[n]) for n in self.inputs}
         # A float16 file's outputs are scored in float32, like the PyTorch model's.
         out = [torch.from_numpy(o).float() if o.dtype == np.float16 else torch.from_numpy(o)
                for o in self.sess.run(None, feeds)]
@@ -104,8 +103,7 @@ def latency(
     call = ModelCall(inputs)
     feeds_all = {n: t.detach().cpu().numpy() for n, t in zip(call.names, call.tensors)}
     sessions = {k: session(Path(p)) for k, p in paths.items()}
-    feeds = {k: {i.name: _as_input(torch.from_numpy(feeds_all[i.name]), i.type) for i in s.get_inputs()}
-             for k, s in sessions.items()}
+    feeds = {k: {i.name: _as_input(feeds_all[i.name], i.type) for i in s.get_inputs()} for k, s in sessions.items()}
     for k, s in sessions.items():
         s.run(None, feeds[k])
     labels = list(sessions)
