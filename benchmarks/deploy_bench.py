@@ -48,9 +48,9 @@ import torch
 from torch import nn
 
 from benchmarks import assets
+from benchmarks.common import run_main
 from benchmarks.minilm.model import SentenceEncoder
 from benchmarks.models_bench import _embeddings_onnx, _embeddings_torch, _tokenize, encoder_fidelity
-from gblr_compress.errors import InputError
 from gblr_compress.export import export_onnx
 from gblr_compress.export.measure import latency
 from gblr_compress.export.quantize import quantize_int8
@@ -67,7 +67,8 @@ def anchor_onnx(work: Path, dense: nn.Module, calib_txt: Path, budget: float, in
     """The pruning + least-squares anchor (``benchmarks/prune_anchor.py``: FFN units and
     heads pruned by output energy, consumers refit in closed form, global split, no
     fine-tune) at ``budget`` of the encoder's Linear cost, calibrated on the same text
-    as the command, exported to ONNX (smaller dense GEMMs), optionally int8 on top."""
+    as the command, exported to ONNX (smaller dense GEMMs), optionally int8 on top.
+    Each budget is pruned and exported once; its int8 file quantizes that export."""
     import copy
 
     from transformers import AutoTokenizer
@@ -79,13 +80,15 @@ def anchor_onnx(work: Path, dense: nn.Module, calib_txt: Path, budget: float, in
         lines = [t for t in calib_txt.read_text().splitlines() if t.strip()]
         batches = [_tokenize(tokenizer, lines[i:i + 32]) for i in range(0, len(lines), 32)]
         _ANCHOR.update(moments=consumer_moments(dense, batches), sample=batches[0])
-    names = compressible_linears(dense)
-    student = copy.deepcopy(dense)
-    result = prune_anchor_(student, [], int(budget * linear_cost(dense, names)), moments=_ANCHOR["moments"])
-    path = work / f"anchor_{budget}.onnx"
-    if not path.exists():
+    key = f"float {budget}"
+    if key not in _ANCHOR:
+        names = compressible_linears(dense)
+        student = copy.deepcopy(dense)
+        result = prune_anchor_(student, [], int(budget * linear_cost(dense, names)), moments=_ANCHOR["moments"])
+        path = work / f"anchor_{budget}.onnx"
         export_onnx(student.eval(), _ANCHOR["sample"], path, verify=False)
-    share = result.cost / linear_cost(dense, names)
+        _ANCHOR[key] = (path, result.cost / linear_cost(dense, names))
+    path, share = _ANCHOR[key]
     if not int8:
         return path, share
     q = work / f"anchor_{budget}_int8.onnx"
@@ -238,8 +241,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -18,7 +18,6 @@ import argparse
 import importlib
 import json
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -39,6 +38,7 @@ from minilm.sources import SOURCES
 from minilm.speed import OrtEncoder, SpeedResult, export_encoder, latency_ratio, make_session, measure_speed, ort_embed
 from torch import nn
 
+from benchmarks.common import run_main
 from gblr_compress.errors import InputError
 
 
@@ -374,8 +374,4 @@ def render_table(rows: list[dict], dense_cost: int) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from dataclasses import asdict
 from datetime import date
@@ -38,7 +37,7 @@ from minilm.metrics import fidelity, paraphrase_margins
 from minilm.model import embed, load_dense, make_batches
 from torch.nn import functional as F
 
-from gblr_compress.errors import InputError
+from benchmarks.common import run_main
 
 ROWS = ("gblr-calibrated", "whitened-svd+distill")
 BANDS = ((0.0, 0.02), (0.02, 0.05), (0.05, 0.1), (0.1, 2.0))
@@ -162,8 +161,4 @@ def render_margins(band_counts: list[int], right: int, queries: int, rows: dict[
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

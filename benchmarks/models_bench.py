@@ -46,8 +46,8 @@ import torch
 from torch import nn
 
 from benchmarks import assets
+from benchmarks.common import run_main
 from benchmarks.minilm.model import SentenceEncoder, mean_pool
-from gblr_compress.errors import InputError
 from gblr_compress.export import export_onnx
 
 
@@ -286,8 +286,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -38,13 +38,13 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from benchmarks.common import single_thread
 from gblr_compress.errors import InputError
 
 __all__ = [
@@ -154,14 +154,6 @@ def _unit_cost(model: nn.Module, g: UnitGroup) -> int:
     return g.unit * (rows + model.get_submodule(g.consumer).out_features)
 
 
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass
@@ -274,7 +266,7 @@ def refit_consumer(
         s_kk = s_kk + damping * s_kk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(keep), dtype=s_kk.dtype)
         s_nk = cov[:, keep]  # (n, k)
         # W2' = W2 S[:, K] S[K, K]^-1, solved (S_KK symmetric positive definite).
-        with _single_thread():
+        with single_thread():
             w_new = torch.linalg.solve(s_kk, (w @ s_nk).T).T  # (m, k)
     else:
         w_new = w[:, keep]

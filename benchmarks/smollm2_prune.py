@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 from benchmarks import assets
+from benchmarks.common import run_main
 from benchmarks.models_bench import _windows, perplexity_torch
 from benchmarks.prune_anchor import compressible_linears, consumer_moments, linear_cost, prune_anchor_
 from gblr_compress.errors import InputError
@@ -121,8 +121,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -11,12 +11,12 @@ the same cost ratio, ``r = floor(B * m * n / (m + n))``, so the summed cost is a
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
+from benchmarks.common import single_thread
 from gblr_compress.errors import InputError
 
 __all__ = [
@@ -79,20 +79,10 @@ def low_rank_cost(model: nn.Module) -> int:
     return sum(mod.exact_cost() for mod in model.modules() if isinstance(mod, LowRankLinear))
 
 
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run LAPACK on one thread: on the 2-core box, multi-threaded float64 SVD of a
-    (1536, 384) matrix took ~5 s (thread thrashing) versus 0.2 s on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _single_thread():
+    with single_thread():
         return torch.linalg.svd(a, full_matrices=False)
 
 
@@ -148,7 +138,7 @@ def whitened_svd_layer(linear: nn.Linear, rank: int, gram: torch.Tensor, damping
     g = gram.double()
     n = g.shape[0]
     g = g + damping * g.diagonal().mean() * torch.eye(n, dtype=g.dtype)
-    with _single_thread():
+    with single_thread():
         chol = torch.linalg.cholesky(g)  # (n, n) lower triangular, g = L L^T
     u, s, vh = _svd(w @ chol)
     first, second = _factor(u, s, vh, rank)
@@ -212,7 +202,7 @@ def collect_activation_stats(
         model.eval()
         # One thread: the float64 Gram updates thrash with 2 threads on a busy 2-core
         # box (measured 41 s vs 14 s for the 256 calibration sentences).
-        with _single_thread():
+        with single_thread():
             for b in batches:
                 current["keep"] = b["attention_mask"].bool()  # (B, T)
                 model(b["input_ids"], b["attention_mask"])
