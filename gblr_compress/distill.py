@@ -92,7 +92,10 @@ class DistillConfig:
             layer-wise term) per calibration batch, up to this many MiB, instead of
             running the teacher again every time a batch comes round (0: never keep).
             The teacher is fixed, so this changes no result, only the time: about a
-            quarter of a step on a BERT-small encoder.
+            quarter of a step on a BERT-small encoder. An output made by a widening
+            head (a causal LM's logits over its vocabulary) is kept as the head's
+            input and remade on use, so a batch costs its hidden states, not its
+            logits; nothing is kept when no batch comes round twice.
     """
 
     steps: int = 200
@@ -397,26 +400,115 @@ class _LayerTaps:
             h.remove()
 
 
+@dataclass
+class _Recompute:
+    """A cached output the teacher's head produced, kept as the head's input: a causal
+    LM's logits (1,024 positions x 49,152 vocabulary: 201 MB a batch) are 85x the hidden
+    states they come from, and one head GEMM remakes them exactly."""
+
+    head: nn.Module
+    x: torch.Tensor
+
+    def tensor(self) -> torch.Tensor:
+        return self.head(self.x)
+
+
+class _HeadCapture:
+    """While open, remembers the last call of the teacher's widening linear layers (out
+    features >= 4 x in features): the module, its input and its output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.last: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None
+        self._heads = [m for m in model.modules() if _widens(m)]
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _HeadCapture:
+        self.last = None
+        self._handles = [m.register_forward_hook(self._hook) for m in self._heads]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, module: nn.Module, args: tuple, out: object) -> None:
+        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+            self.last = (module, args[0], out)
+
+
+def _widens(module: nn.Module) -> bool:
+    if not isinstance(module, nn.Linear):
+        return False
+    return module.out_features >= 4 * module.in_features
+
+
+def _compact(out: object, last: tuple[nn.Module, torch.Tensor, torch.Tensor] | None) -> object:
+    """``out`` as plain dicts / lists of tensors (what the losses read: the tensors in
+    key order and the keys), the head's output replaced by a :class:`_Recompute`."""
+    if isinstance(out, torch.Tensor):
+        if last is not None and out is last[2]:
+            return _Recompute(last[0], last[1].detach())
+        return out
+    if isinstance(out, Mapping):
+        return {k: _compact(v, last) for k, v in out.items() if flatten_outputs(v)}
+    if isinstance(out, (tuple, list)):
+        return [_compact(v, last) for v in out]
+    return out
+
+
+def _expand(out: object) -> object:
+    """A :func:`_compact` output with its recomputed tensors made again."""
+    if isinstance(out, _Recompute):
+        return out.tensor()
+    if isinstance(out, dict):
+        return {k: _expand(v) for k, v in out.items()}
+    if isinstance(out, list):
+        return [_expand(v) for v in out]
+    return out
+
+
+def _nbytes(out: object) -> int:
+    if isinstance(out, _Recompute):
+        return out.x.numel() * out.x.element_size()
+    if isinstance(out, torch.Tensor):
+        return out.numel() * out.element_size()
+    if isinstance(out, dict):
+        return sum(_nbytes(v) for v in out.values())
+    if isinstance(out, list):
+        return sum(_nbytes(v) for v in out)
+    return 0
+
+
 class _TeacherCache:
     """The teacher's outputs (and tapped layer outputs) per batch index, computed on first
-    use and kept while the kept tensors stay within a byte budget."""
+    use and kept while the kept tensors stay within a byte budget. An output the
+    teacher's widening head produced (a causal LM's logits) is kept as the head's input
+    and remade on use (:class:`_Recompute`)."""
 
     def __init__(self, teacher: nn.Module, taps: _LayerTaps | None, limit_bytes: float) -> None:
         self.teacher, self.taps = teacher, taps
         self.limit, self.used = limit_bytes, 0.0
         self.kept: dict[int, tuple[object, dict[str, torch.Tensor]]] = {}
+        self._capture = _HeadCapture(teacher)
 
     @torch.no_grad()
-    def __call__(self, index: int, batch: Batch) -> tuple[object, dict[str, torch.Tensor]]:
-        """``(teacher output, {layer name: teacher layer output})`` for batch ``index``."""
+    def __call__(self, index: int, batch: Batch, keep: bool = True) -> tuple[object, dict[str, torch.Tensor]]:
+        """``(teacher output, {layer name: teacher layer output})`` for batch ``index``;
+        ``keep=False``: the caller will not ask for this batch again, so it is not kept."""
         if index in self.kept:
-            return self.kept[index]
-        out = run_model(self.teacher, batch)
+            out, tapped = self.kept[index]
+            return _expand(out), tapped
+        with self._capture as cap:
+            out = run_model(self.teacher, batch)
         tapped = dict(self.taps.outputs) if self.taps is not None else {}
-        size = sum(t.numel() * t.element_size() for t in [*flatten_outputs(out), *tapped.values()])
-        if self.used + size <= self.limit:
-            self.used += size
-            self.kept[index] = (out, tapped)
+        if keep:
+            small = _compact(out, cap.last)
+            size = _nbytes(small) + sum(t.numel() * t.element_size() for t in tapped.values())
+            if self.used + size <= self.limit:
+                self.used += size
+                self.kept[index] = (small, tapped)
+        cap.last = None
         return out, tapped
 
 
@@ -584,7 +676,8 @@ def distill_(
             _set_mask_schedule(layer_list, step, ste_start, config)
             for group in opt.param_groups + (sopt.param_groups if sopt is not None else []):
                 group["lr"] = group["base_lr"] * _lr_factor(step, steps, warmup)
-            t_out, t_layers = fit_teacher(index, batch)
+            # A batch is drawn again only once the first pass over them ends.
+            t_out, t_layers = fit_teacher(index, batch, keep=steps > len(calib))
             s_out = run_model(student, batch)
             mask = token_mask(batch)
             loss = output_loss(s_out, t_out, config.loss, config.temperature, mask)

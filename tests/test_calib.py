@@ -57,6 +57,35 @@ def test_shared_inputs_of_qkv_get_the_same_moment() -> None:
     torch.testing.assert_close(moments["layers.0.q"].xtx, X.T @ X, rtol=1e-5, atol=1e-4)
 
 
+class _Sometimes(nn.Module):
+    """``a`` and ``b`` read the same tensor unless the batch says otherwise; ``c`` reads
+    ``a``'s input twice (a reused module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
+        y = self.a(x) + self.c(x) + self.c(x)
+        return y + self.b(x * 2.0 if bool(split) else x)
+
+
+def test_layers_share_one_sum_only_while_they_read_the_same_input() -> None:
+    model = _Sometimes().double()
+    xs = [torch.randn(5, 4, dtype=torch.float64) for _ in range(3)]
+    batches = [(xs[0], torch.tensor(False)), (xs[1], torch.tensor(True)), (xs[2], torch.tensor(False))]
+    moments = collect_moments(model, ["a", "b", "c"], batches)
+    X = torch.cat(xs)
+    torch.testing.assert_close(moments["a"].xtx, X.T @ X)
+    torch.testing.assert_close(moments["c"].xtx, 2 * X.T @ X)  # read twice per batch
+    assert moments["c"].count == 30
+    Xb = torch.cat([xs[0], 2.0 * xs[1], xs[2]])
+    torch.testing.assert_close(moments["b"].xtx, Xb.T @ Xb)  # split off after batch 0
+    # always read together: one tensor, not two equal ones
+    same = collect_moments(model, ["a", "b"], [batches[0], batches[2]])
+    assert same["a"].xtx is same["b"].xtx
+
+
 def test_layer_never_called_gives_an_empty_moment() -> None:
     model = _Seq()
     moments = collect_moments(model, ["a"], [])

@@ -10,6 +10,8 @@ from torch import nn
 from gblr_compress.budget import budget_cost, total_cost
 from gblr_compress.distill import (
     DistillConfig,
+    _Recompute,
+    _TeacherCache,
     agreement,
     distill_,
     feature_modules,
@@ -81,6 +83,48 @@ def test_distill_is_deterministic_for_a_seed_with_or_without_the_teacher_cache()
     for out, history in zip(outs[1:], histories[1:]):
         torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
         assert history == histories[0]
+
+
+class _TinyLM(nn.Module):
+    """Token ids -> per-position logits over a vocabulary 8x the hidden width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+        self.mid = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 64)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+        return {"logits": self.lm_head(torch.tanh(self.mid(self.embed(input_ids)))), "extra": None}
+
+
+def test_teacher_cache_keeps_a_widening_head_s_input_and_remakes_its_output_exactly() -> None:
+    gen = torch.Generator().manual_seed(4)
+    teacher = _TinyLM().eval()
+    batch = _token_batches(gen, 1)[0]
+    cache = _TeacherCache(teacher, None, 2**30)
+    first, _ = cache(0, batch)
+    (kept, _), = cache.kept.values()
+    assert isinstance(kept["logits"], _Recompute) and cache.used == 4 * 12 * 8 * 4  # the hidden states
+    again, _ = cache(0, batch)
+    assert torch.equal(again["logits"], first["logits"]) and list(again) == ["logits"]
+    cache(1, batch, keep=False)  # a batch that will not come round again is not kept
+    assert list(cache.kept) == [0]
+
+
+def test_distill_of_an_lm_is_the_same_with_or_without_the_teacher_cache() -> None:
+    gen = torch.Generator().manual_seed(5)
+    teacher = _TinyLM().eval()
+    calib, hold = _token_batches(gen, 2), _token_batches(gen, 1)
+    outs = []
+    for cache_mb in (4096.0, 0.0):
+        student = copy.deepcopy(teacher)
+        replace_module(student, "mid", GBLRLinear.from_linear(student.mid, GBLRLayerConfig(2, 2)))
+        layers = list(gblr_layers(student).values())
+        cfg = DistillConfig(steps=6, seed=3, eval_every=2, teacher_cache_mb=cache_mb)
+        distill_(student, teacher, calib, budget_cost(layers, 0.5), cfg, holdout=hold)
+        outs.append(student(**calib[0])["logits"])
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
 
 
 def test_freeze_keeps_the_eval_function() -> None:
