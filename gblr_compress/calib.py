@@ -7,16 +7,20 @@ dict of tensors; padded positions given by an ``attention_mask``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from gblr_compress.batches import (
     Batch,
+    chunk_batch,
     flatten_outputs,
+    leading_size,
     per_token,
+    positions,
     real_positions,
     run_model,
     token_ids,
@@ -299,27 +303,39 @@ def layer_sensitivity(
         for p in saved:
             p.requires_grad_(False)
         with torch.enable_grad():
-            for batch in batches:
-                outs.clear()
-                ys = [y for y in flatten_outputs(run_model(model, batch)) if y.requires_grad]
-                live = [n for n in names if n in outs]
-                if not ys or not live:
-                    continue
-                mask = token_mask(batch)
-                # Outputs at padded positions are never used: they get no probe weight.
-                keep = [_real(y, mask) for y in ys]
-                y2 += sum(float((y.detach().double() * w).pow(2).sum()) for y, w in zip(ys, keep))
-                for n in live:
-                    o = real_positions(outs[n].detach(), mask)
-                    energy[n] += float(o.double().pow(2).sum()) / max(o.numel(), 1)
-                for k in range(probes):
-                    vs = [torch.randn(y.shape, generator=gen).to(y) * w for y, w in zip(ys, keep)]
-                    grads = torch.autograd.grad(
-                        ys, [outs[n] for n in live], vs, retain_graph=k < probes - 1, allow_unused=True
-                    )
-                    for n, g in zip(live, grads):
-                        if g is not None:
-                            trace[n] += float(g.double().pow(2).sum()) / probes
+            for chunks in (_row_chunks(model, b) for b in batches):
+                # Each layer's mean squared output over the whole batch, from its chunks.
+                sq = dict.fromkeys(names, 0.0)
+                num = dict.fromkeys(names, 0)
+                for batch, out in chunks:
+                    taps = dict(outs)
+                    outs.clear()
+                    ys = [y for y in flatten_outputs(out) if y.requires_grad]
+                    del out
+                    live = [n for n in names if n in taps]
+                    if not ys or not live:
+                        continue
+                    mask = token_mask(batch)
+                    # Outputs at padded positions are never used: they get no probe weight.
+                    keep = [_real(y, mask) for y in ys]
+                    y2 += sum(float((y.detach().double() * w).pow(2).sum()) for y, w in zip(ys, keep))
+                    for n in live:
+                        o = real_positions(taps[n].detach(), mask)
+                        sq[n] += float(o.double().pow(2).sum())
+                        num[n] += o.numel()
+                    for k in range(probes):
+                        vs = [torch.randn(y.shape, generator=gen).to(y) * w for y, w in zip(ys, keep)]
+                        grads = torch.autograd.grad(
+                            ys, [taps[n] for n in live], vs, retain_graph=k < probes - 1, allow_unused=True
+                        )
+                        for n, g in zip(live, grads):
+                            if g is not None:
+                                trace[n] += float(g.double().pow(2).sum()) / probes
+                        del vs, grads
+                    del ys, keep, taps  # this chunk's graph goes before the next one is built
+                for n in names:
+                    if num[n]:
+                        energy[n] += sq[n] / num[n]
     finally:
         for h in handles:
             h.remove()
@@ -330,6 +346,35 @@ def layer_sensitivity(
     # energy, trace and y2 are each sums over the batches, so the weights carry a common
     # factor (about the batch count); the allocation only compares layers, so it is left.
     return {n: energy[n] * trace[n] / y2 for n in names}
+
+
+# Positions one sensitivity pass runs at once. Rows of a batch are independent, so
+# row chunks estimate the same traces (their probes are drawn apart); the backward
+# graph of one 8 x 128-token batch of a 49k-vocabulary LM (its logits, the probes and
+# every layer's output) took about 2.4 GB at once.
+_SENSITIVITY_POSITIONS = 512
+
+
+def _row_chunks(model: nn.Module, batch: Batch) -> Iterator[tuple[Batch, Any]]:
+    """``(chunk, model output)`` over row chunks of ``batch`` of about
+    :data:`_SENSITIVITY_POSITIONS` positions each, one at a time; the whole batch when
+    it is that small or when the model does not take fewer rows (a batch size fixed in
+    its code)."""
+    rows = leading_size(batch)
+    per = max(1, rows * _SENSITIVITY_POSITIONS // max(positions(batch), 1))
+    if per >= rows:
+        yield batch, run_model(model, batch)
+        return
+    try:
+        first = run_model(model, chunk_batch(batch, 0, per))
+    except Exception:  # noqa: BLE001 - whatever fails here, the whole batch is the fallback
+        yield batch, run_model(model, batch)
+        return
+    yield chunk_batch(batch, 0, per), first
+    del first
+    for lo in range(per, rows, per):
+        part = chunk_batch(batch, lo, min(lo + per, rows))
+        yield part, run_model(model, part)
 
 
 def _real(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | float:

@@ -137,6 +137,9 @@ def main() -> None:
     from the file, so only use files you trust; a state_dict or .safetensors file with
     --factory package.module:function is the safe path.
     """
+    from gblr_compress.memory import tune_allocator
+
+    tune_allocator()  # before the first large tensor (see its docstring)
 
 
 def _console(stderr: bool = False) -> Any:
@@ -309,7 +312,8 @@ def _config(build: Callable[[], Any]) -> Any:
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave Linear layers whose name matches dense (repeatable).")
 @click.option("--time-budget", default=None, type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Seconds the compression may take (init, distillation, recovery): the distillation "
-                   "and recovery keep the steps that fit. Default: all --steps, however long.")
+                   "and recovery keep the steps that fit, and do not train when fewer than 20 fit. "
+                   "Default: all --steps, however long.")
 @click.option("--compress-tied", is_flag=True,
               help="Also compress layers whose weight is tied to another module (default: left dense, reported).")
 @click.option("--teacher-cache-mb", default=1024.0, show_default=True, type=click.FloatRange(min=0),

@@ -144,6 +144,33 @@ def test_sensitivity_matches_the_exact_jacobian_trace_of_a_linear_chain() -> Non
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
+def test_sensitivity_of_a_large_batch_runs_in_row_chunks_with_the_same_traces() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 3)).double()
+    x = torch.randn(2000, 6, dtype=torch.float64)  # 2,000 positions: four chunks
+    rows: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    chunked = layer_sensitivity(model, ["0", "1", "2"], [x], probes=100)
+    handle.remove()
+    assert max(rows) <= 512 and sum(rows) == 2000
+    whole = layer_sensitivity(model, ["0", "1", "2"], [x[:400]], probes=400)  # one pass
+    for name in whole:  # the same estimate (per row), up to the probes' noise
+        assert chunked[name] == pytest.approx(whole[name], rel=0.15)
+
+
+def test_sensitivity_of_a_model_with_a_fixed_batch_size_runs_the_whole_batch() -> None:
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x).view(1000, 3)  # only takes its whole batch
+
+    w = layer_sensitivity(Fixed(), ["lin"], [torch.randn(1000, 4)])
+    assert w["lin"] > 0.0
+
+
 def test_sensitivity_of_a_layer_off_the_output_path_is_zero() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:

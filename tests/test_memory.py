@@ -30,3 +30,36 @@ def test_estimate_parts() -> None:
     assert est.total == 200 + 120 + 1000 + 628 + 3
     idle = estimate_bytes(100, 40, 10, 5, 7, 1000, distilling=False, baseline=0)
     assert idle.trainable == 0 and idle.teacher_cache == 0
+
+
+def _rss() -> int:
+    from pathlib import Path
+
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_tuned_allocator_gives_freed_blocks_back() -> None:
+    import os
+    import sys
+
+    import pytest
+
+    from gblr_compress.memory import tune_allocator
+
+    if not sys.platform.startswith("linux") or not tune_allocator():
+        pytest.skip("glibc only")
+    assert os.environ.get("THP_MEM_ALLOC_ENABLE")
+    # 8 MiB blocks, each followed by a small block that stays: from the heap they
+    # could not be given back (the live small blocks pin the heap's top); mapped on
+    # their own (above the fixed 4 MiB threshold) they are unmapped when freed.
+    blocks, keep = [], []
+    for _ in range(40):
+        blocks.append(np.ones(2**20))
+        keep.append(np.ones(512))
+    held = _rss()
+    del blocks
+    assert _rss() < held - 200 * 2**20
+    assert len(keep) == 40
