@@ -330,9 +330,13 @@ def build_report(
 
 
 def _distill_notes(result: CompressResult) -> list[str]:
-    """One line per distillation phase that stopped on a numerical fault."""
+    """One line per distillation phase that stopped on a numerical fault or did not
+    train for want of time."""
     notes = []
     for label, record in (("distillation", result.distill), ("recovery", result.recovery)):
+        if record is not None and record.skipped:
+            notes.append(f"{label} skipped: {record.skipped}; the student is the init "
+                         "(a longer --time-budget lets it run)")
         if record is not None and record.stopped:
             notes.append(f"{label} stopped: {record.stopped}; restored the best state (step {record.best_step})")
     return notes

@@ -91,7 +91,8 @@ class RecoverConfig:
                              loss=distill.loss, layer_weight=distill.layer_weight,
                              features=distill.features, eval_every=max(1, min(self.eval_every, steps)),
                              heldout_tokens=distill.heldout_tokens,
-                             teacher_cache_mb=distill.teacher_cache_mb)
+                             teacher_cache_mb=distill.teacher_cache_mb,
+                             min_steps=distill.min_steps // 4)  # a quarter of the steps, a quarter of the floor
 
 
 def _default_distill() -> DistillConfig:
@@ -484,6 +485,10 @@ def distill_and_recover(
     distilled = distill_(student, teacher, fit, max_cost, config.distill, holdout=held,
                          progress=progress, deadline=d_deadline)
     seconds["distill"] = time.perf_counter() - t0
+    if distilled.skipped:
+        # The student is the init; a recovery step costs as much as a distillation
+        # step, so it would not fit either.
+        return distilled, None
     if held and quality is not None:
         quality["distilled"] = agreement(student.eval(), teacher, _quality_batches(held, config), config.logits)
     recovery = None

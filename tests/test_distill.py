@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from gblr_compress.budget import budget_cost, total_cost
+from gblr_compress.budget import budget_cost, project_widths_, total_cost
 from gblr_compress.distill import (
     DistillConfig,
     _Recompute,
@@ -234,6 +234,31 @@ def test_deadline_keeps_the_steps_that_fit() -> None:
                       deadline=time.perf_counter())
     assert result.steps == 3 and [e.done for e in seen] == [1, 2, 3] and seen[-1].total == 3
     assert all(e.cost <= max_cost for e in seen)
+
+
+def test_too_few_steps_for_the_deadline_skip_the_phase_before_any_step() -> None:
+    import time
+
+    gen = torch.Generator().manual_seed(4)
+    teacher = TinyEncoder(vocab=50, hidden=32, layers=1, heads=4, ffn=64, max_len=16, classes=3).eval()
+    calib, held = _token_batches(gen, 4), _token_batches(gen, 2)
+    student = copy.deepcopy(teacher)
+    _swap_from_linear(student, groups=2, rank=2)
+    max_cost = budget_cost(list(gblr_layers(student).values()), 0.3)
+    project_widths_(list(gblr_layers(student).values()), max_cost)
+    before = copy.deepcopy(student.state_dict())
+    seen: list[ProgressEvent] = []
+    # The deadline is reached: no step fits, so none runs and the student is the init.
+    result = distill_(student, teacher, calib, max_cost, DistillConfig(steps=50), holdout=held,
+                      progress=seen.append, deadline=time.perf_counter())
+    assert result.steps == 0 and not seen and result.skipped and "fewer than 20" in result.skipped
+    assert result.heldout_after == result.heldout_before
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    # min_steps=0 keeps the old rule: the timed steps run, then the deadline stops it.
+    result = distill_(student, teacher, calib, max_cost, DistillConfig(steps=50, min_steps=0), holdout=held,
+                      progress=seen.append, deadline=time.perf_counter())
+    assert result.skipped is None and result.steps == 3 and len(seen) == 3
 
 
 def test_feature_term_taps_blocks_of_a_module_list_else_layers() -> None:
