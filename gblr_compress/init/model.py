@@ -180,6 +180,8 @@ def collect_stats(
         if all(mo.count == 0 for mo in fit_m.values()):
             raise InputError("calibration batches produced no inputs for the target layers")
         if cfg.sensitivity_batches > 0:
+            if progress is not None:  # opens the phase, so its memory peak is its own
+                progress(ProgressEvent("sensitivity", 0, 1))
             was_training = model.training
             model.eval()  # dropout would add its own noise to the probes
             try:
