@@ -3,6 +3,9 @@ choice between forms on held-out statistics."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import torch
@@ -11,6 +14,7 @@ from torch import nn
 from gblr_compress.calib import Moment
 from gblr_compress.export import export_onnx
 from gblr_compress.init import InitConfig, InitStats, init_layers_
+from gblr_compress.init.linalg import solve_each
 from gblr_compress.init.model import Allocation
 from gblr_compress.init.prune import ls_refit, prune_group, pruned_error, pruned_structures
 from gblr_compress.layer import FrozenGBLR
@@ -297,6 +301,34 @@ def test_obs_selection_of_whole_heads() -> None:
     obs = prune_group(W2, _moment(hid), 2, per_unit=1, unit_size=4, select="obs", damping=1e-6)
     assert 2 in obs.keep.tolist() and len({0, 1} & set(obs.keep.tolist())) == 1
     assert obs.fit_error < 1e-3  # the repeated head is recovered by the refit
+
+
+def test_obs_selection_of_wide_key_value_groups_returns_with_two_threads() -> None:
+    # SmolLM2's key/value groups are 192 columns wide. torch's batched LU of a (3, 192,
+    # 192) stack hangs with MKL on 2 threads (the init never returned); the OBS costs
+    # are solved one group at a time. Run in a child process so a regression fails
+    # here instead of hanging the suite.
+    code = (
+        "import torch\n"
+        "torch.set_num_threads(2)\n"
+        "from gblr_compress.init.prune import obs_order\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "X = torch.randn(1000, 576, generator=g, dtype=torch.float64)\n"
+        "W2 = torch.randn(576, 576, generator=g, dtype=torch.float64)\n"
+        "print(sorted(obs_order(W2, X.T @ X / 1000, 2, unit_size=192).tolist()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[0, 1, 2]"
+    assert "oneMKL ERROR" not in proc.stdout + proc.stderr
+
+
+def test_solve_each_matches_a_batched_solve_on_small_stacks() -> None:
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(4, 6, 6, generator=gen, dtype=F64) + 6 * torch.eye(6, dtype=F64)
+    B = torch.randn(4, 6, 3, generator=gen, dtype=F64)
+    assert torch.allclose(solve_each(A, B), torch.linalg.solve(A, B), atol=1e-12)
+    assert solve_each(A[:0], B[:0]).shape == (0, 6, 3)
 
 
 def test_a_pruning_solve_that_fails_keeps_the_low_rank_init(monkeypatch) -> None:

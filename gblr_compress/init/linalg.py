@@ -21,6 +21,7 @@ __all__ = [
     "Whitening",
     "whitening_moment",
     "cholesky",
+    "solve_each",
     "top_svd",
     "gram_spectrum",
     "relative_error",
@@ -105,6 +106,20 @@ def cholesky(C: torch.Tensor) -> torch.Tensor:
         if int(info) == 0:
             return L
     raise RuntimeError("activation moment is not positive semi-definite")
+
+
+def solve_each(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A^-1 B`` for a stack ``A (k, s, s)``, ``B (k, s, c)``, one matrix at a time.
+
+    torch's batched LU runs each matrix's LAPACK ``getrf`` inside its own parallel loop;
+    with MKL (the CPU wheels of torch 2.13) and 2 threads that nesting hangs for
+    ``s >= ~160`` (``mkl_thread_team_ctxt_get_task_internal``, after ``DLASWP``
+    "parameter 6" errors; a torch.linalg.solve of a (3, 192, 192) stack never returns),
+    and where it returns, it can return garbage pivots ("Pivots given to lu_solve must
+    all be >= 1"). Unbatched solves do not nest and are as fast for the few units of a
+    coupling group.
+    """
+    return torch.stack([torch.linalg.solve(a, b) for a, b in zip(A, B)]) if len(A) else A.new_zeros(B.shape)
 
 
 def top_svd(Z: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -410,7 +410,7 @@ def choose_group_form(
     try:
         pruned = prune_group(W2, C_fit, k, per_unit, C_hold, cfg.damping, unit_size=G * size, select=cfg.prune_select)
         failure = None if math.isfinite(pruned.fit_error) else "a non-finite refit error"
-    except RuntimeError as exc:  # torch.linalg on a moment it cannot solve (SmolLM2: a NaN pivot)
+    except RuntimeError as exc:  # torch.linalg on a moment it cannot solve (a singular block)
         failure = str(exc).splitlines()[0][:120]
     if failure is not None:  # the low-rank init stands; the report says why
         return _kept_low_rank(names, built, f"pruned window not tried: {failure}")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from gblr_compress.coupling import unit_rows
+from gblr_compress.init.linalg import solve_each
 from gblr_compress.structure import Block, LayerStructure
 
 __all__ = [
@@ -101,7 +102,7 @@ def obs_order(W2: torch.Tensor, C: torch.Tensor, k: int, unit_size: int = 1, dam
         else:
             blocks = Hinv[cols[:, :, None], cols[:, None, :]]  # (units, size, size)
             Wb = W[:, cols].permute(1, 0, 2)  # (units, m, size)
-            sol = torch.linalg.solve(blocks, Wb.transpose(1, 2))  # (units, size, m)
+            sol = solve_each(blocks, Wb.transpose(1, 2))  # (units, size, m); batched LU can hang
             cost = (Wb.transpose(1, 2) * sol).sum((1, 2))  # (units,)
         cost = torch.where(alive, cost, torch.full_like(cost, float("inf")))
         q = min(per_round, left)
