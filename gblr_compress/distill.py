@@ -162,7 +162,9 @@ class DistillResult:
     ``stopped`` says why the loop ended early on a numerical fault (a non-finite loss or
     parameter, a diverging held-out loss; see :func:`_fault`), None when it did not.
     ``skipped`` says why it did not train (too few steps fit the deadline, see
-    ``DistillConfig.min_steps``), None when it did.
+    ``DistillConfig.min_steps``), None when it did. ``cut`` says why it stopped after
+    its timed first steps (measured, they showed that fewer than ``min_steps`` fit: the
+    estimate before the first step was low), None when it did not.
     """
 
     steps: int
@@ -173,6 +175,7 @@ class DistillResult:
     history: list[dict] = field(default_factory=list)
     stopped: str | None = None
     skipped: str | None = None
+    cut: str | None = None
 
 
 def gblr_layers(model: nn.Module) -> dict[str, GBLRLinear]:
@@ -736,7 +739,10 @@ def distill_(
                 per_step = (time.perf_counter() - t_loop) / done + t_eval / config.eval_every
                 fits = done + int(max(0.0, deadline - time.perf_counter() - t_eval) / per_step)
                 if fits < min(config.min_steps, config.steps):
-                    fits = done  # too few to move anything: stop here, the best state is kept
+                    # Too few to move anything: stop here, the best state is kept.
+                    result.cut = (f"after {done} timed steps about {fits} fit the time budget "
+                                  f"({per_step:.0f} s a step), fewer than {config.min_steps}")
+                    fits = done
                 if fits < steps:
                     steps = max(done, fits)
                     warmup = min(warmup, max(1, int(config.warmup_fraction * steps)))

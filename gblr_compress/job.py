@@ -337,6 +337,9 @@ def _distill_notes(result: CompressResult) -> list[str]:
         if record is not None and record.skipped:
             notes.append(f"{label} skipped: {record.skipped}; the student is the init "
                          "(a longer --time-budget lets it run)")
+        if record is not None and record.cut:
+            notes.append(f"{label} stopped early: {record.cut}; kept its best held-out state (step "
+                         f"{record.best_step}) and ran no recovery (a longer --time-budget lets both run)")
         if record is not None and record.stopped:
             notes.append(f"{label} stopped: {record.stopped}; restored the best state (step {record.best_step})")
     return notes

@@ -485,9 +485,13 @@ def distill_and_recover(
     distilled = distill_(student, teacher, fit, max_cost, config.distill, holdout=held,
                          progress=progress, deadline=d_deadline)
     seconds["distill"] = time.perf_counter() - t0
-    if distilled.skipped:
-        # The student is the init; a recovery step costs as much as a distillation
-        # step, so it would not fit either.
+    if distilled.skipped or distilled.cut:
+        # A recovery step costs as much as a distillation step, so it would not fit
+        # either (SmolLM2 at --time-budget 660: the distillation stopped after its 3
+        # timed steps, then a recovery ran 197 s to the deadline and raised the run's
+        # memory peak, and its best state was where it started).
+        if distilled.cut and held and quality is not None:
+            quality["distilled"] = agreement(student.eval(), teacher, _quality_batches(held, config), config.logits)
         return distilled, None
     if held and quality is not None:
         quality["distilled"] = agreement(student.eval(), teacher, _quality_batches(held, config), config.logits)

@@ -223,3 +223,24 @@ def test_pareto_png_with_matplotlib(tmp_path: Path) -> None:
     console = Console(record=True, width=150)
     render_inspect(report, console, heatmaps=False)
     assert "Candidates" in console.export_text()
+
+
+def test_the_finalist_is_the_budget_whose_distillation_could_give_a_faster_file() -> None:
+    from gblr_compress.deploy import Entry
+    from gblr_compress.target import FINALISTS, _finalists
+
+    def entries(cosines: dict[float, float]) -> dict[float, Entry]:
+        return {b: Entry(Candidate(budget=b, int8=False, cost=1, dense_cost=1, fidelity={"cosine": c}), Path("x"))
+                for b, c in cosines.items()}
+
+    assert FINALISTS == 1
+    fl = entries({0.9: 0.99, 0.7: 0.96, 0.6: 0.945, 0.5: 0.88, 0.3: 0.7})
+    q8 = entries({0.9: 0.985, 0.7: 0.955, 0.6: 0.94, 0.5: 0.87, 0.3: 0.69})
+    # int8 meets 0.95 down to 0.7: the next faster candidate is 0.6 + int8, distilled.
+    assert _finalists(fl, q8, 0.95) == [0.6]
+    # No int8 file meets 0.958, the float file at 0.7 does: its int8 file may, distilled.
+    assert _finalists(fl, q8, 0.958) == [0.7]
+    # Nothing meets: the highest budget.
+    assert _finalists(fl, q8, 0.999) == [0.9]
+    # int8 meets even at the lowest budget: that budget itself.
+    assert _finalists(fl, q8, 0.5) == [0.3]

@@ -139,3 +139,25 @@ def test_config_composes_stages_and_errors_name_fields() -> None:
         with pytest.raises(ConfigError) as err:
             build()
         assert err.value.field == field and "--" not in str(err.value)
+
+
+def test_a_distillation_cut_after_its_timed_steps_runs_no_recovery(digits, monkeypatch) -> None:
+    # The timed first steps show fewer than min_steps fit: the recovery would not fit
+    # either, so it does not run (on SmolLM2 it ran 197 s to the deadline for nothing),
+    # and the report says why.
+    import gblr_compress.pipeline as pipeline
+    from gblr_compress.distill import DistillResult
+    from gblr_compress.job import _distill_notes
+
+    def cut_short(student, teacher, calib, max_cost, config, **kwargs):  # noqa: ARG001
+        return DistillResult(3, 0, 1.0, 1.0, 0.1, cut="after 3 timed steps about 3 fit the time budget")
+
+    def no_recovery(*args, **kwargs):  # noqa: ARG001
+        raise AssertionError("the recovery ran after a cut distillation")
+
+    monkeypatch.setattr(pipeline, "distill_", cut_short)
+    monkeypatch.setattr(pipeline, "recover_", no_recovery)
+    result = compress(digits.model, CompressConfig(budget=BUDGET), calib=_calib(digits))
+    assert result.distill.cut and result.recovery is None
+    assert "distilled" in result.quality  # measured on the state the distillation kept
+    assert any("stopped early" in n and "no recovery" in n for n in _distill_notes(result))
