@@ -224,8 +224,9 @@ def spec_like(batch: Batch) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
 
 
 # ------------------------------------------------------------------ fit check
-def check_inputs_fit(model: nn.Module, batch: Batch) -> Any:
-    """Call ``model`` once on ``batch`` (no grad, eval mode) to prove the data fits.
+def check_inputs_fit(model: nn.Module, batch: Batch, what: str = "calibration data") -> Any:
+    """Call ``model`` once on ``batch`` (no grad, eval mode) to prove the data fits
+    (``what`` names the data in the error).
 
     Returns:
         The model's output, for callers that inspect it (e.g. logits or not).
@@ -239,11 +240,9 @@ def check_inputs_fit(model: nn.Module, batch: Batch) -> Any:
         with torch.no_grad(), eval_mode(model):
             return run_model(model, batch)
     except InputError as exc:
-        raise InputError(f"calibration data does not fit the model: {short_reason(exc)}") from exc
+        raise InputError(f"{what} does not fit the model: {short_reason(exc)}") from exc
     except Exception as exc:
-        raise InputError(
-            f"calibration data does not fit the model: {type(exc).__name__}: {short_reason(exc)}"
-        ) from exc
+        raise InputError(f"{what} does not fit the model: {type(exc).__name__}: {short_reason(exc)}") from exc
 
 
 # ------------------------------------------------------------------ the choice

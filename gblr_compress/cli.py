@@ -260,8 +260,8 @@ def _config(build: Callable[[], Any]) -> Any:
 @click.option("--target-fidelity", default=None, type=float, metavar="F",
               help="Instead of --budget: write the fastest file (measured in onnxruntime on this machine, "
                    "input shape of the calibration batches) whose held-out mean cosine similarity of the "
-                   "outputs to the dense model's is at least F, in (0, 1]; budgets with and without int8 "
-                   "are searched. Exit 3 with the table when only the dense model meets F.")
+                   "outputs to the dense model's (on --heldout, else on the last 20% of the calibration "
+                   "batches) is at least F, in (0, 1]; budgets with and without int8 are searched. Exit 3 with the table when only the dense model meets F.")
 @click.option("--allow-dense", is_flag=True,
               help="With --target-fidelity: when only the dense model meets F, write it (exit 0).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
@@ -283,8 +283,14 @@ def _config(build: Callable[[], Any]) -> Any:
 @click.option("--calib-text", default=None, type=click.Path(path_type=str),
               help="Calibration texts: .txt (one per line) or .jsonl (a \"text\" field per line), tokenized "
                    "with the model folder's tokenizer (or --tokenizer).")
+@click.option("--heldout", default=None, type=click.Path(path_type=str), metavar="FILE",
+              help="Held-out data that every held-out figure is measured on (the distillation's best "
+                   "state, the report's cosine, --min-fidelity, --target-fidelity): .pt / .npz like "
+                   "--calib, or .txt / .jsonl texts tokenized like --calib-text. Default: the last 20% "
+                   "of the calibration batches. Text from the source the model will serve, unlike the "
+                   "calibration text, makes those figures say what users will see.")
 @click.option("--tokenizer", default=None, type=click.Path(path_type=str), metavar="DIR",
-              help="Folder holding the tokenizer for --calib-text (default: the model folder).")
+              help="Folder holding the tokenizer for --calib-text and text --heldout (default: the model folder).")
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2),
               help="Tokens per text row (truncation; causal LMs: packed row length).")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
@@ -340,7 +346,7 @@ def _config(build: Callable[[], Any]) -> Any:
 @verbose_option
 def compress_cmd(model: str, budget: float | None, target_fidelity: float | None, allow_dense: bool,
                  quantize: str | None, int8_tolerance: float, export_dtype: str, output: str, factory: str | None, calib: str | None,
-                 calib_text: str | None, tokenizer: str | None, max_length: int, batch_size: int | None,
+                 calib_text: str | None, heldout: str | None, tokenizer: str | None, max_length: int, batch_size: int | None,
                  input_spec: str | None, steps: int, lr: float, loss: str, augment: float, seed: int,
                  data_free: bool, no_prune: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
                  time_budget: float | None, compress_tied: bool, teacher_cache_mb: float, max_memory: float | None,
@@ -386,7 +392,7 @@ def compress_cmd(model: str, budget: float | None, target_fidelity: float | None
         distill=DistillConfig(steps=steps, lr=lr, loss=loss, teacher_cache_mb=teacher_cache_mb),
     ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
-              calib_text=calib_text, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
+              calib_text=calib_text, heldout=heldout, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
               max_memory_gb=max_memory, quantize=quantize, int8_tolerance=int8_tolerance, export_dtype=export_dtype,
               trust_checkpoint=trust_checkpoint, min_fidelity=min_fidelity,
               force=force, report=report, opset=opset, verify=not no_verify, config=config)

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from gblr_compress.batches import Batch, flatten_outputs, graph_outputs, positions, split_batches
-from gblr_compress.calibration import calibration_batches, check_inputs_fit
+from gblr_compress.calibration import calibration_batches, check_inputs_fit, load_calib
 from gblr_compress.checkpoint import LoadedModel, load_model
 from gblr_compress.deploy import Bench, int8_check, timer
 from gblr_compress.distill import agreement
@@ -112,6 +112,13 @@ class Job:
             float16 checkpoint, float32 otherwise; bfloat16 is refused). The work is
             float32 either way; see :mod:`gblr_compress.export.half`.
         timing_rounds: interleaved onnxruntime rounds timing the candidates.
+        heldout: held-out data (``.pt`` / ``.npz`` like ``calib``, or ``.txt`` /
+            ``.jsonl`` texts tokenized like ``calib_text``): what every held-out figure
+            is measured on (the init's choice of forms, the distillation's best state,
+            the report's quality, ``min_fidelity``, the ``--target-fidelity`` search),
+            instead of the last ``holdout_fraction`` of the calibration batches; every
+            calibration batch then trains. Text from the source the model will serve,
+            unlike the calibration text, makes those figures say what users will see.
         config: the compression settings.
     """
 
@@ -136,6 +143,7 @@ class Job:
     int8_tolerance: float = 0.02
     export_dtype: str = "float32"
     timing_rounds: int = 9
+    heldout: str | None = None
     config: CompressConfig = field(default_factory=CompressConfig)
 
 
@@ -247,19 +255,45 @@ def _disable_kv_cache(model: nn.Module) -> None:
             config.use_cache = False
 
 
-def _text_calibration(job: Job, loaded: LoadedModel) -> list[Batch]:
-    """Calibration batches tokenized from ``job.calib_text``."""
+def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
+                      option: str = "--calib-text") -> list[Batch]:
+    """Batches tokenized from ``path`` (default: ``job.calib_text``)."""
     from gblr_compress.text import load_tokenizer, read_texts, text_batches
 
     folder = job.tokenizer
     if folder is None:
         if not Path(job.model).is_dir():
-            raise InputError("--calib-text needs the model's tokenizer: give --tokenizer DIR "
+            raise InputError(f"{option} needs the model's tokenizer: give --tokenizer DIR "
                              "(a HuggingFace folder holding it)")
         folder = job.model
-    texts = read_texts(job.calib_text)
+    texts = read_texts(job.calib_text if path is None else path)
     tokenizer = load_tokenizer(folder)
     return text_batches(texts, tokenizer, loaded.model, job.max_length, job.batch_size)
+
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def _heldout_batches(job: Job, loaded: LoadedModel) -> list[Batch]:
+    """The batches of ``job.heldout``: texts tokenized like the calibration text, or a
+    ``.pt`` / ``.npz`` file read like ``--calib``."""
+    assert job.heldout is not None
+    if Path(job.heldout).suffix.lower() in TEXT_SUFFIXES:
+        held = _text_calibration(job, loaded, job.heldout, "--heldout")
+    else:
+        held = load_calib(job.heldout)
+    if not held:
+        raise InputError("the held-out data (--heldout) holds no batches")
+    return held
+
+
+def held_batches(job: Job, inputs: JobInputs) -> list[Batch]:
+    """The batches every held-out figure is measured on: ``--heldout``'s, else the last
+    ``holdout_fraction`` of the calibration batches (the split
+    :func:`~gblr_compress.pipeline.prepare` makes)."""
+    if inputs.held is not None:
+        return list(inputs.held)
+    return split_batches(inputs.calib, job.config.holdout_fraction)[1]
 
 
 def _memory_limit(job: Job) -> int | None:
@@ -312,7 +346,7 @@ def build_report(
     return CompressionReport(
         source={
             "model": str(job.model), "format": loaded.source_format, "calib": job.calib or job.calib_text,
-            "calib_batches": calib_batches, "synthetic_calib": synthetic,
+            "calib_batches": calib_batches, "synthetic_calib": synthetic, "heldout": job.heldout,
         },
         settings=settings,
         layers=_layer_reports(result, exported, _shapes(loaded.model, result.left_dense)),
@@ -407,6 +441,7 @@ class JobInputs:
     warnings: list[str] = field(default_factory=list)
     cast: str | None = None
     dtype: str = "float32"
+    held: list[Batch] | None = None  # --heldout's batches (None: a share of the calibration batches)
 
 
 def load_inputs(job: Job, progress: Progress | None = None,
@@ -432,8 +467,8 @@ def load_inputs(job: Job, progress: Progress | None = None,
         raise InputError(f"--export-dtype must be one of {', '.join(EXPORT_DTYPES)}, got {job.export_dtype!r}")
     if job.quantize and job.export_dtype == "float16":
         raise InputError("--export-dtype float16 and --quantize int8 do not combine: int8 replaces the float weights")
-    _check_output(out, [job.model, job.calib, job.calib_text])
-    _check_output(report_path, [job.model, job.calib, job.calib_text, job.output])
+    _check_output(out, [job.model, job.calib, job.calib_text, job.heldout])
+    _check_output(report_path, [job.model, job.calib, job.calib_text, job.heldout, job.output])
     seconds: dict[str, float] = {}
     warnings: list[str] = []
 
@@ -461,12 +496,21 @@ def load_inputs(job: Job, progress: Progress | None = None,
                                                job.config.seed, warnings)
     if not calib:
         raise InputError("the calibration data holds no batches")
+    held = None
+    if job.heldout:
+        if synthetic:
+            raise InputError("--heldout needs real calibration data to train on: give --calib or --calib-text")
+        held = _heldout_batches(job, loaded)
     if cast:
         calib = batches_to_float32(calib)
+        held = None if held is None else batches_to_float32(held)
         if loaded.example_inputs is not None:
             loaded.example_inputs = batches_to_float32([loaded.example_inputs])[0]
-    check_declared_size(loaded.model, calib, _memory_limit(job))
+    check_declared_size(loaded.model, [*calib, *(held or [])], _memory_limit(job))
     check_finite_batches(calib)
+    if held is not None:
+        check_finite_batches(held, "held-out data (--heldout)")
+        check_inputs_fit(loaded.model, held[0], "held-out data (--heldout)")
     if loaded.example_inputs is not None:
         check_finite_batches([loaded.example_inputs], "the bundle's example_inputs:")
     # Everything that can refuse the model or its inputs runs now, on one batch, before
@@ -483,15 +527,15 @@ def load_inputs(job: Job, progress: Progress | None = None,
     seconds["load"] = time.perf_counter() - t0
     peaks.close("load")
     return JobInputs(loaded, list(calib), synthetic, example, estimate, available, out, report_path,
-                     peaks, t_start, seconds, warnings, cast, dtype)
+                     peaks, t_start, seconds, warnings, cast, dtype, held)
 
 
 def deploy_bench(job: Job, inputs: JobInputs, dense_cost: int) -> Bench:
     """A :class:`~gblr_compress.deploy.Bench` for the job's candidates: the dense model,
     the held-out batches (the same split :func:`~gblr_compress.pipeline.compress` holds
     out), the example input and the job's timing rounds."""
-    _, held = split_batches(inputs.calib, job.config.holdout_fraction)
-    return Bench(inputs.loaded.model.eval(), held, inputs.example, job.config.logits, job.opset, dense_cost,
+    return Bench(inputs.loaded.model.eval(), held_batches(job, inputs), inputs.example, job.config.logits,
+                 job.opset, dense_cost,
                  timer=timer(job.timing_rounds))
 
 
@@ -600,7 +644,7 @@ def _half(job: Job, inputs: JobInputs, result: CompressResult, graph: OnnxGraph,
     Raises:
         VerificationError: the float16 file loses more than the tolerance.
     """
-    _, held = split_batches(inputs.calib, job.config.holdout_fraction)
+    held = held_batches(job, inputs)
     dense = inputs.loaded.model.eval()
     f16_path = folder / "float16.onnx"
     half = to_float16(graph.proto)
@@ -646,7 +690,7 @@ def run_job(job: Job, progress: Progress | None = None, warn: Callable[[str], No
     inputs = load_inputs(job, progress, warn)
     peaks, seconds = inputs.peaks, inputs.seconds
     # The job owns the loaded model: it is the teacher, not copied (read-only after).
-    result = compress(inputs.loaded.model, job.config, inputs.calib, peaks, share_teacher=True)
+    result = compress(inputs.loaded.model, job.config, inputs.calib, peaks, share_teacher=True, held=inputs.held)
     seconds.update(result.seconds)
     peaks.close("freeze")
 

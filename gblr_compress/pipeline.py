@@ -276,6 +276,7 @@ def prepare(
     calib: Sequence[Batch] | None = None,
     progress: Progress | None = None,
     share_teacher: bool = False,
+    held: Sequence[Batch] | None = None,
 ) -> Prepared:
     """The budget-independent first half of :func:`compress`: copies of the model, the
     target layers, the layers left dense, the fit / held-out split and the statistics.
@@ -284,6 +285,11 @@ def prepare(
     (it is put in eval mode and its parameters stop requiring grad; no value changes),
     for a caller that owns the model (the job): one model's size less in memory, 540 MB
     on a 135M-parameter LM.
+
+    ``held``: held-out batches from elsewhere (e.g. text from the source the model will
+    serve): every calibration batch trains and these decide what held-out data decides
+    (the init's form choice, the distillation's best state, the quality figures).
+    None: the last ``config.holdout_fraction`` of ``calib`` is held out.
 
     Raises:
         InputError: no Linear layers to compress, or none that may be compressed.
@@ -299,9 +305,11 @@ def prepare(
         raise InputError("the model has no Linear layers to compress (check include/exclude)")
 
     fit: list[Batch] = []
-    held: list[Batch] = []
-    if calib:
-        fit, held = split_batches([move_batch(b, device) for b in calib], config.holdout_fraction)
+    heldout: list[Batch] = []
+    if calib and held is not None:
+        fit, heldout = [move_batch(b, device) for b in calib], [move_batch(b, device) for b in held]
+    elif calib:
+        fit, heldout = split_batches([move_batch(b, device) for b in calib], config.holdout_fraction)
 
     # Layers the outputs never use, and tied ones, stay dense and out of the budget.
     if fit:
@@ -314,8 +322,8 @@ def prepare(
                          + "; ".join(f"{n}: {r}" for n, r in left_dense.items()))
     # The statistics do not depend on the budget, only on the data and the settings.
     init_cfg = _init_config(config, False, bool(fit))
-    stats = collect_stats(dense, init_cfg, fit or None, held or None, usable, progress)
-    return Prepared(teacher, dense, usable, left_dense, fit, held, stats, t_start)
+    stats = collect_stats(dense, init_cfg, fit or None, heldout or None, usable, progress)
+    return Prepared(teacher, dense, usable, left_dense, fit, heldout, stats, t_start)
 
 
 def compress(
@@ -324,6 +332,7 @@ def compress(
     calib: Sequence[Batch] | None = None,
     progress: Progress | None = None,
     share_teacher: bool = False,
+    held: Sequence[Batch] | None = None,
 ) -> CompressResult:
     """Compress the Linear layers of ``model`` to the global budget (the model's values
     are not modified; with ``share_teacher`` it serves as the teacher, see :func:`prepare`).
@@ -337,6 +346,7 @@ def compress(
         calib: calibration batches (each one forward call's input). Without them the
             init is data-free and there is no distillation.
         progress: gets a :class:`~gblr_compress.progress.ProgressEvent` per unit of work.
+        share_teacher, held: see :func:`prepare`.
 
     Returns:
         A :class:`CompressResult` whose ``model`` is the frozen student.
@@ -346,7 +356,7 @@ def compress(
         >>> sum(r.cost for r in result.records.values()) <= result.max_cost
         True
     """
-    return compress_prepared(prepare(model, config, calib, progress, share_teacher), config, progress,
+    return compress_prepared(prepare(model, config, calib, progress, share_teacher, held), config, progress,
                              release_stats=True)
 
 

@@ -120,7 +120,7 @@ def run_target(
     inputs = load_inputs(job, progress, warn)
     peaks, seconds = inputs.peaks, inputs.seconds
     t0 = time.perf_counter()
-    prep = prepare(inputs.loaded.model, job.config, inputs.calib, peaks, share_teacher=True)
+    prep = prepare(inputs.loaded.model, job.config, inputs.calib, peaks, share_teacher=True, held=inputs.held)
     if not prep.held:
         raise InputError("--target-fidelity needs held-out calibration data to measure fidelity on "
                          "(give more calibration batches)")

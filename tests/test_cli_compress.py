@@ -187,3 +187,29 @@ def test_report_settings_are_the_config_that_ran(files, tmp_path) -> None:
 def test_field_errors_name_the_flag(files, tmp_path) -> None:
     code, text = _run([str(files["bundle"]), "--budget", "0.3", "--lr", "-1", "-o", str(tmp_path / "m.onnx")])
     assert code == 2 and "--lr" in text and "\n" == text[-1] and text.count("\n") == 1
+
+
+def test_heldout_file_is_what_the_heldout_figures_measure(files, tmp_path) -> None:
+    # Held-out inputs of another scale than the calibration: the report's held-out cosine
+    # is the written file's on them, and with --min-fidelity the gate reads that figure.
+    torch.manual_seed(5)
+    held = [torch.randn(16, 32) * 4.0 for _ in range(3)]
+    torch.save(held, tmp_path / "held.pt")
+    out = tmp_path / "m.onnx"
+    code, text = _run([str(files["module"]), "--calib", str(files["calib"]), "--heldout", str(tmp_path / "held.pt"),
+                       *FAST, "-o", str(out), "--quiet", "--trust-checkpoint"])
+    assert code == 0, text
+    report = json.loads((tmp_path / "m.report.json").read_text())
+    assert report["source"]["heldout"] == str(tmp_path / "held.pt")
+    dense = torch.load(files["module"], weights_only=False).eval()
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.cat(held)
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(torch.from_numpy(got).double(), dense(x).double(), dim=-1)
+    assert abs(float(cos.mean()) - report["quality"]["frozen"]["cosine"]) < 1e-4
+    # Without real calibration data there is nothing to train on beside it.
+    code, text = _run([str(files["state_dict"]), "--factory", "tests.cli_models:small_mlp", "--input-spec",
+                       "float32[8,32]", "--heldout", str(tmp_path / "held.pt"), *FAST, "-o", str(tmp_path / "s.onnx")])
+    assert code == 2 and "--heldout needs real calibration data" in text, text
+    assert not (tmp_path / "s.onnx").exists()

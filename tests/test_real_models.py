@@ -149,3 +149,44 @@ def test_tiny_llama_folder_compresses_exports_and_matches(work, tmp_path) -> Non
     feeds = {i.name: (ids if i.name == "input_ids" else np.ones_like(ids)) for i in sess.get_inputs()}
     (logits,) = sess.run(None, feeds)
     assert logits.shape == (2, 9, 64) and np.isfinite(logits).all()
+
+
+def test_heldout_text_decides_the_heldout_figures(work, tmp_path) -> None:
+    # --heldout: every calibration text trains, and the report's held-out cosine is the
+    # ONNX file's on the --heldout texts (tokenized like the calibration text).
+    from gblr_compress.text import load_tokenizer, text_batches
+
+    held_txt = tmp_path / "held.txt"
+    held_txt.write_text("\n".join(_sentences(24, seed=7)) + "\n")
+    out = tmp_path / "m.onnx"
+    code, msg = _run([work["wrapper"], *FAST, "--calib-text", work["txt"], "--heldout", held_txt,
+                      "--tokenizer", work["tok"], "--max-length", "16", "--batch-size", "8", "-o", out])
+    assert code == 0, msg
+    report = json.loads((tmp_path / "m.report.json").read_text())
+    assert report["source"]["heldout"] == str(held_txt)
+    dense = torch.load(work["wrapper"], weights_only=False).eval()
+    batches = text_batches(_sentences(24, seed=7), load_tokenizer(work["tok"]), dense, 16, 8)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    cos = []
+    with torch.no_grad():
+        for b in batches:
+            (got,) = sess.run(None, {k: v.numpy() for k, v in b.items() if k in {"input_ids", "attention_mask"}})
+            ref = dense(**{k: v for k, v in b.items() if k in {"input_ids", "attention_mask"}})
+            cos.append(torch.nn.functional.cosine_similarity(torch.from_numpy(got), ref, dim=-1))
+    assert abs(float(torch.cat(cos).mean()) - report["quality"]["frozen"]["cosine"]) < 1e-4
+
+
+def test_heldout_refusals(work, tmp_path) -> None:
+    out = tmp_path / "o" / "m.onnx"
+    out.parent.mkdir()
+    ids = torch.randint(5, 20, (4, 9))
+    torch.save([ids.float()], tmp_path / "float_ids.pt")
+    for args, needle in (
+        (["--heldout", tmp_path / "nope.txt"], "not found"),
+        (["--heldout", tmp_path / "float_ids.pt"], "held-out data (--heldout) does not fit"),
+    ):
+        code, msg = _run([work["wrapper"], *FAST, "--calib-text", work["txt"], "--tokenizer", work["tok"],
+                          *args, "-o", out, "--trust-checkpoint"])
+        lines = msg.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and needle in lines[0], msg
+        assert not list(out.parent.iterdir())

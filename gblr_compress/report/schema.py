@@ -198,7 +198,7 @@ class CompressionReport:
         version: schema version (:data:`REPORT_VERSION`).
         tool_version: gblr-compress version that wrote it.
         created: ISO 8601 UTC time stamp.
-        source: ``{"model", "format", "calib", "calib_batches", "synthetic_calib"}``.
+        source: ``{"model", "format", "calib", "calib_batches", "synthetic_calib", "heldout"}``.
         settings: run settings (``budget``, ``steps``, ``lr``, ``seed``, ...).
         layers: one :class:`LayerReport` per targeted linear layer.
         quality: phase (``init``, ``distilled``, ``frozen``) ->
