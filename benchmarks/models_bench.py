@@ -7,6 +7,9 @@ Cases (all offline; see ``python -m benchmarks.assets``):
   (``torch.save`` of the whole module: mean-pooled, L2-normalized output), no
   ``--include``; the BERT pooler is computed and unused. Calibration: Wikipedia
   sentences (``--calib-text``, ``--tokenizer``); scored on news sentences.
+- ``minilm-folder``: the same all-MiniLM-L6-v2 as its HuggingFace folder (a
+  ``BertModel``: last hidden state and pooler output), same calibration; scored on the
+  mean-pooled last hidden state, so it can be set beside the wrapper's row.
 - ``mpnet``: all-mpnet-base-v2 as a HuggingFace folder; scored on news sentences
   (mean-pooled last hidden state).
 - ``smollm2``: SmolLM2-135M as a HuggingFace folder (Llama, tied embedding / lm_head),
@@ -64,6 +67,7 @@ class Case:
 
 CASES = {
     "minilm-wrapper": Case("minilm-wrapper", "encoder", (0.8, 0.5), 2000),
+    "minilm-folder": Case("minilm-folder", "encoder", (0.8, 0.5), 2000),
     "mpnet": Case("mpnet", "encoder", (0.5,), 2000),
     "smollm2": Case("smollm2", "lm", (0.8,), 3000, ["--batch-size", "8"]),
 }
@@ -80,7 +84,12 @@ def _session(path: Path):
 
 def _feeds(sess, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     names = {i.name for i in sess.get_inputs()}
-    return {k: v.numpy() for k, v in batch.items() if k in names}
+    feeds = {k: v.numpy() for k, v in batch.items() if k in names}
+    if "token_type_ids" in names and "token_type_ids" not in feeds:
+        # A BERT folder calibrated from text exports the segment ids its forward takes
+        # (the command's text batches carry zeros); single sentences are segment 0.
+        feeds["token_type_ids"] = np.zeros_like(batch["input_ids"].numpy())
+    return feeds
 
 
 def speedup(dense: Path, compressed: Path, batch: dict[str, torch.Tensor], rounds: int = 15) -> float:
@@ -192,16 +201,17 @@ def _left_dense(report: dict) -> str:
     return "; ".join(rows) + (f"; {skipped} skipped by the init" if skipped else "") or "-"
 
 
-def bench_case(case: Case, work: Path, time_budget: float | None, budgets: list[float] | None) -> list[dict]:
+def bench_case(case: Case, work: Path, time_budget: float | None, budgets: list[float] | None,
+               calib_lines: int | None = None) -> list[dict]:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     calib_all, eval_wiki = assets.wiki_split()
     calib_txt = work / f"{case.name}_calib.txt"
-    calib_txt.write_text("\n".join(calib_all[: case.calib_lines]) + "\n")
+    calib_txt.write_text("\n".join(calib_all[: calib_lines or case.calib_lines]) + "\n")
     extra = list(case.extra) + (["--time-budget", str(time_budget)] if time_budget else [])
     rows = []
     if case.kind == "encoder":
-        folder = assets.minilm_dir() if case.name == "minilm-wrapper" else assets.mpnet_dir()
+        folder = assets.minilm_dir() if case.name.startswith("minilm") else assets.mpnet_dir()
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         news = assets.news_sentences()[:400]
         if case.name == "minilm-wrapper":
@@ -267,6 +277,8 @@ def main() -> int:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--budgets", nargs="+", type=float, default=None, help="override each case's budgets")
     ap.add_argument("--time-budget", type=float, default=None, help="passed to the command")
+    ap.add_argument("--calib-lines", type=int, default=None,
+                    help="calibration sentences (the first N Wikipedia ones; default: each case's own)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--workdir", type=Path, default=None, help="keep the files here")
     args = ap.parse_args()
@@ -276,7 +288,7 @@ def main() -> int:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for name in args.cases:
-            rows += bench_case(CASES[name], work, args.time_budget, args.budgets)
+            rows += bench_case(CASES[name], work, args.time_budget, args.budgets, args.calib_lines)
             _print(rows[-len(CASES[name].budgets if args.budgets is None else args.budgets):])
     print()
     _print(rows)

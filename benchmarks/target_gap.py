@@ -1,0 +1,114 @@
+"""What ``--target-fidelity`` decides on, against what a user sees: each candidate the
+search can build (init only or distilled, float or int8) scored both ways on the
+all-MiniLM-L6-v2 sentence-embedding wrapper.
+
+- held-out: the figure the search compares with F (mean cosine vs the dense model in
+  onnxruntime on the calibration file's held-out share, or on ``--heldout`` text from a
+  third source with ``--heldout-source wordnet``; :class:`gblr_compress.deploy.Bench`);
+- shifted: the same file's embeddings on news sentences (another source) vs the dense
+  PyTorch wrapper.
+
+Calibration: the first ``--calib-lines`` Wikipedia sentences, tokenized as
+``--calib-text`` does. The candidates are built with the search's own calls
+(``prepare`` once, ``compress_prepared`` per budget), so the held-out column is the
+search's figure exactly.
+
+Usage (heavy: run alone)::
+
+    PYTHONPATH=. python benchmarks/target_gap.py [--budgets 0.9 0.8 0.7 0.6 0.5] [--distilled 0.8 0.7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+
+from benchmarks import assets
+from benchmarks.common import run_main
+from benchmarks.minilm.model import SentenceEncoder
+from benchmarks.models_bench import _embeddings_onnx, _embeddings_torch, encoder_fidelity
+from gblr_compress.job import Job, candidate_cost, deploy_bench, load_inputs
+from gblr_compress.pipeline import CompressConfig, compress_prepared, prepare
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.9, 0.8, 0.7, 0.6, 0.5],
+                    help="init-only candidates")
+    ap.add_argument("--distilled", nargs="*", type=float, default=[0.8, 0.7],
+                    help="budgets also built with the default distillation")
+    ap.add_argument("--calib-lines", type=int, default=2000)
+    ap.add_argument("--eval-lines", type=int, default=400)
+    ap.add_argument("--heldout-source", choices=["none", "wordnet"], default="none",
+                    help="decide on --heldout text from this source (none: the calibration's held-out share)")
+    ap.add_argument("--heldout-lines", type=int, default=400)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    from transformers import AutoModel, AutoTokenizer
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        folder = assets.minilm_dir()
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        dense = SentenceEncoder(AutoModel.from_pretrained(str(folder), local_files_only=True)).eval()
+        wrapper = work / "minilm_wrapper.pt"
+        torch.save(dense, wrapper)
+        calib_txt = work / "calib.txt"
+        calib_txt.write_text("\n".join(assets.wiki_split()[0][: args.calib_lines]) + "\n")
+        news = assets.news_sentences()[: args.eval_lines]
+        ref = _embeddings_torch(dense, tokenizer, news, True)
+
+        heldout = None
+        if args.heldout_source == "wordnet":
+            examples = assets.wordnet_examples()
+            stride = max(1, len(examples) // args.heldout_lines)
+            heldout = work / "heldout.txt"
+            heldout.write_text("\n".join(examples[::stride][: args.heldout_lines]) + "\n")
+        job = Job(model=str(wrapper), output=str(work / "out.onnx"), calib_text=str(calib_txt),
+                  tokenizer=str(folder), trust_checkpoint=True, config=CompressConfig(),
+                  heldout=None if heldout is None else str(heldout))
+        inputs = load_inputs(job)
+        t0 = time.perf_counter()
+        prep = prepare(inputs.loaded.model, job.config, inputs.calib, share_teacher=True, held=inputs.held)
+        print(f"statistics: {time.perf_counter() - t0:.0f} s")
+        dense_cost = sum(m * n for m, n in prep.stats.shapes.values())
+        bench = deploy_bench(job, inputs, dense_cost)
+        plan = [(b, False) for b in args.budgets] + [(b, True) for b in args.distilled]
+        try:
+            for budget, distilled in plan:
+                distill = job.config.distill if distilled else replace(job.config.distill, steps=0)
+                t0 = time.perf_counter()
+                result = compress_prepared(prep, replace(job.config, budget=budget, distill=distill))
+                built = time.perf_counter() - t0
+                entry = bench.add_float(result.model, budget, candidate_cost(result), distilled, result)
+                for e in (entry, bench.add_int8(entry)):
+                    fid = encoder_fidelity(ref, _embeddings_onnx(e.path, tokenizer, news, True))
+                    held = e.candidate.cosine
+                    rows.append((budget, distilled, e.candidate.int8, held, fid["mean_cos"], built))
+                    print(f"budget {budget} distilled {distilled} int8 {e.candidate.int8}: held-out {held:.4f} "
+                          f"news {fid['mean_cos']:.4f} (built in {built:.0f} s)", flush=True)
+        finally:
+            bench.close()
+
+    held_note = ("20% held out" if args.heldout_source == "none"
+                 else f"held-out: {args.heldout_lines} {args.heldout_source} examples (--heldout)")
+    print(f"\ncalibration {args.calib_lines} Wikipedia sentences ({held_note}), shifted: {len(news)} news sentences\n")
+    print("| budget | distilled | int8 | held-out cosine (searched on) | news cosine | news - held-out | build s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for b, d, q, h, n, s in rows:
+        print(f"| {b} | {'yes' if d else 'no'} | {'yes' if q else 'no'} | {h:.4f} | {n:.4f} | {n - h:+.4f} | {s:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
