@@ -36,6 +36,7 @@ from gblr_compress.budget import project_widths_, total_cost
 from gblr_compress.errors import ConfigError
 from gblr_compress.layer import FrozenGBLR, GBLRLinear
 from gblr_compress.progress import Progress, ProgressEvent
+from gblr_compress.swap import block_modules
 
 __all__ = [
     "DistillConfig",
@@ -373,17 +374,7 @@ def feature_modules(model: nn.Module, layer_names: Sequence[str], features: str 
     """
     if features == "layers":
         return list(layer_names)
-    blocks = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList):
-            continue
-        for child_name, _ in module.named_children():
-            full = f"{name}.{child_name}" if name else child_name
-            if any(n.startswith(full + ".") for n in layer_names):
-                blocks.append(full)
-    # Nested lists (a block holding a ModuleList of experts) tap the outermost block.
-    outer = [b for b in blocks if not any(b.startswith(o + ".") for o in blocks if o != b)]
-    return outer or list(layer_names)
+    return block_modules(model, layer_names) or list(layer_names)
 
 
 def _first_tensor(out: object) -> torch.Tensor:

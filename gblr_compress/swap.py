@@ -12,7 +12,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-__all__ = ["is_linear_like", "as_linear", "find_linears", "linear_shape", "replace_module"]
+__all__ = ["is_linear_like", "as_linear", "block_modules", "find_linears", "linear_shape", "replace_module"]
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -86,3 +86,18 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, child)
     setattr(parent, child, new)  # works for Sequential/ModuleList children too ("0", "1")
     return old
+
+
+def block_modules(model: nn.Module, layer_names: Sequence[str]) -> list[str]:
+    """The children of every ``nn.ModuleList`` that hold at least one of ``layer_names``
+    (each transformer layer of a BERT or Llama stack), in model order, outermost only
+    (a block holding a ModuleList of experts counts once); empty for a plain MLP."""
+    blocks = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        for child_name, _ in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if any(n.startswith(full + ".") for n in layer_names):
+                blocks.append(full)
+    return [b for b in blocks if not any(b.startswith(o + ".") for o in blocks if o != b)]

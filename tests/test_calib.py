@@ -239,3 +239,49 @@ def test_float_batches_and_rate_zero_are_not_augmented() -> None:
     assert len(tup) == 1 and isinstance(tup[0], tuple) and tup[0][0].shape == (4, 8)
     with pytest.raises(ValueError):
         augment_tokens([torch.randint(0, 9, (4, 8))], rate=1.0, copies=1)
+
+
+class _Block(nn.Module):
+    """A residual block, the residual inside as in a transformer layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ffn = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ffn(x)
+
+
+class _Pooled(nn.Module):
+    """Two blocks in a ModuleList, then a pooled, normalized output (no token axis),
+    or the last block's per-token output with ``per_token``."""
+
+    def __init__(self, per_token: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_Block() for _ in range(2))
+        self.per_token = per_token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, 6)
+        for block in self.layers:
+            x = block(x)
+        return x if self.per_token else nn.functional.normalize(x.mean(1), dim=-1)
+
+
+def test_a_pooled_output_is_weighed_on_the_last_blocks_tokens() -> None:
+    from gblr_compress.calib import sensitivity_target
+
+    torch.manual_seed(0)
+    pooled, tokens = _Pooled().double(), _Pooled(per_token=True).double()
+    tokens.load_state_dict(pooled.state_dict())
+    names = ["layers.0.ffn.0", "layers.0.ffn.2", "layers.1.ffn.0", "layers.1.ffn.2"]
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    assert sensitivity_target(pooled, names, x) == "layers.1"
+    assert sensitivity_target(tokens, names, x) is None  # per-token outputs already
+    assert sensitivity_target(pooled, names + ["extra"], x) is None  # a layer outside the blocks
+    assert sensitivity_target(nn.Sequential(nn.Linear(6, 3)).double(), ["0"], x) is None  # no blocks
+    # Weighed on the target, the pooled model's weights are the per-token model's.
+    got = layer_sensitivity(pooled, names, [x], probes=8, seed=3, target="layers.1")
+    want = layer_sensitivity(tokens, names, [x], probes=8, seed=3)
+    for n in names:
+        assert got[n] == pytest.approx(want[n], rel=1e-9)
+    assert got != layer_sensitivity(pooled, names, [x], probes=8, seed=3)

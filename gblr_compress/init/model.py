@@ -23,7 +23,7 @@ from torch import nn
 
 from gblr_compress.batches import Batch, positions
 from gblr_compress.budget import dense_budget, greedy_allocation
-from gblr_compress.calib import Moment, collect_moments, layer_sensitivity
+from gblr_compress.calib import Moment, collect_moments, layer_sensitivity, sensitivity_target
 from gblr_compress.coupling import CouplingGroup, find_groups
 from gblr_compress.errors import InputError
 from gblr_compress.init.config import InitConfig, InitResult, LayerInit
@@ -186,7 +186,8 @@ def collect_stats(
             model.eval()  # dropout would add its own noise to the probes
             try:
                 first = calib[: cfg.sensitivity_batches]
-                weights = layer_sensitivity(model, names, first, probes=2, seed=cfg.seed)
+                target = sensitivity_target(model, names, first[0])
+                weights = layer_sensitivity(model, names, first, probes=2, seed=cfg.seed, target=target)
             finally:
                 model.train(was_training)
             if not any(w > 0.0 for w in weights.values()):
