@@ -57,6 +57,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from gblr_compress.errors import InputError
 
 __all__ = [
+    "wordnet_spread",
     "Article",
     "cache_dir",
     "clean_wikitext",
@@ -550,6 +551,13 @@ def wordnet_examples() -> list[str]:
     if not all(f.is_file() for f in files):
         raise InputError(f"no WordNet data files in {WORDNET_DIR}; run: {_HINTS['wordnet']}")
     return parse_wordnet(line for f in files for line in f.read_text(encoding="utf-8", errors="replace").splitlines())
+
+
+def wordnet_spread(count: int) -> list[str]:
+    """``count`` WordNet usage examples, evenly spaced over every part of speech (the
+    ``--heldout`` text of a third source in ``deploy_bench`` / ``target_gap``)."""
+    examples = wordnet_examples()
+    return examples[:: max(1, len(examples) // count)][:count]
 
 
 # ----------------------------------------------------------------------------- command

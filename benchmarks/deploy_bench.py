@@ -173,10 +173,8 @@ def main() -> int:
         sample = _tokenize(tokenizer, news[:32])  # the timed input: 32 news sentences
         base = [str(wrapper), "--calib-text", str(calib_txt), "--tokenizer", str(folder), *args.extra]
         if args.heldout_source == "wordnet":
-            examples = assets.wordnet_examples()
-            stride = max(1, len(examples) // args.heldout_lines)
             held_txt = work / "heldout.txt"
-            held_txt.write_text("\n".join(examples[::stride][: args.heldout_lines]) + "\n")
+            held_txt.write_text("\n".join(assets.wordnet_spread(args.heldout_lines)) + "\n")
             base += ["--heldout", str(held_txt)]
 
         files: dict[str, tuple[Path, float | None]] = {}

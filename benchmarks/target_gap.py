@@ -70,10 +70,8 @@ def main() -> int:
 
         heldout = None
         if args.heldout_source == "wordnet":
-            examples = assets.wordnet_examples()
-            stride = max(1, len(examples) // args.heldout_lines)
             heldout = work / "heldout.txt"
-            heldout.write_text("\n".join(examples[::stride][: args.heldout_lines]) + "\n")
+            heldout.write_text("\n".join(assets.wordnet_spread(args.heldout_lines)) + "\n")
         job = Job(model=str(wrapper), output=str(work / "out.onnx"), calib_text=str(calib_txt),
                   tokenizer=str(folder), trust_checkpoint=True, config=CompressConfig(),
                   heldout=None if heldout is None else str(heldout))

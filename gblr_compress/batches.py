@@ -27,6 +27,7 @@ __all__ = [
     "as_batch_list",
     "check_batch",
     "chunk_batch",
+    "first_tensor",
     "flatten_outputs",
     "graph_outputs",
     "is_tensor_mapping",
@@ -47,6 +48,15 @@ Batch = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
 
 # ----------------------------------------------------------------- calling a model
+def first_tensor(out: object) -> torch.Tensor | None:
+    """A module's hidden states: its output itself, or the first tensor of a (nested)
+    tuple/list (HF layers return ``(hidden_states, attentions, ...)`` in some
+    versions); None when there is no tensor there."""
+    while isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    return out if isinstance(out, torch.Tensor) else None
+
+
 def run_model(model: nn.Module, batch: Batch) -> Any:
     """Call ``model`` on a batch: a tensor, positional tuple/list, or keyword dict."""
     if isinstance(batch, torch.Tensor):

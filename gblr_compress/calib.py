@@ -18,6 +18,7 @@ from gblr_compress.batches import (
     Batch,
     chunk_batch,
     eval_mode,
+    first_tensor,
     flatten_outputs,
     leading_size,
     per_token,
@@ -290,7 +291,7 @@ def layer_sensitivity(
     taken: list[torch.Tensor] = []
 
     def take(_m: nn.Module, _args: tuple, out: object) -> None:
-        taken.append(_first_tensor(out))
+        taken.append(first_tensor(out))
 
     def tap(name: str) -> Callable:
         # Adding a requires-grad zero puts the layer's output in the autograd graph
@@ -363,12 +364,6 @@ def layer_sensitivity(
     return {n: energy[n] * trace[n] / y2 for n in names}
 
 
-def _first_tensor(out: object) -> torch.Tensor | None:
-    while isinstance(out, (tuple, list)) and out:
-        out = out[0]
-    return out if isinstance(out, torch.Tensor) else None
-
-
 @torch.no_grad()
 def sensitivity_target(model: nn.Module, names: Sequence[str], batch: Batch) -> str | None:
     """The module whose output :func:`layer_sensitivity` should weigh layers by, or None
@@ -388,7 +383,7 @@ def sensitivity_target(model: nn.Module, names: Sequence[str], batch: Batch) -> 
     if not blocks or not all(any(n.startswith(b + ".") for b in blocks) for n in names):
         return None
     seen: list[torch.Tensor | None] = []
-    handle = model.get_submodule(blocks[-1]).register_forward_hook(lambda _m, _a, out: seen.append(_first_tensor(out)))
+    handle = model.get_submodule(blocks[-1]).register_forward_hook(lambda _m, _a, out: seen.append(first_tensor(out)))
     try:
         with eval_mode(model):
             outs = flatten_outputs(run_model(model, batch))

@@ -261,7 +261,8 @@ def _config(build: Callable[[], Any]) -> Any:
               help="Instead of --budget: write the fastest file (measured in onnxruntime on this machine, "
                    "input shape of the calibration batches) whose held-out mean cosine similarity of the "
                    "outputs to the dense model's (on --heldout, else on the last 20% of the calibration "
-                   "batches) is at least F, in (0, 1]; budgets with and without int8 are searched. Exit 3 with the table when only the dense model meets F.")
+                   "batches) is at least F, in (0, 1]; budgets with and without int8 are searched. Exit 3 "
+                   "with the table when only the dense model meets F.")
 @click.option("--allow-dense", is_flag=True,
               help="With --target-fidelity: when only the dense model meets F, write it (exit 0).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,

@@ -31,7 +31,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gblr_compress.batches import Batch, flatten_outputs, positions, real_positions, run_model, token_mask
+from gblr_compress.batches import (
+    Batch,
+    first_tensor,
+    flatten_outputs,
+    positions,
+    real_positions,
+    run_model,
+    token_mask,
+)
 from gblr_compress.budget import project_widths_, total_cost
 from gblr_compress.errors import ConfigError
 from gblr_compress.layer import FrozenGBLR, GBLRLinear
@@ -378,13 +386,12 @@ def feature_modules(model: nn.Module, layer_names: Sequence[str], features: str 
 
 
 def _first_tensor(out: object) -> torch.Tensor:
-    """A block's hidden states: the output itself, or the first tensor of a tuple/list
-    (HF layers return ``(hidden_states, attentions, ...)`` in some versions)."""
-    while isinstance(out, (tuple, list)) and out:
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
+    """A tapped block's hidden states (:func:`~gblr_compress.batches.first_tensor`);
+    a module that returns no tensor cannot be compared."""
+    t = first_tensor(out)
+    if t is None:
         raise TypeError(f"a tapped module returned {type(out).__name__}, not a tensor")
-    return out
+    return t
 
 
 class _LayerTaps:

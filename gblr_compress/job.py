@@ -271,12 +271,11 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
     return text_batches(texts, tokenizer, loaded.model, job.max_length, job.batch_size)
 
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
-
-
 def _heldout_batches(job: Job, loaded: LoadedModel) -> list[Batch]:
     """The batches of ``job.heldout``: texts tokenized like the calibration text, or a
     ``.pt`` / ``.npz`` file read like ``--calib``."""
+    from gblr_compress.text import TEXT_SUFFIXES  # text.py needs no transformers to import
+
     assert job.heldout is not None
     if Path(job.heldout).suffix.lower() in TEXT_SUFFIXES:
         held = _text_calibration(job, loaded, job.heldout, "--heldout")

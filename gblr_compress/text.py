@@ -31,6 +31,8 @@ from gblr_compress.checkpoint import short_reason
 from gblr_compress.errors import InputError
 
 __all__ = [
+    "JSONL_SUFFIXES",
+    "TEXT_SUFFIXES",
     "TextTokenizer",
     "forward_inputs",
     "is_causal_lm",
@@ -40,6 +42,9 @@ __all__ = [
 ]
 
 _INSTALL = "pip install transformers tokenizers"
+# Files read as JSON lines (a "text" field each), and the suffixes named text files have.
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+TEXT_SUFFIXES = (".txt", *JSONL_SUFFIXES)
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:
@@ -59,7 +64,7 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     except OSError as exc:
         raise InputError(f"cannot read {p}: {exc.strerror}") from None
     texts: list[str] = []
-    jsonl = p.suffix.lower() in (".jsonl", ".ndjson")
+    jsonl = p.suffix.lower() in JSONL_SUFFIXES
     for i, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue

@@ -116,8 +116,8 @@ def solve_each(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     ``s >= ~160`` (``mkl_thread_team_ctxt_get_task_internal``, after ``DLASWP``
     "parameter 6" errors; a torch.linalg.solve of a (3, 192, 192) stack never returns),
     and where it returns, it can return garbage pivots ("Pivots given to lu_solve must
-    all be >= 1"). Unbatched solves do not nest and are as fast for the few units of a
-    coupling group.
+    all be >= 1"). Unbatched solves do not nest; a coupling group has few units (OBS
+    selection of three 192-wide units took 0.6 s this way).
     """
     return torch.stack([torch.linalg.solve(a, b) for a, b in zip(A, B)]) if len(A) else A.new_zeros(B.shape)
 
