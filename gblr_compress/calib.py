@@ -71,7 +71,8 @@ def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 @dataclass
 class _Product:
-    """One input tensor's ``x^T x`` (float64) and the layers that read that tensor."""
+    """One input tensor's ``x^T x`` (in the input's precision, possibly a reused
+    workspace: it is valid until the next product) and the layers that read that tensor."""
 
     key: tuple
     x: torch.Tensor
@@ -101,16 +102,18 @@ class _SharedSums:
             acc = self._sums.get(name)
             groups.setdefault((None if acc is None else id(acc), times), []).append(name)
         for (aid, times), names in groups.items():
-            term = p.prod if times == 1 else p.prod * times
             if aid is None:
-                self._share(term.clone(), names)
+                self._share(p.prod.to(torch.float64, copy=True).mul_(times), names)
                 continue
             acc = self._sums[names[0]]
-            if self._members[aid] == set(names):
-                acc.add_(term)
-            else:  # only some of the layers sharing this sum read this input
+            if self._members[aid] != set(names):  # only some of the layers sharing this sum read this input
                 self._members[aid] -= set(names)  # never empty: the others still share it
-                self._share(acc.clone().add_(term), names)
+                acc = acc.clone()
+                self._share(acc, names)
+            # Added in place with the float32 product cast on the fly: a float64 copy
+            # of a 3,072-wide product is 75 MB, freshly mapped (and page-faulted) each
+            # time; on MPNet-base those copies took as long as the products.
+            acc.add_(p.prod, alpha=times)
 
     def _share(self, t: torch.Tensor, names: list[str]) -> None:
         for name in names:
@@ -170,6 +173,7 @@ def collect_moments(
     # reused by another tensor with the same address while the entry lives.
     last: list[_Product] = []
     state: dict[str, torch.Tensor | None] = {"mask": None}
+    space = _Workspace()  # the one live product's memory, reused batch after batch
 
     def flush() -> None:
         if last:
@@ -187,7 +191,7 @@ def collect_moments(
                 # The batch product in the input's precision (float32 GEMMs are ~2x
                 # faster); the cross-batch sum, where error accumulates, is float64.
                 xf = x2 if x2.is_floating_point() else x2.double()
-                last.append(_Product(key, x, _gram(xf).double(), x2.shape[0]))
+                last.append(_Product(key, x, _gram(xf, space), x2.shape[0]))
             entry = last[0]
             entry.uses[name] = entry.uses.get(name, 0) + 1
             counts[name] += entry.rows
@@ -222,27 +226,49 @@ def collect_moments(
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None, max_rows: int | None) -> torch.Tensor:
     """``x``'s input vectors as ``(N, n)``: unpadded positions only when ``mask`` matches
-    its leading shape, then at most ``max_rows`` of them, evenly strided."""
-    x2 = real_positions(x, mask).reshape(-1, x.shape[-1])  # (N, n)
-    if max_rows is not None and x2.shape[0] > max_rows > 0:
-        idx = torch.linspace(0, x2.shape[0] - 1, max_rows, device=x2.device).round().long()
-        x2 = x2[idx]
-    return x2
+    its leading shape, then at most ``max_rows`` of them, evenly strided. One gather: the
+    strided rows are picked among the unpadded positions' indices, not copied twice."""
+    flat = x.reshape(-1, x.shape[-1])  # (positions, n)
+    idx = None
+    if per_token(x, mask):
+        idx = mask.to(x.device).reshape(-1).nonzero().squeeze(1)
+    count = flat.shape[0] if idx is None else idx.numel()
+    if max_rows is not None and count > max_rows > 0:
+        pick = torch.linspace(0, count - 1, max_rows, device=x.device).round().long()
+        idx = pick if idx is None else idx[pick]
+    return flat if idx is None else flat[idx]
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
+class _Workspace:
+    """Reused ``(n, n)`` buffers, one per width and dtype: a fresh 3,072-wide product is
+    37 MB, above the allocator's mapping threshold, so each one was mapped and
+    page-faulted anew."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialized ``(n, n)`` tensor of ``like``'s dtype and device."""
+        key = (n, like.dtype, like.device)
+        if key not in self._bufs:
+            self._bufs[key] = like.new_empty(n, n)
+        return self._bufs[key]
+
+
+def _gram(x: torch.Tensor, space: _Workspace | None = None) -> torch.Tensor:
     """``x^T x`` for ``x (N, n)``; wide inputs in two column halves, the mirrored block
-    copied instead of multiplied (3/4 of the multiply-adds of one GEMM)."""
+    copied instead of multiplied (3/4 of the multiply-adds of one GEMM). With ``space``
+    the result is written into its reused buffer (valid until the next call)."""
     n = x.shape[1]
+    out = x.new_empty(n, n) if space is None else space.get(n, x)
     if n < 1024:
-        return x.T @ x
+        return torch.mm(x.T, x, out=out)
     h = n // 2
     a, b = x[:, :h], x[:, h:]
-    out = x.new_empty(n, n)
-    out[:h, :h] = a.T @ a
-    out[h:, :h] = b.T @ a
+    torch.mm(a.T, a, out=out[:h, :h])
+    torch.mm(b.T, a, out=out[h:, :h])
     out[:h, h:] = out[h:, :h].T
-    out[h:, h:] = b.T @ b
+    torch.mm(b.T, b, out=out[h:, h:])
     return out
 
 
