@@ -318,8 +318,8 @@ def _config(build: Callable[[], Any]) -> Any:
 @click.option("--include", multiple=True, metavar="GLOB", help="Only compress Linear layers whose name matches (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave Linear layers whose name matches dense (repeatable).")
 @click.option("--time-budget", default=None, type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Seconds the compression may take (init, distillation, recovery): the distillation "
-                   "and recovery keep the steps that fit, and do not train when fewer than 20 fit. "
+              help="Seconds the compression may take (init and distillation): the distillation "
+                   "keeps the steps that fit, and does not train when fewer than 20 fit. "
                    "Default: all --steps, however long.")
 @click.option("--compress-tied", is_flag=True,
               help="Also compress layers whose weight is tied to another module (default: left dense, reported).")

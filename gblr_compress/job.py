@@ -372,7 +372,7 @@ def _distill_notes(result: CompressResult) -> list[str]:
                          "(a longer --time-budget lets it run)")
         if record is not None and record.cut:
             notes.append(f"{label} stopped early: {record.cut}; kept its best held-out state (step "
-                         f"{record.best_step}) and ran no recovery (a longer --time-budget lets both run)")
+                         f"{record.best_step}), and no recovery ran after it (a longer --time-budget lets it train)")
         if record is not None and record.stopped:
             notes.append(f"{label} stopped: {record.stopped}; restored the best state (step {record.best_step})")
     return notes

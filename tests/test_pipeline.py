@@ -79,7 +79,7 @@ def test_proximal_step_moves_widths_kills_groups_and_reallocates(digits) -> None
 def test_freeze_and_recovery_change_outputs_little(digits) -> None:
     calib = _calib(digits)
     no_recovery = compress(digits.model, CompressConfig(budget=BUDGET, recover=RecoverConfig(steps=0)), calib=calib)
-    recovered = compress(digits.model, CompressConfig(budget=BUDGET), calib=calib)
+    recovered = compress(digits.model, CompressConfig(budget=BUDGET, recover=RecoverConfig(steps=None)), calib=calib)
     with torch.no_grad():
         before = no_recovery.model(digits.X_test)  # distilled student, frozen as is
         after = recovered.model(digits.X_test)  # same run + content-only recovery
@@ -129,7 +129,8 @@ def test_config_composes_stages_and_errors_name_fields() -> None:
     # The stages take the run's budget and seed: the dict is what runs.
     assert (cfg.init.budget, cfg.init.seed, cfg.distill.seed) == (0.4, 7, 7)
     assert asdict(cfg)["init"]["max_groups"] == 2 and cfg.settings()["distill"]["steps"] == 8
-    rec = cfg.recover.derive(cfg.distill)  # the named derivation, not literals at a call site
+    assert cfg.recover.derive(cfg.distill).steps == 0  # no recovery by default
+    rec = RecoverConfig(steps=None).derive(cfg.distill)  # the named derivation, not literals at a call site
     assert (rec.steps, rec.lr, rec.seed, rec.loss) == (2, cfg.distill.lr * 0.3, 8, cfg.distill.loss)
     assert RecoverConfig(steps=5).derive(cfg.distill).steps == 5
     for build, field in ((lambda: CompressConfig(budget=2.0), "budget"),
@@ -157,7 +158,8 @@ def test_a_distillation_cut_after_its_timed_steps_runs_no_recovery(digits, monke
 
     monkeypatch.setattr(pipeline, "distill_", cut_short)
     monkeypatch.setattr(pipeline, "recover_", no_recovery)
-    result = compress(digits.model, CompressConfig(budget=BUDGET), calib=_calib(digits))
+    config = CompressConfig(budget=BUDGET, recover=RecoverConfig(steps=None))  # a recovery configured
+    result = compress(digits.model, config, calib=_calib(digits))
     assert result.distill.cut and result.recovery is None
     assert "distilled" in result.quality  # measured on the state the distillation kept
     assert any("stopped early" in n and "no recovery" in n for n in _distill_notes(result))
