@@ -763,6 +763,11 @@ def distill_(
         for taps in (s_taps, t_taps):
             if taps is not None:
                 taps.close()
+        # The last step's gradients would otherwise live on with the student through
+        # the freeze and the export (340 MB on a 135M-parameter LM at budget 0.8).
+        opt.zero_grad(set_to_none=True)
+        if sopt is not None:
+            sopt.zero_grad(set_to_none=True)
         for layer in layer_list:  # leave the student on exact boxcars
             layer.sigma.fill_(math.inf)
             layer.round_ste = False

@@ -57,6 +57,8 @@ def test_dict_input_encoder_runs_the_whole_loop() -> None:
     assert [p.done for p in seen] == list(range(1, 13)) and {p.phase for p in seen} == {"distill"}
     assert all(p.cost <= max_cost for p in seen)
     assert result.heldout_after <= result.heldout_before
+    # No gradient outlives the loop (they would be carried through freeze and export).
+    assert all(p.grad is None for p in student.parameters())
     rec = recover_(student, teacher, calib, max_cost, DistillConfig(steps=4, eval_every=2), holdout=hold)
     assert rec.heldout_after <= rec.heldout_before
     records = freeze_(student)
