@@ -348,3 +348,41 @@ def test_a_pruning_solve_that_fails_keeps_the_low_rank_init(monkeypatch) -> None
     assert all(r.status != "pruned" for r in res.layers.values())
     assert all("pruned window not tried: Pivots" in (r.reason or "") for r in res.layers.values())
     assert res.exact_cost <= res.budget_cost
+
+
+def test_unit_remainders_left_by_whole_units_buy_a_unit_where_the_split_came_closest() -> None:
+    # Two FFN groups of 16 units at 16 multiply-adds a unit: the split gives them 7.75 and
+    # 7.25 units' worth. Whole units keep 7 and 7, which leaves one unit's cost unspent;
+    # it goes to the group that came closest to an 8th, and the run stays within budget.
+    gen = torch.Generator().manual_seed(6)
+    d, h = 8, 16
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.ModuleList([_Block(nn.Linear(d, h).double(), nn.Linear(h, d).double()) for _ in range(2)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer[1](self.layer[0](x))
+
+    model = Two()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64))
+    var = torch.cat([torch.ones(h // 2), torch.full((h // 2,), 1e-6)]).double()  # 8 silent units
+    mo = lambda C: Moment(C * 100, 100)  # noqa: E731
+    names, shapes, moments, weights = [], {}, {}, {}
+    for i in range(2):
+        up, down = f"layer.{i}.intermediate.dense", f"layer.{i}.output.dense"
+        names += [up, down]
+        shapes |= {up: (h, d), down: (d, h)}
+        moments |= {up: mo(torch.eye(d, dtype=F64)), down: mo(torch.diag(var))}
+        weights |= {up: 0.01, down: 1.0}
+    stats = InitStats(names, shapes, moments=moments, holdout=dict(moments), sensitivity=weights, data_free=False)
+    share = {0: 62, 1: 58}  # per layer: 124 and 116 for the two-layer groups
+    costs = {n: share[int(n.split(".")[1])] for n in names}
+    res = init_layers_(model, InitConfig(budget=0.5, refine_steps=0), stats, Allocation(costs, 240))
+    ranks = {n: r.rank for n, r in res.layers.items() if r.status == "pruned"}
+    assert ranks == {"layer.0.intermediate.dense": 8, "layer.0.output.dense": 8,
+                     "layer.1.intermediate.dense": 7, "layer.1.output.dense": 7}
+    assert res.exact_cost == 240 <= res.budget_cost
