@@ -24,7 +24,12 @@ spinning off, interleaved), and what was left dense and why.
 Usage::
 
     PYTHONPATH=. python benchmarks/models_bench.py --cases minilm-wrapper smollm2 \\
-        [--budgets 0.5] [--time-budget 600] [--json out.json]
+        [--budgets 0.5] [--time-budget 600] [--int8] [--json out.json]
+
+With ``--int8`` each case also gets its deployment frontier: onnxruntime's dynamic int8
+alone (what a CPU user gets in one call), and each budget's file with and without int8
+(quantized by the function ``--quantize int8`` calls), scored alike and timed in one
+interleaved run against dense fp32.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,7 +208,10 @@ def _left_dense(report: dict) -> str:
 
 
 def bench_case(case: Case, work: Path, time_budget: float | None, budgets: list[float] | None,
-               calib_lines: int | None = None) -> list[dict]:
+               calib_lines: int | None = None, int8: bool = False) -> tuple[list[dict], list[dict]]:
+    """The case's rows (one per budget), and with ``int8`` its deployment frontier:
+    dense, int8 alone and each budget with and without int8, scored alike and timed in
+    one interleaved onnxruntime run (:func:`frontier`)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     calib_all, eval_wiki = assets.wiki_split()
@@ -232,6 +241,7 @@ def bench_case(case: Case, work: Path, time_budget: float | None, budgets: list[
             report, wall = run_command(model_arg, b, calib_txt, out, extra)
             fid = encoder_fidelity(ref, _embeddings_onnx(out, tokenizer, news, pooled))
             rows.append(_row(case, b, report, wall, fid, speedup(dense_onnx, out, sample)))
+        score = lambda path: encoder_fidelity(ref, _embeddings_onnx(path, tokenizer, news, pooled))  # noqa: E731
     else:
         folder = assets.smollm2_dir()
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -248,7 +258,46 @@ def bench_case(case: Case, work: Path, time_budget: float | None, budgets: list[
             ppl = perplexity_onnx(out, windows)
             fid = {"ppl": ppl, "ppl_dense": ppl_dense, "ppl_ratio": ppl / ppl_dense}
             rows.append(_row(case, b, report, wall, fid, speedup(dense_onnx, out, sample)))
-    return rows
+
+        def score(path: Path) -> dict[str, float]:
+            ppl = perplexity_onnx(path, windows)
+            return {"ppl": ppl, "ppl_ratio": ppl / ppl_dense}
+    points = frontier(case, work, dense_onnx, rows, sample, score) if int8 else []
+    return rows, points
+
+
+def frontier(case: Case, work: Path, dense_onnx: Path, rows: list[dict], sample: dict[str, torch.Tensor],
+             score: Callable[[Path], dict[str, float]], rounds: int = 9) -> list[dict]:
+    """Int8 alone (the dense file through :func:`~gblr_compress.export.quantize.quantize_int8`,
+    what ``--quantize int8`` calls) and each compressed file with and without int8: each
+    scored by ``score`` and all timed in one interleaved run against dense fp32."""
+    import onnx
+
+    from gblr_compress.export.measure import latency
+    from gblr_compress.export.quantize import quantize_int8
+
+    taken = {i.name for i in onnx.load(str(dense_onnx), load_external_data=False).graph.input}
+    if "token_type_ids" in taken and "token_type_ids" not in sample:  # a BERT folder: segment 0
+        sample = {**sample, "token_type_ids": torch.zeros_like(sample["input_ids"])}
+    files = {"dense fp32": dense_onnx}
+    quantize_int8(dense_onnx, work / f"{case.name}_dense_int8.onnx")
+    files["int8 alone"] = work / f"{case.name}_dense_int8.onnx"
+    for r in rows:
+        out = work / f"{case.name}_{r['budget']}.onnx"
+        files[f"gblr {r['budget']}"] = out
+        quantize_int8(out, work / f"{case.name}_{r['budget']}_int8.onnx")
+        files[f"gblr {r['budget']} + int8"] = work / f"{case.name}_{r['budget']}_int8.onnx"
+    times = latency(files, sample, "dense fp32", rounds=rounds)
+    return [{"case": case.name, "name": k, "fidelity": score(p), "ms": times[k].ms, "speedup": times[k].speedup}
+            for k, p in files.items()]
+
+
+def _print_frontier(points: list[dict]) -> None:
+    print("| case | file | fidelity | ms / call | ORT vs dense fp32 |")
+    print("| --- | --- | --- | --- | --- |")
+    for p in points:
+        fid = ", ".join(f"{k} {v:.3f}" for k, v in p["fidelity"].items())
+        print(f"| {p['case']} | {p['name']} | {fid} | {p['ms']:.1f} | {p['speedup']:.2f}x |")
 
 
 def _row(case: Case, budget: float, report: dict, wall: float, fid: dict, speed: float) -> dict:
@@ -279,21 +328,30 @@ def main() -> int:
     ap.add_argument("--time-budget", type=float, default=None, help="passed to the command")
     ap.add_argument("--calib-lines", type=int, default=None,
                     help="calibration sentences (the first N Wikipedia ones; default: each case's own)")
+    ap.add_argument("--int8", action="store_true",
+                    help="also the deployment frontier: int8 alone and each budget with int8, one timing run")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--workdir", type=Path, default=None, help="keep the files here")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    rows = []
+    rows, points = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for name in args.cases:
-            rows += bench_case(CASES[name], work, args.time_budget, args.budgets, args.calib_lines)
-            _print(rows[-len(CASES[name].budgets if args.budgets is None else args.budgets):])
+            got, front = bench_case(CASES[name], work, args.time_budget, args.budgets, args.calib_lines, args.int8)
+            rows += got
+            points += front
+            _print(got)
+            if front:
+                _print_frontier(front)
     print()
     _print(rows)
+    if points:
+        print()
+        _print_frontier(points)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "frontier": points}, indent=2))
     return 0
 
 
