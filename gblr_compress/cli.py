@@ -238,7 +238,7 @@ class _Bars:
 _FLAGS = {
     "budget": "--budget", "seed": "--seed", "augment": "--augment", "steps": "--steps", "lr": "--lr",
     "loss": "--loss", "max_groups": "--max-blocks", "teacher_cache_mb": "--teacher-cache-mb",
-    "time_budget": "--time-budget",
+    "activation_mb": "--activation-mb", "time_budget": "--time-budget",
 }
 
 
@@ -325,6 +325,9 @@ def _config(build: Callable[[], Any]) -> Any:
               help="Also compress layers whose weight is tied to another module (default: left dense, reported).")
 @click.option("--teacher-cache-mb", default=1024.0, show_default=True, type=click.FloatRange(min=0),
               help="Memory for cached teacher outputs during distillation (results do not change, only time).")
+@click.option("--activation-mb", default=1024.0, show_default=True, type=click.FloatRange(min=0),
+              help="Memory one distillation forward/backward pass may keep: larger batches run their rows in "
+                   "chunks that fit, gradients added up (0: whole batches).")
 @click.option("--max-memory", default=None, type=click.FloatRange(min=0, min_open=True), metavar="GB",
               help="Memory the run may use (default: what the machine has available); a run estimated to "
                    "need more is refused before the work.")
@@ -350,7 +353,8 @@ def compress_cmd(model: str, budget: float | None, target_fidelity: float | None
                  calib_text: str | None, heldout: str | None, tokenizer: str | None, max_length: int, batch_size: int | None,
                  input_spec: str | None, steps: int, lr: float, loss: str, augment: float, seed: int,
                  data_free: bool, no_prune: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
-                 time_budget: float | None, compress_tied: bool, teacher_cache_mb: float, max_memory: float | None,
+                 time_budget: float | None, compress_tied: bool, teacher_cache_mb: float, activation_mb: float,
+                 max_memory: float | None,
                  device: str, opset: int, no_verify: bool, report: str | None, min_fidelity: float | None,
                  force: bool, trust_checkpoint: bool, deterministic: bool, quiet: bool, as_json: bool) -> None:
     """Compress MODEL's Linear layers to a FLOP budget and export ONNX + a report.
@@ -390,7 +394,8 @@ def compress_cmd(model: str, budget: float | None, target_fidelity: float | None
         budget=1.0 if budget is None else budget, seed=seed, include=include, exclude=exclude, augment=augment, device=device,
         compress_tied=compress_tied, time_budget=time_budget, init=InitConfig(max_groups=max_blocks, data_free=data_free,
                                                                           prune=not no_prune),
-        distill=DistillConfig(steps=steps, lr=lr, loss=loss, teacher_cache_mb=teacher_cache_mb),
+        distill=DistillConfig(steps=steps, lr=lr, loss=loss, teacher_cache_mb=teacher_cache_mb,
+                              activation_mb=activation_mb),
     ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
               calib_text=calib_text, heldout=heldout, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,

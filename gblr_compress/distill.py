@@ -33,8 +33,10 @@ from torch.nn import functional as F
 
 from gblr_compress.batches import (
     Batch,
+    chunk_batch,
     first_tensor,
     flatten_outputs,
+    leading_size,
     positions,
     real_positions,
     run_model,
@@ -105,6 +107,14 @@ class DistillConfig:
             head (a causal LM's logits over its vocabulary) is kept as the head's
             input and remade on use, so a batch costs its hidden states, not its
             logits; nothing is kept when no batch comes round twice.
+        activation_mb: what one forward/backward pass may keep for the backward, in
+            MiB: a step whose batch would need more (estimated from the compressed
+            layers' widths and the output's size per position, see
+            :func:`activation_bytes_per_position`) runs its rows in chunks that fit and
+            adds up their gradients, weighted by their share of the batch's positions
+            (the step's loss is the same; the feature term is normalized per chunk). 0:
+            whole batches. On SmolLM2-135M (8 x 128-token rows, 49,152-word
+            vocabulary) three whole-batch steps took the run's peak from 5.1 to 6.9 GiB.
         min_steps: with a deadline, the phase does not train at all when fewer steps
             than this fit the time left (estimated before the first step from the
             held-out evaluation's forward passes, a training step costing about two
@@ -129,6 +139,7 @@ class DistillConfig:
     seed: int = 0
     heldout_tokens: int | None = 8192
     teacher_cache_mb: float = 1024.0
+    activation_mb: float = 1024.0
     min_steps: int = 20
 
     def __post_init__(self) -> None:
@@ -152,6 +163,8 @@ class DistillConfig:
             raise ConfigError("heldout_tokens", f"must be >= 1 or None, got {self.heldout_tokens}")
         if not self.teacher_cache_mb >= 0:
             raise ConfigError("teacher_cache_mb", f"must be >= 0, got {self.teacher_cache_mb}")
+        if not self.activation_mb >= 0:
+            raise ConfigError("activation_mb", f"must be >= 0, got {self.activation_mb}")
         if self.min_steps < 0:
             raise ConfigError("min_steps", f"must be >= 0, got {self.min_steps}")
 
@@ -526,6 +539,43 @@ class _TeacherCache:
         return out, tapped
 
 
+def activation_bytes_per_position(layers: Sequence[nn.Module], output_features: int) -> int:
+    """Bytes one input position keeps for the backward pass, estimated: each compressed
+    layer's input and output and about as much again around it (norms, activations,
+    the GBLR intermediate), in float32, plus a few copies of the output's features per
+    position (softmax, log-softmax, gradient). The same rule as the run's memory
+    estimate (:func:`~gblr_compress.memory.estimate_bytes`)."""
+    widths = sum(int(getattr(l, "in_features", 0)) + int(getattr(l, "out_features", 0)) for l in layers)
+    return 4 * (3 * widths + 4 * output_features)
+
+
+def _chunk_rows(batch: Batch, out: object, tapped: Mapping[str, torch.Tensor], per_position: int,
+                limit_bytes: float) -> int:
+    """Rows per chunk of a training step: all of them when the batch's activations fit
+    ``limit_bytes`` (or no limit), or when some output or tapped tensor is not indexed
+    by the batch's rows first (it could not be cut along with them)."""
+    rows = leading_size(batch)
+    mask = token_mask(batch)
+    need = (positions(batch) if mask is None else mask.numel()) * per_position  # padding takes memory too
+    if limit_bytes <= 0 or need <= limit_bytes or rows < 2:
+        return rows
+    if any(t.dim() == 0 or t.shape[0] != rows for t in [*flatten_outputs(out), *tapped.values()]):
+        return rows
+    return max(1, min(rows, int(rows * limit_bytes // need)))
+
+
+def _row_slice(out: object, lo: int, hi: int) -> object:
+    """Rows ``lo:hi`` of every tensor of a (nested) model output, containers kept as
+    plain dicts / lists (what the losses read)."""
+    if isinstance(out, torch.Tensor):
+        return out[lo:hi]
+    if isinstance(out, Mapping):
+        return {k: _row_slice(v, lo, hi) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return [_row_slice(v, lo, hi) for v in out]
+    return out
+
+
 def heldout_subset(batches: Sequence[Batch], tokens: int | None) -> list[Batch]:
     """Evenly spaced batches holding about ``tokens`` input positions (all when they
     hold fewer, or ``tokens`` is None); at least one batch when there are any."""
@@ -683,6 +733,7 @@ def distill_(
     warmup = max(1, int(config.warmup_fraction * steps))
     ste_start = int(round((1.0 - config.ste_fraction) * steps))
     t_loop = time.perf_counter()
+    per_position: int | None = None  # activation bytes a position keeps, set on the first step
     best = heldout_before if heldout_before is not None else math.inf
     best_state = _gblr_state(tracked) if holdout else None
     order: list[int] = []
@@ -703,19 +754,36 @@ def distill_(
                 group["lr"] = group["base_lr"] * _lr_factor(step, steps, warmup)
             # A batch is drawn again only once the first pass over them ends.
             t_out, t_layers = fit_teacher(index, batch, keep=steps > len(calib))
-            s_out = run_model(student, batch)
-            mask = token_mask(batch)
-            loss = output_loss(s_out, t_out, config.loss, config.temperature, mask)
-            if use_taps:
-                terms = [normalized_mse(s_taps.outputs[n], t_layers[n], mask) for n in names]
-                loss = loss + config.layer_weight * torch.stack(terms).mean()
-            result.stopped = _fault(step + 1, loss, None, None, checked)
-            if result.stopped:
-                break
             opt.zero_grad(set_to_none=True)
             if sopt is not None:
                 sopt.zero_grad(set_to_none=True)
-            loss.backward()
+            if per_position is None:
+                per_position = activation_bytes_per_position(
+                    [*layer_list, *frozen.values()], int(flatten_outputs(t_out)[0].shape[-1]))
+            rows = leading_size(batch)
+            per = _chunk_rows(batch, t_out, t_layers, per_position, config.activation_mb * 2**20)
+            total = max(positions(batch), 1)
+            loss = torch.zeros(())
+            for lo in range(0, rows, per):
+                # Rows are independent: each chunk's gradient, weighted by its share of
+                # the positions, adds up to the step's (see DistillConfig.activation_mb).
+                part = batch if per >= rows else chunk_batch(batch, lo, min(lo + per, rows))
+                t_part = t_out if per >= rows else _row_slice(t_out, lo, lo + per)
+                mask = token_mask(part)
+                s_out = run_model(student, part)
+                part_loss = output_loss(s_out, t_part, config.loss, config.temperature, mask)
+                if use_taps:
+                    terms = [normalized_mse(s_taps.outputs[n], t_layers[n][lo:lo + per], mask) for n in names]
+                    part_loss = part_loss + config.layer_weight * torch.stack(terms).mean()
+                result.stopped = _fault(step + 1, part_loss, None, None, checked)
+                if result.stopped:
+                    break
+                share = 1.0 if per >= rows else positions(part) / total
+                (part_loss * share).backward()
+                loss = loss + part_loss.detach() * share
+                del s_out, part_loss, t_part
+            if result.stopped:
+                break
             opt.step()
             if sopt is not None:
                 _normalize_grads(structure)

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from gblr_compress.batches import Batch, flatten_outputs, graph_outputs, positions, split_batches
+from gblr_compress.batches import Batch, flatten_outputs, graph_outputs, leading_size, positions, split_batches
 from gblr_compress.calibration import calibration_batches, check_inputs_fit, load_calib
 from gblr_compress.checkpoint import LoadedModel, load_model
 from gblr_compress.deploy import Bench, int8_check, timer
@@ -310,11 +310,13 @@ def _check_memory(
     weights = [modules[n].weight for n in targets]
     target_bytes = sum(w.numel() * 4 for w in weights)  # factors train in float32
     widths = sum(sum(w.shape) for w in weights)
-    tokens = max(positions(b) for b in calib)
+    biggest = max(calib, key=positions)
+    tokens = positions(biggest)
     out_bytes = sum(t.numel() * 4 for t in flatten_outputs(outputs))
     distilling = job.config.distill.steps > 0
     estimate = estimate_bytes(param_bytes, target_bytes, tokens, widths, out_bytes,
-                              int(job.config.distill.teacher_cache_mb * 2**20), distilling, peak_rss_bytes())
+                              int(job.config.distill.teacher_cache_mb * 2**20), distilling, peak_rss_bytes(),
+                              int(job.config.distill.activation_mb * 2**20), leading_size(biggest))
     limit = _memory_limit(job)
     if limit is not None and estimate.total > limit:
         raise InputError(

@@ -154,6 +154,8 @@ def estimate_bytes(
     teacher_cache_bytes: int,
     distilling: bool,
     baseline: int,
+    activation_limit: int = 0,
+    rows: int = 1,
 ) -> MemoryEstimate:
     """Estimate the peak of a run.
 
@@ -167,6 +169,9 @@ def estimate_bytes(
         teacher_cache_bytes: the cap of the cached teacher outputs.
         distilling: whether there are distillation steps (else init and export only).
         baseline: the process's resident size now (libraries loaded, the model read).
+        activation_limit: bytes of activations a training step keeps at once (its rows
+            run in chunks that fit, ``DistillConfig.activation_mb``); 0: whole batches.
+        rows: rows of that batch (a chunk holds at least one).
 
     On top of the loaded model (in ``baseline``; on a CPU run it is also the teacher)
     come the student and, while the init builds it, its new layers beside the dense
@@ -179,5 +184,7 @@ def estimate_bytes(
     models = 2 * param_bytes
     trainable = 3 * target_param_bytes if distilling else 0
     activations = 3 * batch_tokens * target_widths * 4 + 4 * output_bytes_per_batch
+    if activation_limit > 0:
+        activations = min(activations, max(activation_limit, activations // max(rows, 1)))
     cache = teacher_cache_bytes if distilling else 0
     return MemoryEstimate(models, trainable, cache, activations, baseline)

@@ -99,7 +99,7 @@ class RecoverConfig:
                              loss=distill.loss, layer_weight=distill.layer_weight,
                              features=distill.features, eval_every=max(1, min(self.eval_every, steps)),
                              heldout_tokens=distill.heldout_tokens,
-                             teacher_cache_mb=distill.teacher_cache_mb,
+                             teacher_cache_mb=distill.teacher_cache_mb, activation_mb=distill.activation_mb,
                              min_steps=distill.min_steps // 4)  # a quarter of the steps, a quarter of the floor
 
 

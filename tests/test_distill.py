@@ -12,6 +12,7 @@ from gblr_compress.distill import (
     DistillConfig,
     _Recompute,
     _TeacherCache,
+    activation_bytes_per_position,
     agreement,
     distill_,
     feature_modules,
@@ -348,3 +349,33 @@ def test_pruned_windows_train_their_content_and_keep_their_identity_factor() -> 
     assert not torch.equal(after["0.V.0"], before["0.V.0"]) and not torch.equal(after["2.U.0"], before["2.U.0"])
     assert torch.equal(after["0.U.0"], torch.eye(10)) and torch.equal(after["2.V.0"], torch.eye(10))
     assert isinstance(student[0], FrozenGBLR) and student[0].identity_side(0) == "U"
+
+
+def test_a_step_run_in_row_chunks_trains_as_the_whole_batch() -> None:
+    # activation_mb below one batch's estimate: each step runs its rows one at a time and
+    # adds up their gradients weighted by their share of the positions. With per-position
+    # losses (KL on logits, no feature term) that is the whole batch's gradient exactly.
+    gen = torch.Generator().manual_seed(2)
+    teacher = _TinyLM().eval()
+    calib = [{"input_ids": torch.randint(0, 50, (4, 6), generator=gen),
+              "attention_mask": torch.ones(4, 6, dtype=torch.long)} for _ in range(3)]
+    per_position = activation_bytes_per_position([teacher.mid], 64)
+    assert per_position == 4 * (3 * 16 + 4 * 64)
+    states = []
+    for activation_mb in (0.0, 1.5 * 6 * per_position / 2**20):  # whole batches; 1 row (1.5 rows' worth)
+        student = copy.deepcopy(teacher)
+        _swap_from_linear(student, groups=2, rank=2)
+        layers = list(gblr_layers(student).values())
+        rows: set[int] = set()
+
+        def seen(_m: nn.Module, args: tuple, _out: object, rows: set[int] = rows) -> None:
+            if torch.is_grad_enabled():  # a training forward, not a held-out evaluation
+                rows.add(args[0].shape[0])
+
+        student.embed.register_forward_hook(seen)
+        cfg = DistillConfig(steps=6, seed=1, layer_weight=0.0, activation_mb=activation_mb)
+        distill_(student, teacher, calib, budget_cost(layers, 0.6), cfg)
+        assert rows == ({4} if activation_mb == 0 else {1})  # the training forwards' rows
+        states.append({k: v.detach().clone() for k, v in student.state_dict().items()})
+    for k in states[0]:
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-4, atol=1e-5)

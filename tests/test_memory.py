@@ -30,6 +30,12 @@ def test_estimate_parts() -> None:
     assert est.total == 200 + 120 + 1000 + 628 + 3
     idle = estimate_bytes(100, 40, 10, 5, 7, 1000, distilling=False, baseline=0)
     assert idle.trainable == 0 and idle.teacher_cache == 0
+    # A step whose activations exceed the limit runs in row chunks: the limit counts,
+    # but never less than one row's share.
+    capped = estimate_bytes(100, 40, 10, 5, 7, 1000, True, 3, activation_limit=400, rows=4)
+    assert capped.activations == 400
+    one_row = estimate_bytes(100, 40, 10, 5, 7, 1000, True, 3, activation_limit=100, rows=4)
+    assert one_row.activations == 628 // 4
 
 
 def _rss() -> int:
