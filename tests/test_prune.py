@@ -386,3 +386,21 @@ def test_unit_remainders_left_by_whole_units_buy_a_unit_where_the_split_came_clo
     assert ranks == {"layer.0.intermediate.dense": 8, "layer.0.output.dense": 8,
                      "layer.1.intermediate.dense": 7, "layer.1.output.dense": 7}
     assert res.exact_cost == 240 <= res.budget_cost
+
+
+def test_a_reused_unit_order_keeps_one_unit_more_without_selecting_again(monkeypatch) -> None:
+    import gblr_compress.init.prune as prune
+
+    gen = torch.Generator().manual_seed(7)
+    d, h, k = 6, 12, 5
+    W2 = torch.randn(d, h, generator=gen, dtype=F64)
+    X = torch.randn(200, h, generator=gen, dtype=F64)
+    first = prune_group(W2, _moment(X), k, per_unit=2 * d)
+
+    def no_selection(*args, **kwargs):  # noqa: ARG001
+        raise AssertionError("the order was selected again")
+
+    monkeypatch.setattr(prune, "obs_order", no_selection)
+    more = prune_group(W2, _moment(X), k + 1, per_unit=2 * d, order=first.order)
+    assert more.keep.tolist() == first.order[: k + 1].tolist()
+    assert more.fit_error < first.fit_error and more.cost == (k + 1) * 2 * d

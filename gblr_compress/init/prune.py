@@ -195,6 +195,7 @@ def prune_group(
     refit: bool = True,
     unit_size: int = 1,
     select: str = "obs",
+    order: torch.Tensor | None = None,
 ) -> PrunedGroup:
     """Choose ``k`` units by importance on the fit moment, refit the consumer, and
     measure its error on the fit and held-out moments.
@@ -210,11 +211,18 @@ def prune_group(
             key/value group's query heads); a unit's importance is its columns' sum.
         select: ``"obs"`` (:func:`obs_order`, elimination that accounts for the
             refit) or ``"importance"`` (:func:`unit_importance`, Kwon et al.).
+        order: a unit order an earlier call returned (``PrunedGroup.order``), reused
+            instead of selecting again: the OBS order keeps the units in the reverse
+            of their elimination, so its first ``k + 1`` are the greedy path's state
+            one unit earlier.
     """
     if select not in ("obs", "importance"):
         raise ValueError(f"select must be obs or importance, got {select!r}")
     units = W2.shape[1] // unit_size
-    if select == "obs":
+    if order is not None:
+        if order.numel() != units:
+            raise ValueError(f"order has {order.numel()} units, the group {units}")
+    elif select == "obs":
         order = obs_order(W2, C_fit, k, unit_size, damping)
     else:
         order = keep_order(unit_importance(W2, C_fit).reshape(units, unit_size).sum(1))
