@@ -398,7 +398,7 @@ def _spend_unit_remainders(
     allocation came closest to one more unit get it first (largest remainder rounding)
     while the whole run's exact cost stays within ``budget``. Each group's unit order
     from the first pass (``orders``) is reused, so a unit more costs one refit, not a
-    new selection (on MPNet-base the selections made the init 50 s longer).
+    new selection.
     """
     slack = budget - sum(rec.exact_cost for _, rec in built.values())
     pending = []
