@@ -276,9 +276,6 @@ def frontier(case: Case, work: Path, dense_onnx: Path, rows: list[dict], sample:
     from gblr_compress.export.measure import latency
     from gblr_compress.export.quantize import quantize_int8
 
-    taken = {i.name for i in onnx.load(str(dense_onnx), load_external_data=False).graph.input}
-    if "token_type_ids" in taken and "token_type_ids" not in sample:  # a BERT folder: segment 0
-        sample = {**sample, "token_type_ids": torch.zeros_like(sample["input_ids"])}
     files = {"dense fp32": dense_onnx}
     quantize_int8(dense_onnx, work / f"{case.name}_dense_int8.onnx")
     files["int8 alone"] = work / f"{case.name}_dense_int8.onnx"
@@ -287,6 +284,9 @@ def frontier(case: Case, work: Path, dense_onnx: Path, rows: list[dict], sample:
         files[f"gblr {r['budget']}"] = out
         quantize_int8(out, work / f"{case.name}_{r['budget']}_int8.onnx")
         files[f"gblr {r['budget']} + int8"] = work / f"{case.name}_{r['budget']}_int8.onnx"
+    taken = {i.name for p in files.values() for i in onnx.load(str(p), load_external_data=False).graph.input}
+    if "token_type_ids" in taken and "token_type_ids" not in sample:  # a BERT folder from text: segment 0
+        sample = {**sample, "token_type_ids": torch.zeros_like(sample["input_ids"])}
     times = latency(files, sample, "dense fp32", rounds=rounds)
     return [{"case": case.name, "name": k, "fidelity": score(p), "ms": times[k].ms, "speedup": times[k].speedup}
             for k, p in files.items()]
