@@ -80,7 +80,10 @@ class DistillConfig:
         temperature: KL temperature.
         layer_weight: weight of the feature term (normalized MSE of intermediate features
             vs the teacher's, averaged over the tapped modules, see ``features``); 0
-            disables it.
+            disables it. With ``features="blocks"``, a model whose outputs have no token
+            axis (a sentence-embedding wrapper's pooled vector) has its output term
+            taken on the last block's per-token output instead, the output its HuggingFace
+            folder would give.
         features: which intermediate outputs the feature term compares: ``"blocks"``
             (the default) taps each repeated block that holds compressed layers (the
             children of an ``nn.ModuleList``, e.g. each transformer layer), or each
@@ -347,6 +350,9 @@ def kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float = 2.0) -> torch
     return _ChunkedKL.apply(s, t.detach(), float(temperature))
 
 
+_AGREEMENT_ELEMENTS = 2**22  # output elements :func:`agreement` takes to float64 at once (32 MB)
+
+
 @torch.no_grad()
 def agreement(
     student: nn.Module, teacher: nn.Module, batches: Sequence[Batch], logits: bool = True
@@ -363,16 +369,25 @@ def agreement(
     cos_sum, cos_n, agree, rows = 0.0, 0, 0, 0
     for batch in batches:
         mask = token_mask(batch)
+        if mask is not None and bool(mask.all()):
+            mask = None  # every position is real (packed rows): no copy of the real ones
         s_list = flatten_outputs(run_model(student, batch))
         t_list = flatten_outputs(run_model(teacher, batch))
         logits = logits and len(t_list) == 1 and _is_logits(t_list[0])
         for s, t in zip(s_list, t_list):
-            s, t = real_positions(s.double(), mask), real_positions(t.double(), mask)
-            diff2 += float((s - t).pow(2).sum())
-            ref2 += float(t.pow(2).sum())
-            cos = F.cosine_similarity(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), dim=-1)
-            cos_sum += float(cos.sum())
-            cos_n += cos.numel()
+            s, t = real_positions(s, mask), real_positions(t, mask)
+            s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+            # float64 a slice of rows at a time: a causal LM's batch of logits is 201 MB
+            # in float32, and the float64 copies and their differences of the whole of
+            # it set the distillation's memory peak on SmolLM2 (several GB at once).
+            step = max(1, _AGREEMENT_ELEMENTS // max(s.shape[1], 1))
+            for lo in range(0, s.shape[0], step):
+                a, b = s[lo : lo + step].double(), t[lo : lo + step].double()
+                diff2 += float((a - b).pow(2).sum())
+                ref2 += float(b.pow(2).sum())
+                cos = F.cosine_similarity(a, b, dim=-1)
+                cos_sum += float(cos.sum())
+                cos_n += cos.numel()
         if logits:
             agree += int((s_list[0].argmax(-1) == t_list[0].argmax(-1)).sum())
             rows += t_list[0].shape[0]
@@ -564,6 +579,16 @@ def _chunk_rows(batch: Batch, out: object, tapped: Mapping[str, torch.Tensor], p
     return max(1, min(rows, int(rows * limit_bytes // need)))
 
 
+def _no_token_axis(out: object, hidden: torch.Tensor) -> bool:
+    """Whether none of the model's outputs is per token, while ``hidden`` (a block's
+    output, ``(batch, tokens, features)``) is: a sentence-embedding wrapper's pooled,
+    normalized vector."""
+    if hidden.dim() < 3 or not hidden.is_floating_point():
+        return False
+    tokens = tuple(hidden.shape[:2])
+    return not any(o.dim() >= 2 and tuple(o.shape[:2]) == tokens for o in flatten_outputs(out))
+
+
 def _row_slice(out: object, lo: int, hi: int) -> object:
     """Rows ``lo:hi`` of every tensor of a (nested) model output, containers kept as
     plain dicts / lists (what the losses read)."""
@@ -739,6 +764,14 @@ def distill_(
     ste_start = int(round((1.0 - config.ste_fraction) * steps))
     t_loop = time.perf_counter()
     per_position: int | None = None  # activation bytes a position keeps, set on the first step
+    # For a model whose outputs have no token axis (a sentence-embedding wrapper), the
+    # output term compares the last block's per-token output instead, as the init's
+    # layer weights do (calib.sensitivity_target): the pooled, normalized vector hides
+    # errors that other inputs see. Decided on the first step.
+    blocks = block_modules(student, [*layers, *frozen]) if config.features == "blocks" else []
+    inside = all(any(n.startswith(b + ".") for b in blocks) for n in [*layers, *frozen])
+    last = blocks[-1] if use_taps and blocks and inside and blocks[-1] in names else None
+    per_token_out: bool | None = None
     best = heldout_before if heldout_before is not None else math.inf
     best_state = _gblr_state(tracked) if holdout else None
     order: list[int] = []
@@ -776,7 +809,12 @@ def distill_(
                 t_part = t_out if per >= rows else _row_slice(t_out, lo, lo + per)
                 mask = token_mask(part)
                 s_out = run_model(student, part)
-                part_loss = output_loss(s_out, t_part, config.loss, config.temperature, mask)
+                if per_token_out is None:
+                    per_token_out = last is not None and _no_token_axis(t_out, t_layers[last])
+                if per_token_out:
+                    part_loss = normalized_mse(s_taps.outputs[last], t_layers[last][lo:lo + per], mask)
+                else:
+                    part_loss = output_loss(s_out, t_part, config.loss, config.temperature, mask)
                 if use_taps:
                     terms = [normalized_mse(s_taps.outputs[n], t_layers[n][lo:lo + per], mask) for n in names]
                     part_loss = part_loss + config.layer_weight * torch.stack(terms).mean()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -379,3 +380,67 @@ def test_a_step_run_in_row_chunks_trains_as_the_whole_batch() -> None:
         states.append({k: v.detach().clone() for k, v in student.state_dict().items()})
     for k in states[0]:
         torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_pooled_output_is_compared_on_the_last_blocks_tokens() -> None:
+    from gblr_compress.distill import _no_token_axis
+
+    hidden = torch.randn(4, 7, 16)
+    pooled = torch.nn.functional.normalize(hidden.mean(1), dim=-1)  # a sentence-embedding wrapper
+    assert _no_token_axis(pooled, hidden)
+    assert _no_token_axis({"embedding": pooled}, hidden)
+    assert not _no_token_axis({"last_hidden_state": hidden, "pooler_output": pooled}, hidden)  # a folder
+    assert not _no_token_axis(torch.randn(4, 7, 50), hidden)  # per-token logits
+    assert not _no_token_axis(pooled, torch.randn(4, 16))  # the block has no token axis either
+
+
+class _TwoBlocks(nn.Module):
+    """Two residual MLP blocks in a ModuleList, then the pooled, normalized vector (a
+    sentence-embedding wrapper) or, with ``per_token``, the last block's output."""
+
+    def __init__(self, per_token: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(2))
+        self.per_token = per_token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 8)
+        for block in self.layers:
+            x = x + block(x)
+        return x if self.per_token else nn.functional.normalize(x.mean(1), dim=-1)
+
+
+def test_the_pooled_wrappers_output_term_is_the_last_blocks_tokens(monkeypatch) -> None:
+    import gblr_compress.distill as distill
+
+    gen = torch.Generator().manual_seed(3)
+    calib = [torch.randn(4, 5, 8, generator=gen) for _ in range(3)]
+    calls: list[int] = []
+    real = distill.output_loss
+    monkeypatch.setattr(distill, "output_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for per_token, expected in ((False, 0), (True, 4)):  # no held-out data: only training steps call it
+        calls.clear()
+        teacher = _TwoBlocks(per_token).eval()
+        student = copy.deepcopy(teacher)
+        _swap_from_linear(student, groups=2, rank=2)
+        layers = list(gblr_layers(student).values())
+        distill_(student, teacher, calib, budget_cost(layers, 0.6), DistillConfig(steps=4))
+        assert len(calls) == expected
+
+
+def test_agreement_is_the_same_taken_to_float64_a_slice_at_a_time(monkeypatch) -> None:
+    import gblr_compress.distill as distill
+
+    gen = torch.Generator().manual_seed(5)
+    teacher = _TinyLM().eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.mid.weight.add_(0.3 * torch.randn(student.mid.weight.shape, generator=gen))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    batches = [{"input_ids": torch.randint(0, 50, (3, 7), generator=gen), "attention_mask": mask}]
+    whole = agreement(student, teacher, batches)
+    monkeypatch.setattr(distill, "_AGREEMENT_ELEMENTS", 100)  # 1 row of 64 logits at a time
+    sliced = agreement(student, teacher, batches)
+    assert sliced.keys() == whole.keys()
+    for k in whole:
+        assert sliced[k] == pytest.approx(whole[k], rel=1e-12, abs=1e-12)
