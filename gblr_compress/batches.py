@@ -33,6 +33,7 @@ __all__ = [
     "is_tensor_mapping",
     "leading_size",
     "move_batch",
+    "no_token_axis",
     "per_token",
     "real_positions",
     "run_model",
@@ -254,6 +255,16 @@ def token_mask(batch: Batch) -> torch.Tensor | None:
 def per_token(t: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether ``t`` holds one vector per position of ``mask`` (its leading shape)."""
     return mask is not None and t.dim() >= 2 and tuple(mask.shape) == tuple(t.shape[:-1])
+
+
+def no_token_axis(outputs: Sequence[torch.Tensor], hidden: torch.Tensor) -> bool:
+    """Whether none of ``outputs`` is per token while ``hidden`` (a block's output,
+    ``(batch, tokens, features)``) is: a sentence-embedding wrapper's pooled, normalized
+    vector."""
+    if hidden.dim() < 3 or not hidden.is_floating_point():
+        return False
+    tokens = tuple(hidden.shape[:2])
+    return not any(o.dim() >= 2 and tuple(o.shape[:2]) == tokens for o in outputs)
 
 
 def real_positions(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

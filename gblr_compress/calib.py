@@ -21,6 +21,7 @@ from gblr_compress.batches import (
     first_tensor,
     flatten_outputs,
     leading_size,
+    no_token_axis,
     per_token,
     positions,
     real_positions,
@@ -30,7 +31,7 @@ from gblr_compress.batches import (
     with_token_ids,
 )
 from gblr_compress.progress import Progress, ProgressEvent
-from gblr_compress.swap import block_modules
+from gblr_compress.swap import last_block
 
 __all__ = [
     "Moment",
@@ -405,23 +406,20 @@ def sensitivity_target(model: nn.Module, names: Sequence[str], batch: Batch) -> 
     outputs (an encoder folder, a causal LM's logits) and models without blocks keep
     their outputs.
     """
-    blocks = block_modules(model, names)
-    if not blocks or not all(any(n.startswith(b + ".") for b in blocks) for n in names):
+    last = last_block(model, names)
+    if last is None:
         return None
     seen: list[torch.Tensor | None] = []
-    handle = model.get_submodule(blocks[-1]).register_forward_hook(lambda _m, _a, out: seen.append(first_tensor(out)))
+    handle = model.get_submodule(last).register_forward_hook(lambda _m, _a, out: seen.append(first_tensor(out)))
     try:
         with eval_mode(model):
             outs = flatten_outputs(run_model(model, batch))
     finally:
         handle.remove()
     hidden = seen[-1] if seen else None
-    if hidden is None or hidden.dim() < 3 or not hidden.is_floating_point():
-        return None
-    tokens = tuple(hidden.shape[:2])
-    if any(o.dim() >= 2 and tuple(o.shape[:2]) == tokens for o in outs):
-        return None  # the outputs are per token already
-    return blocks[-1]
+    if hidden is None or not no_token_axis(outs, hidden):
+        return None  # the outputs are per token already (or the block's output is not)
+    return last
 
 
 # Positions one sensitivity pass runs at once. Rows of a batch are independent, so

@@ -37,6 +37,7 @@ from gblr_compress.batches import (
     first_tensor,
     flatten_outputs,
     leading_size,
+    no_token_axis,
     positions,
     real_positions,
     run_model,
@@ -45,8 +46,9 @@ from gblr_compress.batches import (
 from gblr_compress.budget import project_widths_, total_cost
 from gblr_compress.errors import ConfigError
 from gblr_compress.layer import FrozenGBLR, GBLRLinear
+from gblr_compress.memory import activation_bytes
 from gblr_compress.progress import Progress, ProgressEvent
-from gblr_compress.swap import block_modules
+from gblr_compress.swap import block_modules, last_block
 
 __all__ = [
     "DistillConfig",
@@ -555,13 +557,11 @@ class _TeacherCache:
 
 
 def activation_bytes_per_position(layers: Sequence[nn.Module], output_features: int) -> int:
-    """Bytes one input position keeps for the backward pass, estimated: each compressed
-    layer's input and output and about as much again around it (norms, activations,
-    the GBLR intermediate), in float32, plus a few copies of the output's features per
-    position (softmax, log-softmax, gradient). The same rule as the run's memory
-    estimate (:func:`~gblr_compress.memory.estimate_bytes`)."""
+    """Bytes one input position keeps for the backward pass, estimated by the run's
+    memory estimate's rule (:func:`~gblr_compress.memory.activation_bytes`) over the
+    compressed layers' widths and the output's float32 features per position."""
     widths = sum(int(getattr(l, "in_features", 0)) + int(getattr(l, "out_features", 0)) for l in layers)
-    return 4 * (3 * widths + 4 * output_features)
+    return activation_bytes(1, widths, 4 * output_features)
 
 
 def _chunk_rows(batch: Batch, out: object, tapped: Mapping[str, torch.Tensor], per_position: int,
@@ -577,16 +577,6 @@ def _chunk_rows(batch: Batch, out: object, tapped: Mapping[str, torch.Tensor], p
     if any(t.dim() == 0 or t.shape[0] != rows for t in [*flatten_outputs(out), *tapped.values()]):
         return rows
     return max(1, min(rows, int(rows * limit_bytes // need)))
-
-
-def _no_token_axis(out: object, hidden: torch.Tensor) -> bool:
-    """Whether none of the model's outputs is per token, while ``hidden`` (a block's
-    output, ``(batch, tokens, features)``) is: a sentence-embedding wrapper's pooled,
-    normalized vector."""
-    if hidden.dim() < 3 or not hidden.is_floating_point():
-        return False
-    tokens = tuple(hidden.shape[:2])
-    return not any(o.dim() >= 2 and tuple(o.shape[:2]) == tokens for o in flatten_outputs(out))
 
 
 def _row_slice(out: object, lo: int, hi: int) -> object:
@@ -768,9 +758,7 @@ def distill_(
     # output term compares the last block's per-token output instead, as the init's
     # layer weights do (calib.sensitivity_target): the pooled, normalized vector hides
     # errors that other inputs see. Decided on the first step.
-    blocks = block_modules(student, [*layers, *frozen]) if config.features == "blocks" else []
-    inside = all(any(n.startswith(b + ".") for b in blocks) for n in [*layers, *frozen])
-    last = blocks[-1] if use_taps and blocks and inside and blocks[-1] in names else None
+    last = last_block(student, [*layers, *frozen]) if use_taps and config.features == "blocks" else None
     per_token_out: bool | None = None
     best = heldout_before if heldout_before is not None else math.inf
     best_state = _gblr_state(tracked) if holdout else None
@@ -795,9 +783,10 @@ def distill_(
             opt.zero_grad(set_to_none=True)
             if sopt is not None:
                 sopt.zero_grad(set_to_none=True)
-            if per_position is None:
+            if per_position is None:  # the first step's outputs size the chunks and pick the output term
                 per_position = activation_bytes_per_position(
                     [*layer_list, *frozen.values()], int(flatten_outputs(t_out)[0].shape[-1]))
+                per_token_out = last is not None and no_token_axis(flatten_outputs(t_out), t_layers[last])
             rows = leading_size(batch)
             per = _chunk_rows(batch, t_out, t_layers, per_position, config.activation_mb * 2**20)
             total = max(positions(batch), 1)
@@ -809,8 +798,6 @@ def distill_(
                 t_part = t_out if per >= rows else _row_slice(t_out, lo, lo + per)
                 mask = token_mask(part)
                 s_out = run_model(student, part)
-                if per_token_out is None:
-                    per_token_out = last is not None and _no_token_axis(t_out, t_layers[last])
                 if per_token_out:
                     part_loss = normalized_mse(s_taps.outputs[last], t_layers[last][lo:lo + per], mask)
                 else:

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MemoryEstimate", "available_bytes", "estimate_bytes", "gib", "give_back_freed", "peak_rss_bytes",
+__all__ = ["MemoryEstimate", "activation_bytes", "available_bytes", "estimate_bytes", "gib", "give_back_freed", "peak_rss_bytes",
            "reset_peak", "tune_allocator"]
 
 # glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD).
@@ -145,6 +145,14 @@ class MemoryEstimate:
         return ", ".join(f"{k} {gib(v)}" for k, v in parts if v)
 
 
+def activation_bytes(positions: int, target_widths: int, output_bytes: int) -> int:
+    """What a training pass over ``positions`` input positions keeps for its backward:
+    each target layer's input and output and about as much again around it (norms,
+    activations, the GBLR intermediate), in float32, plus a few copies of the outputs
+    (``output_bytes`` for those positions: softmax, log-softmax, gradient)."""
+    return 3 * positions * target_widths * 4 + 4 * output_bytes
+
+
 def estimate_bytes(
     param_bytes: int,
     target_param_bytes: int,
@@ -183,7 +191,7 @@ def estimate_bytes(
     """
     models = 2 * param_bytes
     trainable = 3 * target_param_bytes if distilling else 0
-    activations = 3 * batch_tokens * target_widths * 4 + 4 * output_bytes_per_batch
+    activations = activation_bytes(batch_tokens, target_widths, output_bytes_per_batch)
     if activation_limit > 0:
         activations = min(activations, max(activation_limit, activations // max(rows, 1)))
     cache = teacher_cache_bytes if distilling else 0

@@ -12,7 +12,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-__all__ = ["is_linear_like", "as_linear", "block_modules", "find_linears", "linear_shape", "replace_module"]
+__all__ = ["is_linear_like", "as_linear", "block_modules", "find_linears", "last_block", "linear_shape", "replace_module"]
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -101,3 +101,12 @@ def block_modules(model: nn.Module, layer_names: Sequence[str]) -> list[str]:
             if any(n.startswith(full + ".") for n in layer_names):
                 blocks.append(full)
     return [b for b in blocks if not any(b.startswith(o + ".") for o in blocks if o != b)]
+
+
+def last_block(model: nn.Module, layer_names: Sequence[str]) -> str | None:
+    """The last of :func:`block_modules`, when every one of ``layer_names`` sits in a
+    block (a transformer stack's last layer); None otherwise."""
+    blocks = block_modules(model, layer_names)
+    if not blocks or not all(any(n.startswith(b + ".") for b in blocks) for n in layer_names):
+        return None
+    return blocks[-1]

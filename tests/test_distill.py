@@ -383,15 +383,15 @@ def test_a_step_run_in_row_chunks_trains_as_the_whole_batch() -> None:
 
 
 def test_a_pooled_output_is_compared_on_the_last_blocks_tokens() -> None:
-    from gblr_compress.distill import _no_token_axis
+    from gblr_compress.batches import flatten_outputs, no_token_axis
 
     hidden = torch.randn(4, 7, 16)
     pooled = torch.nn.functional.normalize(hidden.mean(1), dim=-1)  # a sentence-embedding wrapper
-    assert _no_token_axis(pooled, hidden)
-    assert _no_token_axis({"embedding": pooled}, hidden)
-    assert not _no_token_axis({"last_hidden_state": hidden, "pooler_output": pooled}, hidden)  # a folder
-    assert not _no_token_axis(torch.randn(4, 7, 50), hidden)  # per-token logits
-    assert not _no_token_axis(pooled, torch.randn(4, 16))  # the block has no token axis either
+    assert no_token_axis([pooled], hidden)
+    assert no_token_axis(flatten_outputs({"embedding": pooled}), hidden)
+    assert not no_token_axis([hidden, pooled], hidden)  # a folder
+    assert not no_token_axis([torch.randn(4, 7, 50)], hidden)  # per-token logits
+    assert not no_token_axis([pooled], torch.randn(4, 16))  # the block has no token axis either
 
 
 class _TwoBlocks(nn.Module):
