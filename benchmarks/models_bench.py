@@ -38,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -208,7 +209,8 @@ def _left_dense(report: dict) -> str:
 
 
 def bench_case(case: Case, work: Path, time_budget: float | None, budgets: list[float] | None,
-               calib_lines: int | None = None, int8: bool = False) -> tuple[list[dict], list[dict]]:
+               calib_lines: int | None = None, int8: bool = False,
+               command_args: list[str] | None = None) -> tuple[list[dict], list[dict]]:
     """The case's rows (one per budget), and with ``int8`` its deployment frontier:
     dense, int8 alone and each budget with and without int8, scored alike and timed in
     one interleaved onnxruntime run (:func:`frontier`)."""
@@ -217,7 +219,7 @@ def bench_case(case: Case, work: Path, time_budget: float | None, budgets: list[
     calib_all, eval_wiki = assets.wiki_split()
     calib_txt = work / f"{case.name}_calib.txt"
     calib_txt.write_text("\n".join(calib_all[: calib_lines or case.calib_lines]) + "\n")
-    extra = list(case.extra) + (["--time-budget", str(time_budget)] if time_budget else [])
+    extra = list(case.extra) + (["--time-budget", str(time_budget)] if time_budget else []) + list(command_args or [])
     rows = []
     if case.kind == "encoder":
         folder = assets.minilm_dir() if case.name.startswith("minilm") else assets.mpnet_dir()
@@ -330,6 +332,8 @@ def main() -> int:
                     help="calibration sentences (the first N Wikipedia ones; default: each case's own)")
     ap.add_argument("--int8", action="store_true",
                     help="also the deployment frontier: int8 alone and each budget with int8, one timing run")
+    ap.add_argument("--command-args", default="", metavar="ARGS",
+                    help="more options for the command, one string (e.g. \"--steps 300\")")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--workdir", type=Path, default=None, help="keep the files here")
     args = ap.parse_args()
@@ -339,7 +343,8 @@ def main() -> int:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for name in args.cases:
-            got, front = bench_case(CASES[name], work, args.time_budget, args.budgets, args.calib_lines, args.int8)
+            got, front = bench_case(CASES[name], work, args.time_budget, args.budgets, args.calib_lines, args.int8,
+                                     shlex.split(args.command_args))
             rows += got
             points += front
             _print(got)

@@ -299,8 +299,10 @@ def _config(build: Callable[[], Any]) -> Any:
                    "LM, whose vocabulary-wide logits make each row costly]")
 @click.option("--input-spec", default=None, metavar="SPEC",
               help="Input names, dtypes and shapes for synthetic inputs, e.g. input_ids:int64[8,128].")
-@click.option("--steps", default=100, show_default=True, type=click.IntRange(min=0),
-              help="Distillation steps (0: init, freeze and export only).")
+@click.option("--steps", default=None, type=click.IntRange(min=0),
+              help="Distillation steps (0: init, freeze and export only).  [default: 100, or 5 passes over "
+                   "the calibration batches when there are more, the steps beyond 100 only while the "
+                   "distillation stays within 3 minutes (timed on its first steps)]")
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Peak learning rate of the distilled content.")
 @click.option("--loss", type=click.Choice(["auto", "mse", "kl"]), default="auto", show_default=True,
@@ -351,7 +353,7 @@ def _config(build: Callable[[], Any]) -> Any:
 def compress_cmd(model: str, budget: float | None, target_fidelity: float | None, allow_dense: bool,
                  quantize: str | None, int8_tolerance: float, export_dtype: str, output: str, factory: str | None, calib: str | None,
                  calib_text: str | None, heldout: str | None, tokenizer: str | None, max_length: int, batch_size: int | None,
-                 input_spec: str | None, steps: int, lr: float, loss: str, augment: float, seed: int,
+                 input_spec: str | None, steps: int | None, lr: float, loss: str, augment: float, seed: int,
                  data_free: bool, no_prune: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
                  time_budget: float | None, compress_tied: bool, teacher_cache_mb: float, activation_mb: float,
                  max_memory: float | None,
@@ -364,13 +366,13 @@ def compress_cmd(model: str, budget: float | None, target_fidelity: float | None
     --factory (the safe path), or a HuggingFace directory (needs transformers).
     """
     import json
+    from dataclasses import replace
 
     import torch
 
-    from gblr_compress.distill import DistillConfig
     from gblr_compress.init import InitConfig
     from gblr_compress.job import Job, run_job
-    from gblr_compress.pipeline import CompressConfig
+    from gblr_compress.pipeline import CompressConfig, default_distill
     from gblr_compress.report import render_summary
 
     if deterministic:
@@ -394,8 +396,9 @@ def compress_cmd(model: str, budget: float | None, target_fidelity: float | None
         budget=1.0 if budget is None else budget, seed=seed, include=include, exclude=exclude, augment=augment, device=device,
         compress_tied=compress_tied, time_budget=time_budget, init=InitConfig(max_groups=max_blocks, data_free=data_free,
                                                                           prune=not no_prune),
-        distill=DistillConfig(steps=steps, lr=lr, loss=loss, teacher_cache_mb=teacher_cache_mb,
-                              activation_mb=activation_mb),
+        distill=replace(default_distill(), lr=lr, loss=loss, teacher_cache_mb=teacher_cache_mb,
+                        activation_mb=activation_mb,
+                        **({} if steps is None else {"steps": steps, "epochs": 0.0})),
     ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
               calib_text=calib_text, heldout=heldout, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,

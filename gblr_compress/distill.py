@@ -127,6 +127,18 @@ class DistillConfig:
             On SmolLM2-135M on 2 cores 3 and 9 steps left the held-out loss where the
             init had it (the best state was the init) and cost 100-170 s and the run's
             memory peak.
+        epochs: with more calibration batches, more steps: the run plans
+            ``max(steps, ceil(epochs * batches))`` steps, so that thousands of sentences
+            are each seen a few times (0: always ``steps``). MiniLM at budget 0.5 with
+            2,256 Wikipedia sentences (56 fit batches): 100 steps kept news-sentence
+            cosine 0.893, 300 steps 0.912, and more data moved unseen-text fidelity the
+            most of anything measured, where more steps over a few hundred sentences
+            only fit them.
+        extra_seconds: the steps beyond ``steps`` that ``epochs`` adds are kept only
+            while the whole loop is estimated (from its first timed steps) to finish
+            within this many seconds; ``steps`` themselves always run (unless a
+            ``deadline`` cuts them). Keeps a large model's default run near its
+            ``steps`` (MPNet-base: 3.8 s a step on 2 cores).
     """
 
     steps: int = 200
@@ -146,10 +158,16 @@ class DistillConfig:
     teacher_cache_mb: float = 1024.0
     activation_mb: float = 1024.0
     min_steps: int = 20
+    epochs: float = 0.0
+    extra_seconds: float = 180.0
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ConfigError("steps", f"must be >= 0, got {self.steps}")
+        if not self.epochs >= 0:
+            raise ConfigError("epochs", f"must be >= 0, got {self.epochs}")
+        if not self.extra_seconds >= 0:
+            raise ConfigError("extra_seconds", f"must be >= 0, got {self.extra_seconds}")
         if not self.lr >= 0:
             raise ConfigError("lr", f"must be >= 0, got {self.lr}")
         if not self.structure_lr >= 0:
@@ -172,6 +190,13 @@ class DistillConfig:
             raise ConfigError("activation_mb", f"must be >= 0, got {self.activation_mb}")
         if self.min_steps < 0:
             raise ConfigError("min_steps", f"must be >= 0, got {self.min_steps}")
+
+    def planned_steps(self, batches: int) -> int:
+        """Steps the loop plans over ``batches`` training batches before any timing
+        trims them: ``steps``, or more with ``epochs`` (0 stays 0: no training)."""
+        if self.steps == 0:
+            return 0
+        return max(self.steps, math.ceil(self.epochs * batches))
 
 
 _TIMED_STEPS = 3  # steps timed before a deadline decides how many fit
@@ -704,7 +729,8 @@ def distill_(
     # The first evaluation also runs the teacher; later ones reuse its cached outputs
     # when they fit, so this over-estimates them a little (the deadline stays safe).
     t_eval = time.perf_counter() - t_eval
-    result = DistillResult(config.steps, 0, heldout_before, heldout_before, 0.0)
+    planned = config.planned_steps(len(calib))
+    result = DistillResult(planned, 0, heldout_before, heldout_before, 0.0)
     result.history.append(_snapshot(0, None, heldout_before, layers))
     if config.steps == 0:
         result.seconds = time.perf_counter() - start
@@ -714,7 +740,7 @@ def distill_(
         # (about two forwards): about two of the evaluation's forward pairs.
         per_step = 2.0 * t_eval / len(holdout)
         fits = int(max(0.0, deadline - time.perf_counter() - t_eval) / per_step)
-        if fits < min(config.min_steps, config.steps):
+        if fits < min(config.min_steps, planned):
             result.steps = 0
             result.skipped = (f"about {fits} steps fit the time budget (about {per_step:.0f} s a step), "
                               f"fewer than {config.min_steps}")
@@ -749,7 +775,7 @@ def distill_(
     s_taps = _LayerTaps(student, names) if use_taps else None
     t_taps = _LayerTaps(teacher, names) if use_taps else None
     fit_teacher = _TeacherCache(teacher, t_taps, held_teacher.limit - held_teacher.used)
-    steps = config.steps
+    steps = planned
     warmup = max(1, int(config.warmup_fraction * steps))
     ste_start = int(round((1.0 - config.ste_fraction) * steps))
     t_loop = time.perf_counter()
@@ -827,13 +853,19 @@ def distill_(
                 break
             done = step = step + 1
             held = None
-            if deadline is not None and done == _TIMED_STEPS and done < steps:
+            timed = done == _TIMED_STEPS and done < steps
+            if timed and (deadline is not None or steps > config.steps):
                 # Fit the run into the time left: the schedule (warm-up, cosine decay,
                 # the exact-boxcar phase) is laid out anew over the steps that fit.
                 # Each step also carries its share of the held-out evaluations, and
                 # the last step is followed by one.
                 per_step = (time.perf_counter() - t_loop) / done + t_eval / config.eval_every
-                fits = done + int(max(0.0, deadline - time.perf_counter() - t_eval) / per_step)
+                fits = steps
+                if steps > config.steps:  # the data-scaled extra steps, within extra_seconds
+                    extra_left = start + config.extra_seconds - time.perf_counter() - t_eval
+                    fits = max(config.steps, min(steps, done + int(max(0.0, extra_left) / per_step)))
+                if deadline is not None:
+                    fits = min(fits, done + int(max(0.0, deadline - time.perf_counter() - t_eval) / per_step))
                 if fits < min(config.min_steps, config.steps):
                     # Too few to move anything: stop here, the best state is kept.
                     result.cut = (f"after {done} timed steps about {fits} fit the time budget "

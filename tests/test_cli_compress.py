@@ -184,6 +184,21 @@ def test_report_settings_are_the_config_that_ran(files, tmp_path) -> None:
     assert report["settings"] == {**expected, "opset": 18, "verify": True}
 
 
+def test_default_steps_scale_with_the_data_and_explicit_steps_are_exact(files, tmp_path) -> None:
+    """Without --steps the run takes the product's default (100 steps, more with many
+    calibration batches); --steps N is exactly N steps."""
+    from gblr_compress.pipeline import default_distill
+
+    code, text = _run([str(files["bundle"]), "--budget", "0.3", "-o", str(tmp_path / "d.onnx"), "--quiet"])
+    assert code == 0, text
+    settings = json.loads((tmp_path / "d.report.json").read_text())["settings"]["distill"]
+    assert (settings["steps"], settings["epochs"]) == (default_distill().steps, default_distill().epochs) == (100, 5.0)
+    code, text = _run([str(files["bundle"]), *FAST, "-o", str(tmp_path / "e.onnx"), "--quiet"])
+    assert code == 0, text
+    settings = json.loads((tmp_path / "e.report.json").read_text())["settings"]["distill"]
+    assert (settings["steps"], settings["epochs"]) == (4, 0.0)
+
+
 def test_field_errors_name_the_flag(files, tmp_path) -> None:
     code, text = _run([str(files["bundle"]), "--budget", "0.3", "--lr", "-1", "-o", str(tmp_path / "m.onnx")])
     assert code == 2 and "--lr" in text and "\n" == text[-1] and text.count("\n") == 1

@@ -21,6 +21,7 @@ from gblr_compress.distill import (
     normalized_mse,
     output_loss,
 )
+from gblr_compress.errors import ConfigError
 from gblr_compress.freeze import freeze_, recover_
 from gblr_compress.layer import FrozenGBLR, GBLRLayerConfig, GBLRLinear
 from gblr_compress.progress import ProgressEvent
@@ -238,6 +239,31 @@ def test_deadline_keeps_the_steps_that_fit() -> None:
                       deadline=time.perf_counter())
     assert result.steps == 3 and [e.done for e in seen] == [1, 2, 3] and seen[-1].total == 3
     assert all(e.cost <= max_cost for e in seen)
+
+
+def test_epochs_scale_steps_with_the_data_within_extra_seconds() -> None:
+    gen = torch.Generator().manual_seed(5)
+    teacher = TinyEncoder(vocab=50, hidden=32, layers=1, heads=4, ffn=64, max_len=16, classes=3).eval()
+    calib = _token_batches(gen, 6)
+    # The plan: steps, or more passes over many batches; 0 steps stays 0 (no training).
+    assert DistillConfig(steps=10, epochs=5.0).planned_steps(6) == 30
+    assert DistillConfig(steps=10, epochs=5.0).planned_steps(1) == 10
+    assert DistillConfig(steps=10).planned_steps(6) == 10
+    assert DistillConfig(steps=0, epochs=5.0).planned_steps(6) == 0
+    runs = {}
+    for extra_seconds in (0.0, 1e6):
+        student = copy.deepcopy(teacher)
+        _swap_from_linear(student, groups=2, rank=2)
+        max_cost = budget_cost(list(gblr_layers(student).values()), 0.3)
+        seen: list[ProgressEvent] = []
+        result = distill_(student, teacher, calib, max_cost,
+                          DistillConfig(steps=10, epochs=5.0, extra_seconds=extra_seconds), progress=seen.append)
+        runs[extra_seconds] = (result.steps, seen[-1].done, seen[-1].total)
+    # No time for extra steps: the configured steps still all run; with time, the plan.
+    assert runs[0.0] == (10, 10, 10)
+    assert runs[1e6] == (30, 30, 30)
+    with pytest.raises(ConfigError):
+        DistillConfig(epochs=-1.0)
 
 
 def test_too_few_steps_for_the_deadline_skip_the_phase_before_any_step() -> None:
