@@ -24,12 +24,13 @@ spinning off, interleaved), and what was left dense and why.
 Usage::
 
     PYTHONPATH=. python benchmarks/models_bench.py --cases minilm-wrapper smollm2 \\
-        [--budgets 0.5] [--time-budget 600] [--int8] [--json out.json]
+        [--budgets 0.5] [--time-budget 600] [--int8 [--anchor]] [--command-args "--steps 300"] [--json out.json]
 
 With ``--int8`` each case also gets its deployment frontier: onnxruntime's dynamic int8
 alone (what a CPU user gets in one call), and each budget's file with and without int8
 (quantized by the function ``--quantize int8`` calls), scored alike and timed in one
-interleaved run against dense fp32.
+interleaved run against dense fp32; ``--anchor`` adds the pruning + least-squares anchor
+at each budget (float and int8) to that frontier, calibrated on the same text.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def _left_dense(report: dict) -> str:
 
 def bench_case(case: Case, work: Path, time_budget: float | None, budgets: list[float] | None,
                calib_lines: int | None = None, int8: bool = False,
-               command_args: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+               command_args: list[str] | None = None, anchor: bool = False) -> tuple[list[dict], list[dict]]:
     """The case's rows (one per budget), and with ``int8`` its deployment frontier:
     dense, int8 alone and each budget with and without int8, scored alike and timed in
     one interleaved onnxruntime run (:func:`frontier`)."""
@@ -264,15 +265,49 @@ def bench_case(case: Case, work: Path, time_budget: float | None, budgets: list[
         def score(path: Path) -> dict[str, float]:
             ppl = perplexity_onnx(path, windows)
             return {"ppl": ppl, "ppl_ratio": ppl / ppl_dense}
-    points = frontier(case, work, dense_onnx, rows, sample, score) if int8 else []
+    others = anchor_files(case, work, dense, calib_txt, folder, [r["budget"] for r in rows], sample) if anchor else {}
+    points = frontier(case, work, dense_onnx, rows, sample, score, others=others) if int8 else []
     return rows, points
 
 
+def anchor_files(case: Case, work: Path, dense: nn.Module, calib_txt: Path, folder: Path,
+                 budgets: list[float], sample: dict[str, torch.Tensor]) -> dict[str, Path]:
+    """The pruning + least-squares anchor (``benchmarks/prune_anchor.py``: FFN units, and
+    BERT's heads, pruned by output energy, consumers refit in closed form, no fine-tune)
+    at each budget of the Linears inside the transformer layers, from the command's
+    calibration text batched as the command batches it; exported to ONNX (smaller dense
+    GEMMs). MPNet and Llama layers prune FFN units only (see ``find_unit_groups``)."""
+    import copy
+
+    from benchmarks.prune_anchor import compressible_linears, consumer_moments, linear_cost, prune_anchor_
+    from gblr_compress.text import load_tokenizer, text_batches
+
+    lines = [t for t in calib_txt.read_text().splitlines() if t.strip()]
+    lm = case.kind == "lm"
+    batches = text_batches(lines, load_tokenizer(folder), dense, max_length=128, batch_size=8 if lm else 32)
+    forward = (lambda b: dense.model(**b)) if lm else None  # an LM's logits are not needed
+    t = time.perf_counter()
+    moments = consumer_moments(dense, batches, forward=forward)
+    print(f"{case.name}: anchor statistics {time.perf_counter() - t:.0f} s", flush=True)
+    names = compressible_linears(dense)
+    files = {}
+    for b in budgets:
+        student = copy.deepcopy(dense)
+        res = prune_anchor_(student, [], int(b * linear_cost(dense, names)), moments=moments)
+        path = work / f"{case.name}_anchor_{b}.onnx"
+        export_onnx(student.eval(), sample, path, verify=False)
+        files[f"prune+lsq {b} ({res.cost / linear_cost(dense, names):.3f})"] = path
+        del student
+    return files
+
+
 def frontier(case: Case, work: Path, dense_onnx: Path, rows: list[dict], sample: dict[str, torch.Tensor],
-             score: Callable[[Path], dict[str, float]], rounds: int = 9) -> list[dict]:
+             score: Callable[[Path], dict[str, float]], rounds: int = 9,
+             others: dict[str, Path] | None = None) -> list[dict]:
     """Int8 alone (the dense file through :func:`~gblr_compress.export.quantize.quantize_int8`,
-    what ``--quantize int8`` calls) and each compressed file with and without int8: each
-    scored by ``score`` and all timed in one interleaved run against dense fp32."""
+    what ``--quantize int8`` calls) and each compressed file (and each of ``others``, e.g.
+    :func:`anchor_files`) with and without int8: each scored by ``score`` and all timed in
+    one interleaved run against dense fp32."""
     import onnx
 
     from gblr_compress.export.measure import latency
@@ -281,11 +316,11 @@ def frontier(case: Case, work: Path, dense_onnx: Path, rows: list[dict], sample:
     files = {"dense fp32": dense_onnx}
     quantize_int8(dense_onnx, work / f"{case.name}_dense_int8.onnx")
     files["int8 alone"] = work / f"{case.name}_dense_int8.onnx"
-    for r in rows:
-        out = work / f"{case.name}_{r['budget']}.onnx"
-        files[f"gblr {r['budget']}"] = out
-        quantize_int8(out, work / f"{case.name}_{r['budget']}_int8.onnx")
-        files[f"gblr {r['budget']} + int8"] = work / f"{case.name}_{r['budget']}_int8.onnx"
+    named = {f"gblr {r['budget']}": work / f"{case.name}_{r['budget']}.onnx" for r in rows}
+    for name, out in {**named, **(others or {})}.items():
+        files[name] = out
+        quantize_int8(out, out.with_name(out.stem + "_int8.onnx"))
+        files[f"{name} + int8"] = out.with_name(out.stem + "_int8.onnx")
     taken = {i.name for p in files.values() for i in onnx.load(str(p), load_external_data=False).graph.input}
     if "token_type_ids" in taken and "token_type_ids" not in sample:  # a BERT folder from text: segment 0
         sample = {**sample, "token_type_ids": torch.zeros_like(sample["input_ids"])}
@@ -332,6 +367,8 @@ def main() -> int:
                     help="calibration sentences (the first N Wikipedia ones; default: each case's own)")
     ap.add_argument("--int8", action="store_true",
                     help="also the deployment frontier: int8 alone and each budget with int8, one timing run")
+    ap.add_argument("--anchor", action="store_true",
+                    help="with --int8: the pruning + least-squares anchor at each budget on the frontier too")
     ap.add_argument("--command-args", default="", metavar="ARGS",
                     help="more options for the command, one string (e.g. \"--steps 300\")")
     ap.add_argument("--json", type=Path, default=None)
@@ -344,7 +381,7 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         for name in args.cases:
             got, front = bench_case(CASES[name], work, args.time_budget, args.budgets, args.calib_lines, args.int8,
-                                     shlex.split(args.command_args))
+                                     shlex.split(args.command_args), args.anchor and args.int8)
             rows += got
             points += front
             _print(got)

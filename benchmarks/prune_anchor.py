@@ -97,11 +97,11 @@ def _has(mod: nn.Module, path: str) -> bool:
 
 
 def find_unit_groups(model: nn.Module, kinds: Iterable[str] = ("ffn", "heads")) -> list[UnitGroup]:
-    """The prunable unit groups of every BERT-like or Llama-like layer in ``model``.
+    """The prunable unit groups of every BERT-like, MPNet or Llama-like layer in ``model``.
 
     Args:
-        model: any module holding HuggingFace BERT or Llama layers.
-        kinds: which groups to return (``"ffn"``, ``"heads"``); Llama gives FFN only.
+        model: any module holding HuggingFace BERT, MPNet or Llama layers.
+        kinds: which groups to return (``"ffn"``, ``"heads"``); MPNet and Llama give FFN only.
     """
     kinds = set(kinds)
     groups: list[UnitGroup] = []
@@ -115,6 +115,14 @@ def find_unit_groups(model: nn.Module, kinds: Iterable[str] = ("ffn", "heads")) 
                     tuple(f"{p}attention.self.{k}" for k in ("query", "key", "value")),
                     f"{p}attention.output.dense", int(sa.attention_head_size), int(sa.num_attention_heads),
                     prefix, f"{p}attention.self"))
+            if "ffn" in kinds:
+                inter = mod.get_submodule("intermediate.dense")
+                groups.append(UnitGroup(f"{p}ffn", "ffn", (f"{p}intermediate.dense",), f"{p}output.dense", 1,
+                                        inter.out_features, prefix))
+        elif _has(mod, "attention.attn.q") and _has(mod, "intermediate.dense") and _has(mod, "output.dense"):
+            # MPNet: FFN units only. Its heads share one relative-position bias computed
+            # once for the whole encoder, which a pruned head count per layer would have
+            # to slice layer by layer.
             if "ffn" in kinds:
                 inter = mod.get_submodule("intermediate.dense")
                 groups.append(UnitGroup(f"{p}ffn", "ffn", (f"{p}intermediate.dense",), f"{p}output.dense", 1,

@@ -104,6 +104,25 @@ def test_llama_ffn_pruning_runs_and_keeps_attention() -> None:
         assert pruned(**ev).logits.shape == (4, 10, 64)
 
 
+def test_mpnet_prunes_ffn_units_only_and_runs() -> None:
+    torch.manual_seed(0)
+    cfg = transformers.MPNetConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64)
+    mpnet = transformers.MPNetModel(cfg).eval()
+    groups = find_unit_groups(mpnet)
+    assert [g.kind for g in groups] == ["ffn", "ffn"] and groups[0].consumer.endswith("output.dense")
+    names = compressible_linears(mpnet)
+    assert len(names) == 12  # q, k, v, o and the FFN pair of each layer count in the cost
+    target = int(0.6 * linear_cost(mpnet, names))
+    pruned = copy.deepcopy(mpnet)
+    res = prune_anchor_(pruned, _batches(), target, kinds=("ffn",))
+    assert res.cost == linear_cost(pruned, names) <= target
+    assert pruned.encoder.layer[0].attention.attn.q.weight.shape == (32, 32)
+    ev = _batches(1, seed=5)[0]
+    with torch.no_grad():
+        assert pruned(**ev).last_hidden_state.shape == (4, 10, 32)
+
+
 def test_refit_recovers_a_pruned_unit_that_the_kept_ones_predict() -> None:
     """Column 3 of the consumer's input is 2*x0 - x1 + 0.5: the least-squares refit
     folds it into the kept columns (and the bias) exactly; plain pruning cannot."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -122,18 +123,18 @@ def _bert_names(dense: nn.Module) -> tuple[str, ...]:
     return tuple(name.removeprefix("bert.") for name in encoder_linears(dense))
 
 
-def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool, steps: int = 100) -> nn.Module:
+def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool, distilled: bool = True) -> nn.Module:
     """What ``gblr-compress MODEL_DIR --include 'encoder.layer.*' --calib ...`` does, as
     the library call the CLI makes: compress the HuggingFace BertModel itself (its
     outputs, every token's last hidden state and the pooler output, are the
     distillation targets, default loss), then put the mean pooling back on top."""
-    from gblr_compress.distill import DistillConfig
     from gblr_compress.init import InitConfig
-    from gblr_compress.pipeline import CompressConfig, compress
+    from gblr_compress.pipeline import CompressConfig, compress, default_distill
 
+    distill = default_distill()  # the command's distillation settings
     config = CompressConfig(budget=budget, include=_bert_names(dense), seed=SEED,
                             init=InitConfig(data_free=data_free),
-                            distill=DistillConfig(steps=0 if data_free else steps))
+                            distill=distill if distilled and not data_free else replace(distill, steps=0))
     bert = compress(dense.bert, config, calib=None if data_free else calib).model
     return SentenceEncoder(bert).eval()
 
@@ -147,7 +148,7 @@ def gblr_data_free(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Mo
 @register("gblr-init")
 def gblr_init(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
     """Activation-aware GBLR init, frozen; no distillation (``DistillConfig(steps=0)``)."""
-    return _gblr(dense, calib, budget, data_free=False, steps=0)
+    return _gblr(dense, calib, budget, data_free=False, distilled=False)
 
 
 # Moments of the dense model's consumers per calibration set: the anchor's statistics
@@ -192,7 +193,7 @@ BUDGET_FREE = {"int8-dynamic"}
 
 @register("gblr-calibrated")
 def gblr_calibrated(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
-    """Activation-aware GBLR init + 100 distillation steps + recovery, frozen."""
+    """Activation-aware GBLR init + the command's default distillation, frozen."""
     return _gblr(dense, calib, budget, data_free=False)
 
 
