@@ -49,10 +49,13 @@ class Moment:
     Attributes:
         xtx: ``(n, n)`` float64 sum of ``x x^T`` over every input vector seen.
         count: number of input vectors summed (all leading dims flattened).
+        xsum: ``(n,)`` float64 sum of ``x`` (None where not collected): a pruned
+            window folds the mean of the units it drops into the consumer's bias.
     """
 
     xtx: torch.Tensor
     count: int
+    xsum: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -62,6 +65,10 @@ class Moment:
     def mean(self) -> torch.Tensor:
         """``(n, n)`` float64 mean second moment ``X^T X / count`` (zeros when empty)."""
         return self.xtx / max(self.count, 1)
+
+    def first(self) -> torch.Tensor | None:
+        """``(n,)`` float64 mean input ``sum(x) / count`` (None when not collected)."""
+        return None if self.xsum is None else self.xsum / max(self.count, 1)
 
 
 def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -79,6 +86,7 @@ class _Product:
     x: torch.Tensor
     prod: torch.Tensor
     rows: int
+    xsum: torch.Tensor  # (n,) float64 sum of the rows
     uses: dict[str, int] = field(default_factory=dict)  # layer name -> times it read x
 
 
@@ -166,6 +174,7 @@ def collect_moments(
     modules = {name: model.get_submodule(name) for name in names}
     sums = _SharedSums()
     counts = {name: 0 for name in names}
+    firsts: dict[str, torch.Tensor] = {}  # per layer: float64 sum of its input vectors
     # The product of the input tensor the last hook saw: q, k and v (and gate / up) read
     # the same tensor one after the other, so its x^T x is computed once and added once
     # to one accumulator they share. Only one product is held at a time: keeping every
@@ -192,10 +201,11 @@ def collect_moments(
                 # The batch product in the input's precision (float32 GEMMs are ~2x
                 # faster); the cross-batch sum, where error accumulates, is float64.
                 xf = x2 if x2.is_floating_point() else x2.double()
-                last.append(_Product(key, x, _gram(xf, space), x2.shape[0]))
+                last.append(_Product(key, x, _gram(xf, space), x2.shape[0], xf.sum(0, dtype=torch.float64)))
             entry = last[0]
             entry.uses[name] = entry.uses.get(name, 0) + 1
             counts[name] += entry.rows
+            firsts[name] = entry.xsum if name not in firsts else firsts[name] + entry.xsum
 
         return hook
 
@@ -221,7 +231,8 @@ def collect_moments(
         if acc is None:
             n = _in_features(module)
             acc = torch.zeros(n, n, dtype=torch.float64)
-        out[name] = Moment(acc, counts[name])
+        n = int(acc.shape[0])
+        out[name] = Moment(acc, counts[name], firsts.get(name, torch.zeros(n, dtype=torch.float64)))
     return out
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "kl_rows",
     "agreement",
     "distill_",
+    "heldout_scorer",
 ]
 
 
@@ -658,6 +659,16 @@ def _heldout_loss(
     for m, training in modes.items():  # each module back to its own mode
         m.train(training)
     return sum(losses) / len(losses)
+
+
+def heldout_scorer(teacher: nn.Module, batches: Sequence[Batch], config: DistillConfig) -> Callable[[nn.Module], float]:
+    """The distillation's held-out output loss as a function of a student (lower is
+    better; eval mode, the loss :func:`distill_` keeps its best state by), on the
+    evenly spaced held-out batches it scores; the teacher's outputs are kept within
+    ``config.teacher_cache_mb``, so scoring several students runs it once."""
+    held = heldout_subset(batches, config.heldout_tokens)
+    cache = _TeacherCache(teacher, None, config.teacher_cache_mb * 2**20)
+    return lambda student: _heldout_loss(student, cache, held, config)
 
 
 def _train_compressed_only(student: nn.Module, layers: Sequence[GBLRLinear]) -> None:
