@@ -397,17 +397,18 @@ def compress_prepared(prep: Prepared, config: CompressConfig, progress: Progress
     allocation = allocate(prep.stats, init_cfg)
     init = init_layers_(student, init_cfg, prep.stats, allocation, progress)
     del allocation
+    alternative = None
     if held and init_cfg.prune and not init_cfg.data_free:
         alternative = unit_split_alternative(teacher, init_cfg, prep.stats, init)
-        if alternative:
-            _keep_better_split(student, teacher, init, alternative, held, config)
-        del alternative
     if release_stats:
         # The moments (an n x n float64 matrix per layer input, fit and held-out) are
         # done with: on a 135M-parameter LM they are about 2 GB the distillation does
         # not need.
         prep.stats = None
         give_back_freed()
+    if alternative:  # scored once the moments are gone: the teacher cache takes their place
+        _keep_better_split(student, teacher, init, alternative, held, config)
+    del alternative
     dense_total = sum(rec.dense_cost for rec in init.layers.values())
     skipped_dense = sum(r.dense_cost for r in init.layers.values() if r.status == "skipped")
     max_cost = math.floor(config.budget * dense_total) - skipped_dense
