@@ -211,13 +211,17 @@ def _left_dense(report: dict) -> str:
 
 def bench_case(case: Case, work: Path, time_budget: float | None, budgets: list[float] | None,
                calib_lines: int | None = None, int8: bool = False,
-               command_args: list[str] | None = None, anchor: bool = False) -> tuple[list[dict], list[dict]]:
+               command_args: list[str] | None = None, anchor: bool = False,
+               calib_file: Path | None = None) -> tuple[list[dict], list[dict]]:
     """The case's rows (one per budget), and with ``int8`` its deployment frontier:
     dense, int8 alone and each budget with and without int8, scored alike and timed in
     one interleaved onnxruntime run (:func:`frontier`)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     calib_all, eval_wiki = assets.wiki_split()
+    if calib_file is not None:  # another calibration source (the scores stay on news / Wikipedia)
+        calib_all = [t.strip() for t in calib_file.read_text(encoding="utf-8").splitlines()
+                     if t.strip() and not t.startswith("#")]
     calib_txt = work / f"{case.name}_calib.txt"
     calib_txt.write_text("\n".join(calib_all[: calib_lines or case.calib_lines]) + "\n")
     extra = list(case.extra) + (["--time-budget", str(time_budget)] if time_budget else []) + list(command_args or [])
@@ -365,6 +369,9 @@ def main() -> int:
     ap.add_argument("--time-budget", type=float, default=None, help="passed to the command")
     ap.add_argument("--calib-lines", type=int, default=None,
                     help="calibration sentences (the first N Wikipedia ones; default: each case's own)")
+    ap.add_argument("--calib-file", type=Path, default=None,
+                    help="calibrate on this file's lines instead of Wikipedia (e.g. the MiniLM suite's "
+                         "hand-written benchmarks/minilm/data/calib.txt)")
     ap.add_argument("--int8", action="store_true",
                     help="also the deployment frontier: int8 alone and each budget with int8, one timing run")
     ap.add_argument("--anchor", action="store_true",
@@ -381,7 +388,7 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         for name in args.cases:
             got, front = bench_case(CASES[name], work, args.time_budget, args.budgets, args.calib_lines, args.int8,
-                                     shlex.split(args.command_args), args.anchor and args.int8)
+                                     shlex.split(args.command_args), args.anchor and args.int8, args.calib_file)
             rows += got
             points += front
             _print(got)
