@@ -38,6 +38,7 @@ from gblr_compress.batches import (
     flatten_outputs,
     leading_size,
     no_token_axis,
+    per_token,
     positions,
     real_positions,
     run_model,
@@ -64,7 +65,8 @@ __all__ = [
     "kl_rows",
     "agreement",
     "distill_",
-    "heldout_scorer",
+    "uses_kl",
+    "row_errors",
 ]
 
 
@@ -311,14 +313,20 @@ def output_loss(
     s_list, t_list = flatten_outputs(student_out), flatten_outputs(teacher_out)
     if len(s_list) != len(t_list) or not s_list:
         raise ValueError("student and teacher outputs do not match")
-    use_kl = loss == "kl" or (
-        loss == "auto" and len(t_list) == 1 and output_kind(t_list[0], _single_name(teacher_out)) == "logits"
-    )
-    if use_kl:
+    if uses_kl(teacher_out, loss):
         s, t = s_list[0], t_list[0]
         s, t = real_positions(s, mask), real_positions(t, mask)  # per-token logits: real positions only
         return kl_rows(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), temperature)
     return torch.stack([normalized_mse(s, t, mask) for s, t in zip(s_list, t_list)]).mean()
+
+
+def uses_kl(teacher_out: object, loss: str = "auto") -> bool:
+    """Whether :func:`output_loss` compares these outputs by KL divergence: ``"kl"``, or
+    ``"auto"`` on a single output :func:`output_kind` takes for logits."""
+    t_list = flatten_outputs(teacher_out)
+    return loss == "kl" or (
+        loss == "auto" and len(t_list) == 1 and output_kind(t_list[0], _single_name(teacher_out)) == "logits"
+    )
 
 
 def _single_name(out: object) -> str | None:
@@ -376,6 +384,48 @@ def kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float = 2.0) -> torch
     if s.shape != t.shape or s.dim() != 2:
         raise ValueError(f"kl_rows takes two (N, C) tensors of one shape, got {tuple(s.shape)} and {tuple(t.shape)}")
     return _ChunkedKL.apply(s, t.detach(), float(temperature))
+
+
+@torch.no_grad()
+def row_errors(student_out: object, teacher_out: object, mask: torch.Tensor | None, kl: bool,
+               temperature: float = 2.0) -> torch.Tensor:
+    """``(rows,)`` float64: each batch row's disagreement, for paired comparisons of two
+    students on the same rows (rows are independent sentences or text windows; positions
+    within a row are not).
+
+    ``kl``: the KL divergence of the tempered softmaxes of the single logits output,
+    averaged over the row's real positions (:func:`kl_rows`). Otherwise ``1 - cosine``
+    averaged over the row's output vectors (last axis) at its real positions, every
+    vector of every output counting once, as :func:`agreement`'s cosine. Outputs whose
+    leading axis is not the rows' are left out.
+    """
+    s_list, t_list = flatten_outputs(student_out), flatten_outputs(teacher_out)
+    rows = int(t_list[0].shape[0]) if t_list and t_list[0].dim() else 0
+    if kl:
+        s, t = s_list[0], t_list[0]
+        out = []
+        for i in range(rows):
+            si, ti = s[i], t[i]
+            if mask is not None and per_token(s, mask):
+                si, ti = si[mask[i].to(si.device)], ti[mask[i].to(ti.device)]
+            si, ti = si.reshape(-1, si.shape[-1]), ti.reshape(-1, ti.shape[-1])
+            out.append(float(kl_rows(si.float(), ti.float(), temperature)) if si.shape[0] else 0.0)
+        return torch.tensor(out, dtype=torch.float64)
+    cos_sum = torch.zeros(rows, dtype=torch.float64)
+    count = torch.zeros(rows, dtype=torch.float64)
+    for s, t in zip(s_list, t_list):
+        if s.dim() < 2 or int(s.shape[0]) != rows:
+            continue
+        cos = F.cosine_similarity(s.double(), t.double(), dim=-1)  # (rows, ...)
+        cos = cos.reshape(rows, -1)
+        if mask is not None and per_token(s, mask):
+            keep = mask.to(cos.device).reshape(rows, -1).double()
+            cos_sum += (cos * keep).sum(1)
+            count += keep.sum(1)
+        else:
+            cos_sum += cos.sum(1)
+            count += cos.shape[1]
+    return 1.0 - cos_sum / count.clamp_min(1.0)
 
 
 _AGREEMENT_ELEMENTS = 2**22  # output elements :func:`agreement` takes to float64 at once (32 MB)
@@ -659,16 +709,6 @@ def _heldout_loss(
     for m, training in modes.items():  # each module back to its own mode
         m.train(training)
     return sum(losses) / len(losses)
-
-
-def heldout_scorer(teacher: nn.Module, batches: Sequence[Batch], config: DistillConfig) -> Callable[[nn.Module], float]:
-    """The distillation's held-out output loss as a function of a student (lower is
-    better; eval mode, the loss :func:`distill_` keeps its best state by), on the
-    evenly spaced held-out batches it scores; the teacher's outputs are kept within
-    ``config.teacher_cache_mb``, so scoring several students runs it once."""
-    held = heldout_subset(batches, config.heldout_tokens)
-    cache = _TeacherCache(teacher, None, config.teacher_cache_mb * 2**20)
-    return lambda student: _heldout_loss(student, cache, held, config)
 
 
 def _train_compressed_only(student: nn.Module, layers: Sequence[GBLRLinear]) -> None:

@@ -470,3 +470,21 @@ def test_agreement_is_the_same_taken_to_float64_a_slice_at_a_time(monkeypatch) -
     assert sliced.keys() == whole.keys()
     for k in whole:
         assert sliced[k] == pytest.approx(whole[k], rel=1e-12, abs=1e-12)
+
+
+def test_row_errors_score_each_row_at_its_real_positions() -> None:
+    from torch.nn import functional as F
+
+    from gblr_compress.distill import kl_rows, row_errors
+
+    gen = torch.Generator().manual_seed(9)
+    t = torch.randn(2, 4, 6, generator=gen)
+    s = t + 0.3 * torch.randn(2, 4, 6, generator=gen)
+    s[0, 3] = -t[0, 3]  # a padded position: never counted
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    got = row_errors(s, t, mask, kl=False)
+    want = [1 - F.cosine_similarity(s[i][mask[i]], t[i][mask[i]], dim=-1).double().mean() for i in range(2)]
+    torch.testing.assert_close(got, torch.stack(want))
+    got = row_errors({"logits": s}, {"logits": t}, mask, kl=True)
+    want = [kl_rows(s[i][mask[i]], t[i][mask[i]]).double() for i in range(2)]
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-7)

@@ -455,14 +455,15 @@ def test_moments_carry_the_mean_input() -> None:
 
 def test_the_split_with_the_lower_heldout_output_loss_is_kept() -> None:
     """The init's spectra-based split and the unit-split alternative are compared on the
-    model's held-out output loss, and the student ends up with the better one; either
-    way the exact cost stays within the budget."""
+    model's held-out outputs (1 - cosine, the report's fidelity, row by row), the
+    alternative is taken only when clearly better, and the student ends up with the one
+    chosen; either way the exact cost stays within the budget."""
     import copy
 
     import pytest
 
     transformers = pytest.importorskip("transformers")
-    from gblr_compress.distill import heldout_scorer
+    from gblr_compress.distill import agreement
     from gblr_compress.init import allocate, collect_stats
     from gblr_compress.init.model import unit_split_alternative
     from gblr_compress.pipeline import CompressConfig, _keep_better_split
@@ -478,31 +479,34 @@ def test_the_split_with_the_lower_heldout_output_loss_is_kept() -> None:
             p.mul_(8.0) if p.dim() == 2 else None
     gen = torch.Generator().manual_seed(1)
     fit = [torch.randint(0, 50, (4, 12), generator=gen) for _ in range(6)]
-    held = [torch.randint(0, 50, (4, 12), generator=gen) for _ in range(3)]
+    held = [torch.randint(0, 50, (4, 12), generator=gen) for _ in range(8)]
     config = CompressConfig(budget=0.3)
     seen = set()
-    for budget in (0.2, 0.45):
+    for budget in (0.2, 0.7):
         icfg = InitConfig(budget=budget)
         stats = collect_stats(teacher, icfg, fit, held)
         student = copy.deepcopy(teacher)
         init = init_layers_(student, icfg, stats, allocate(stats, icfg))
         alt = unit_split_alternative(teacher, icfg, stats, init)
         assert alt and all(rec.status == "pruned" for _, rec in alt.values())
-        score = heldout_scorer(teacher, held, config.distill)
+        def score(model: torch.nn.Module) -> float:
+            return 1.0 - agreement(model.eval(), teacher, held, logits=False)["cosine"]
+
         split_loss = score(student)
         other = copy.deepcopy(student)
         for n, (module, _) in alt.items():
             replace_module(other, n, copy.deepcopy(module))
         alt_loss = score(other)
-        _keep_better_split(student, teacher, init, alt, held, config)
-        assert score(student) == pytest.approx(min(split_loss, alt_loss), rel=1e-6)
-        won = any("won on the held-out output loss" in (r.reason or "") for r in init.layers.values())
-        assert won == (alt_loss < split_loss)
+        won = _keep_better_split(student, teacher, init, alt, held, config)
+        assert score(student) == pytest.approx(alt_loss if won else split_loss, rel=1e-6)
+        assert won == any("won on held-out outputs" in (r.reason or "") for r in init.layers.values())
+        if won:  # taken only when better (and by more than twice the paired standard error)
+            assert alt_loss < split_loss
         seen.add(won)
         assert init.exact_cost <= init.budget_cost
         skipped = sum(r.dense_cost for r in init.layers.values() if r.status == "skipped")
         pruned = sum(r.exact_cost for r in init.layers.values() if r.status == "pruned")
         assert init.max_cost == init.budget_cost - skipped - pruned
-    # On this model the alternative loses at 0.2 (0.117 vs 0.183) and wins at 0.45
-    # (0.071 vs 0.094): the choice follows the held-out loss both ways.
+    # On this model the alternative is worse at 0.2 (1 - cosine 0.087 vs 0.057) and
+    # better at 0.7 (0.016 vs 0.022): the choice follows the held-out outputs both ways.
     assert seen == {False, True}

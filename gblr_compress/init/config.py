@@ -59,6 +59,9 @@ class InitConfig:
             error each removal adds after the least-squares refit,
             :func:`~gblr_compress.init.prune.obs_order`) or ``"importance"``
             (``E[h_j^2] ||W2[:, j]||^2``, Kwon et al. 2022).
+        unit_split: also build the coupled groups with units split across all groups
+            (:func:`~gblr_compress.init.model.unit_split_alternative`) and keep it where
+            it scores better on held-out outputs (needs held-out data and ``prune``).
     """
 
     budget: float = 0.3
@@ -77,6 +80,7 @@ class InitConfig:
     prune: bool = True
     prune_kinds: tuple[str, ...] = ("ffn", "attention")
     prune_select: str = "obs"
+    unit_split: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
