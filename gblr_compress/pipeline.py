@@ -503,9 +503,7 @@ def _keep_better_split(
         rec.reason = (f"{rec.reason}; won on held-out outputs ({what} {after:.4g} vs {before:.4g} for the "
                       f"budget split, over {n} rows)")
         init.layers[name] = rec
-    skipped = sum(r.dense_cost for r in init.layers.values() if r.status == "skipped")
-    pruned = sum(r.exact_cost for r in init.layers.values() if r.status == "pruned")
-    init.max_cost = init.budget_cost - skipped - pruned
+    init.max_cost = init.shared_cost()
     if init.exact_cost > init.budget_cost:  # the alternative is built within it; a breach is a bug
         raise RuntimeError(f"the unit split's cost {init.exact_cost} exceeds the budget's {init.budget_cost}")
     return True

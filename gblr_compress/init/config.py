@@ -165,3 +165,10 @@ class InitResult:
     def exact_cost(self) -> int:
         """Exact cost of all target layers (skipped ones at their dense cost)."""
         return sum(rec.exact_cost for rec in self.layers.values())
+
+    def shared_cost(self) -> int:
+        """What the GBLRLinear layers may share: ``budget_cost`` less the skipped layers'
+        dense cost and the pruned layers' exact cost (pruned layers are frozen already)."""
+        skipped = sum(r.dense_cost for r in self.layers.values() if r.status == "skipped")
+        pruned = sum(r.exact_cost for r in self.layers.values() if r.status == "pruned")
+        return self.budget_cost - skipped - pruned

@@ -301,10 +301,7 @@ def init_layers_(
         if rec.status != "skipped":
             replace_module(model, name, module)
         result.layers[name] = rec
-    skipped = sum(r.dense_cost for r in result.layers.values() if r.status == "skipped")
-    pruned = sum(r.exact_cost for r in result.layers.values() if r.status == "pruned")
-    # Pruned layers are frozen (FrozenGBLR) already: only the GBLR layers share the rest.
-    result.max_cost = budget - skipped - pruned
+    result.max_cost = result.shared_cost()
     result.seconds = stats.seconds + time.perf_counter() - t0
     assert result.exact_cost <= budget, "init must meet the global budget"
     return result
@@ -566,9 +563,9 @@ def unit_split_alternative(
     0.672 / 0.706 with the spectra's split, 0.824 / 0.695 / 0.708 / 0.776 with this one
     (init only). The means of the dropped units are folded into the consumers' biases
     (:func:`~gblr_compress.init.prune.prune_group`'s ``mu_fit``); without that this split
-    kept 0.754 / 0.483 / 0.510 / 0.691. At budgets 0.5-0.9 the spectra's split kept the
-    lower held-out loss there. Neither wins everywhere, so the caller keeps the one with
-    the lower held-out output loss (:func:`~gblr_compress.pipeline.compress_prepared`).
+    kept 0.754 / 0.483 / 0.510 / 0.691. Neither wins everywhere, so the caller takes this
+    one only where it is clearly better on held-out outputs
+    (:func:`~gblr_compress.pipeline.compress_prepared`).
 
     Args:
         dense: the dense model (the groups' weights; the init's targets by name).
@@ -593,12 +590,12 @@ def unit_split_alternative(
     cands: list[tuple[float, int, int, int]] = []  # (energy per cost, cost, group, unit)
     kept: list[int] = []
     cost = 0
-    moments = {}
+    per_group = []  # (units, per_unit, W2, fit moment) of each group
     for i, g in enumerate(groups):
         units, per_unit = _unit_cost(g, modules)
         C = stats.moments[g.consumer].mean().to(_F64)
-        moments[g.consumer] = C
         W2 = lins[g.consumer].weight.detach().to("cpu", _F64)
+        per_group.append((units, per_unit, W2, C))
         energy = unit_importance(W2, C).reshape(units, -1).sum(1)
         order = keep_order(energy).tolist()
         cands += [(float(energy[u]) / per_unit, per_unit, i, u) for u in order[1:]]  # each group keeps its best
@@ -620,12 +617,11 @@ def unit_split_alternative(
             cost += cand[1]
     out: dict[str, tuple[nn.Module, LayerInit]] = {}
     for i, g in enumerate(groups):
-        units, per_unit = _unit_cost(g, modules)
+        units, per_unit, W2, C = per_group[i]
         hold = stats.holdout.get(g.consumer)
         C_hold, mu_hold = (None, None) if hold is None or hold.count == 0 else (hold.mean().to(_F64), _first(hold))
-        W2 = lins[g.consumer].weight.detach().to("cpu", _F64)
         try:
-            pruned = prune_group(W2, moments[g.consumer], kept[i], per_unit, C_hold, cfg.damping,
+            pruned = prune_group(W2, C, kept[i], per_unit, C_hold, cfg.damping,
                                  unit_size=g.kv_group * g.unit_size, select="importance",
                                  mu_fit=_first(stats.moments[g.consumer]), mu_hold=mu_hold)
         except RuntimeError:  # a moment the refit cannot solve: no alternative
