@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,6 +53,7 @@ from torch import nn
 from benchmarks import assets
 from benchmarks.common import run_main
 from benchmarks.minilm.model import SentenceEncoder
+from benchmarks.minilm.sources import calib_sentences, eval_set
 from benchmarks.models_bench import _embeddings_onnx, _embeddings_torch, _tokenize, encoder_fidelity
 from gblr_compress.export import export_onnx
 from gblr_compress.export.measure import latency
@@ -127,12 +128,16 @@ def frontier(rows: list[dict]) -> None:
                               and (o["speedup"] > r["speedup"] or o["mean_cos"] > r["mean_cos"]) for o in rows)
 
 
-def print_table(rows: list[dict]) -> None:
-    print("| file | Linear cost | news mean cos | min cos | NN agree | ORT ms | vs dense fp32 | frontier |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+def print_table(rows: list[dict], more: Sequence[str] = ()) -> None:
+    """The frontier table; ``more``: other sources whose mean cosine each row also has
+    (``r[f"{source} mean cos"]``)."""
+    extra = "".join(f" {s} mean cos |" for s in more)
+    print(f"| file | Linear cost | news mean cos | min cos | NN agree |{extra} ORT ms | vs dense fp32 | frontier |")
+    print("| --- " * (8 + len(more)) + "|")
     for r in sorted(rows, key=lambda r: -r["speedup"]):
         share = "-" if r["share"] is None else f"{r['share']:.3f}"
-        print(f"| {r['name']} | {share} | {r['mean_cos']:.3f} | {r['min_cos']:.3f} | {r['nn_agree']:.3f} | "
+        cells = "".join(f" {r[f'{s} mean cos']:.3f} |" for s in more)
+        print(f"| {r['name']} | {share} | {r['mean_cos']:.3f} | {r['min_cos']:.3f} | {r['nn_agree']:.3f} |{cells} "
               f"{r['ms']:.1f} | {r['speedup']:.2f}x | {'yes' if r['pareto'] else ''} |")
 
 
@@ -141,6 +146,10 @@ def main() -> int:
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.5])
     ap.add_argument("--target", type=float, default=0.95, help="--target-fidelity run (0: skip it)")
     ap.add_argument("--calib-lines", type=int, default=2000)
+    ap.add_argument("--calib-source", choices=["wiki", "suite"], default="wiki",
+                    help="calibration text: Wikipedia sentences, or the MiniLM suite's hand-written (templated) ones")
+    ap.add_argument("--also-score", nargs="*", choices=["wiki", "wordnet", "suite"], default=[],
+                    help="more sources every file is scored on besides news (mean cosine only)")
     ap.add_argument("--eval-lines", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--command-int8", action="store_true",
@@ -166,7 +175,10 @@ def main() -> int:
         dense = SentenceEncoder(AutoModel.from_pretrained(str(folder), local_files_only=True)).eval()
         wrapper = work / "minilm_wrapper.pt"
         torch.save(dense, wrapper)
-        calib_all, _ = assets.wiki_split()
+        if args.calib_source == "wiki":
+            calib_all, _ = assets.wiki_split()
+        else:
+            calib_all = calib_sentences("suite", args.calib_lines)
         calib_txt = work / "calib.txt"
         calib_txt.write_text("\n".join(calib_all[: args.calib_lines]) + "\n")
         news = assets.news_sentences()[: args.eval_lines]
@@ -208,9 +220,14 @@ def main() -> int:
             files[name] = build(work, dense, calib_txt)
 
         ref = _embeddings_torch(dense, tokenizer, news, True)
+        others = {s: eval_set(s, args.eval_lines).sentences for s in args.also_score}
+        other_refs = {s: _embeddings_torch(dense, tokenizer, t, True) for s, t in others.items()}
         rows = []
         for name, (path, share) in files.items():
             fid = encoder_fidelity(ref, _embeddings_onnx(path, tokenizer, news, True))
+            for s, t in others.items():
+                fid[f"{s} mean cos"] = encoder_fidelity(other_refs[s], _embeddings_onnx(path, tokenizer, t, True))[
+                    "mean_cos"]
             rows.append({"name": name, "share": share, **fid})
         times = latency({r["name"]: files[r["name"]][0] for r in rows}, sample, "dense fp32", rounds=args.rounds)
         for r in rows:
@@ -219,9 +236,11 @@ def main() -> int:
 
     held_note = ("" if args.heldout_source == "none"
                  else f", --heldout {args.heldout_lines} {args.heldout_source} examples")
-    print(f"\nall-MiniLM-L6-v2 wrapper, calibration {args.calib_lines} Wikipedia sentences{held_note}, scored on "
-          f"{len(news)} news sentences, timed on 32 x {sample['input_ids'].shape[1]} tokens, {args.rounds} rounds\n")
-    print_table(rows)
+    source = "Wikipedia" if args.calib_source == "wiki" else "hand-written (suite)"
+    print(f"\nall-MiniLM-L6-v2 wrapper, calibration {len(calib_all[: args.calib_lines])} {source} sentences{held_note}, "
+          f"scored on {len(news)} news sentences, timed on 32 x {sample['input_ids'].shape[1]} tokens, "
+          f"{args.rounds} rounds\n")
+    print_table(rows, args.also_score)
     print("\n| command | wall s |")
     print("| --- | --- |")
     for k, v in walls.items():
@@ -235,11 +254,13 @@ def main() -> int:
             print("target search: only dense meets the target (exit 3)\n" + rep["stderr"][-3000:])
         else:
             print(f"target search chose: {rep['deploy'].get('choice')}")
-            print("| candidate | int8 | distilled | held-out cosine (what the search decides on) | ORT speedup | chosen |")
-            print("| --- | --- | --- | --- | --- | --- |")
+            print("| candidate | int8 | distilled | held-out cosine | shift-probe cosine | ORT speedup | chosen |")
+            print("| --- | --- | --- | --- | --- | --- | --- |")
             for c in rep["candidates"]:
+                probe = c["fidelity"].get("probe_cosine")
                 print(f"| {c['budget']} | {c['int8']} | {c['distilled']} | {c['fidelity'].get('cosine', 0):.4f} | "
-                      f"{c['speedup']:.2f}x | {'*' if c['chosen'] else ''} |")
+                      f"{'-' if probe is None else f'{probe:.4f}'} | {c['speedup']:.2f}x | "
+                      f"{'*' if c['chosen'] else ''} |")
     q = reports.get("quantize", reports.get("target", {})).get("deploy", {}).get("quantization")
     if q:
         print(f"\n--quantize int8 graph: {q['integer_kernels']} integer kernels ({q['compressed_integer']} in compressed "

@@ -261,8 +261,9 @@ def _config(build: Callable[[], Any]) -> Any:
               help="Instead of --budget: write the fastest file (measured in onnxruntime on this machine, "
                    "input shape of the calibration batches) whose held-out mean cosine similarity of the "
                    "outputs to the dense model's (on --heldout, else on the last 20% of the calibration "
-                   "batches) is at least F, in (0, 1]; budgets with and without int8 are searched. Exit 3 "
-                   "with the table when only the dense model meets F.")
+                   "batches; with --calib-text also on those texts' words reordered across texts, the shift "
+                   "probe, and the lower of the two counts) is at least F, in (0, 1]; budgets with and "
+                   "without int8 are searched. Exit 3 with the table when only the dense model meets F.")
 @click.option("--allow-dense", is_flag=True,
               help="With --target-fidelity: when only the dense model meets F, write it (exit 0).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
@@ -292,6 +293,10 @@ def _config(build: Callable[[], Any]) -> Any:
                    "calibration text, makes those figures say what users will see.")
 @click.option("--tokenizer", default=None, type=click.Path(path_type=str), metavar="DIR",
               help="Folder holding the tokenizer for --calib-text and text --heldout (default: the model folder).")
+@click.option("--shift-probe/--no-shift-probe", default=True, show_default=True,
+              help="With --target-fidelity, --calib-text and no --heldout: also decide on the shift probe (the "
+                   "held-out texts' words reordered across texts). Held-out texts share the calibration "
+                   "file's templates and topics; text unlike them loses more.")
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2),
               help="Tokens per text row (truncation; causal LMs: packed row length).")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
@@ -352,7 +357,8 @@ def _config(build: Callable[[], Any]) -> Any:
 @verbose_option
 def compress_cmd(model: str, budget: float | None, target_fidelity: float | None, allow_dense: bool,
                  quantize: str | None, int8_tolerance: float, export_dtype: str, output: str, factory: str | None, calib: str | None,
-                 calib_text: str | None, heldout: str | None, tokenizer: str | None, max_length: int, batch_size: int | None,
+                 calib_text: str | None, heldout: str | None, tokenizer: str | None, shift_probe: bool, max_length: int,
+                 batch_size: int | None,
                  input_spec: str | None, steps: int | None, lr: float, loss: str, augment: float, seed: int,
                  data_free: bool, no_prune: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
                  time_budget: float | None, compress_tied: bool, teacher_cache_mb: float, activation_mb: float,
@@ -401,7 +407,8 @@ def compress_cmd(model: str, budget: float | None, target_fidelity: float | None
                         **({} if steps is None else {"steps": steps, "epochs": 0.0})),
     ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
-              calib_text=calib_text, heldout=heldout, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
+              calib_text=calib_text, heldout=heldout, tokenizer=tokenizer, shift_probe=shift_probe,
+              max_length=max_length, batch_size=batch_size,
               max_memory_gb=max_memory, quantize=quantize, int8_tolerance=int8_tolerance, export_dtype=export_dtype,
               trust_checkpoint=trust_checkpoint, min_fidelity=min_fidelity,
               force=force, report=report, opset=opset, verify=not no_verify, config=config)

@@ -69,6 +69,9 @@ class Bench:
         opset: ONNX opset of the exported files.
         dense_cost: the target layers' dense cost (each candidate's ``dense_cost``).
         timer: latency function (default: interleaved onnxruntime rounds).
+        probe: the shift probe's batches (:attr:`~gblr_compress.job.Job.shift_probe`):
+            when given, each file's mean cosine on them is recorded too
+            (``fidelity["probe_cosine"]``, see :attr:`Candidate.search_cosine`).
     """
 
     dense: nn.Module
@@ -78,6 +81,7 @@ class Bench:
     opset: int
     dense_cost: int
     timer: Timer = field(default_factory=lambda: timer(9))
+    probe: Sequence[Batch] = ()
     entries: dict[str, Entry] = field(default_factory=dict)
     quantization: QuantizeResult | None = None
     folder: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gblr-deploy-")))
@@ -139,7 +143,10 @@ class Bench:
     def _fidelity(self, path: Path) -> dict[str, float]:
         if not self.held:
             raise InputError("measuring a file's fidelity needs held-out calibration data")
-        return onnx_fidelity(path, self.dense, self.held, self.logits)
+        fid = onnx_fidelity(path, self.dense, self.held, self.logits)
+        if self.probe:
+            fid["probe_cosine"] = onnx_fidelity(path, self.dense, self.probe, self.logits)["cosine"]
+        return fid
 
     def time_all(self) -> None:
         """One interleaved timing run over every file; fills latency and speedup."""

@@ -119,6 +119,10 @@ class Job:
             instead of the last ``holdout_fraction`` of the calibration batches; every
             calibration batch then trains. Text from the source the model will serve,
             unlike the calibration text, makes those figures say what users will see.
+        shift_probe: with ``calib_text`` and no ``heldout``, also measure each
+            ``--target-fidelity`` candidate on the shift probe (the held-out texts'
+            words reordered across texts, :func:`~gblr_compress.text.reorder_words`)
+            and decide on the lower of the two cosines.
         config: the compression settings.
     """
 
@@ -144,6 +148,7 @@ class Job:
     export_dtype: str = "float32"
     timing_rounds: int = 9
     heldout: str | None = None
+    shift_probe: bool = True
     config: CompressConfig = field(default_factory=CompressConfig)
 
 
@@ -256,9 +261,11 @@ def _disable_kv_cache(model: nn.Module) -> None:
 
 
 def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
-                      option: str = "--calib-text") -> list[Batch]:
-    """Batches tokenized from ``path`` (default: ``job.calib_text``)."""
-    from gblr_compress.text import load_tokenizer, read_texts, text_batches
+                      option: str = "--calib-text", probe: bool = False) -> tuple[list[Batch], list[Batch] | None]:
+    """Batches tokenized from ``path`` (default: ``job.calib_text``), and with ``probe``
+    the shift probe's batches: the words of the texts the held-out share comes from
+    (the last ``holdout_fraction`` of them), reordered (None when they make no batch)."""
+    from gblr_compress.text import load_tokenizer, read_texts, reorder_words, text_batches
 
     folder = job.tokenizer
     if folder is None:
@@ -268,7 +275,15 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
         folder = job.model
     texts = read_texts(job.calib_text if path is None else path)
     tokenizer = load_tokenizer(folder)
-    return text_batches(texts, tokenizer, loaded.model, job.max_length, job.batch_size)
+    batches = text_batches(texts, tokenizer, loaded.model, job.max_length, job.batch_size)
+    if not probe:
+        return batches, None
+    tail = texts[len(texts) - math.ceil(job.config.holdout_fraction * len(texts)):]
+    try:
+        return batches, text_batches(reorder_words(tail, job.config.seed), tokenizer, loaded.model,
+                                     job.max_length, job.batch_size)
+    except InputError:  # too few words for one packed row: no probe
+        return batches, None
 
 
 def _heldout_batches(job: Job, loaded: LoadedModel) -> list[Batch]:
@@ -278,7 +293,7 @@ def _heldout_batches(job: Job, loaded: LoadedModel) -> list[Batch]:
 
     assert job.heldout is not None
     if Path(job.heldout).suffix.lower() in TEXT_SUFFIXES:
-        held = _text_calibration(job, loaded, job.heldout, "--heldout")
+        held = _text_calibration(job, loaded, job.heldout, "--heldout")[0]
     else:
         held = load_calib(job.heldout)
     if not held:
@@ -443,6 +458,7 @@ class JobInputs:
     cast: str | None = None
     dtype: str = "float32"
     held: list[Batch] | None = None  # --heldout's batches (None: a share of the calibration batches)
+    probe: list[Batch] | None = None  # the shift probe's batches (Job.shift_probe)
 
 
 def load_inputs(job: Job, progress: Progress | None = None,
@@ -490,8 +506,11 @@ def load_inputs(job: Job, progress: Progress | None = None,
     # A causal LM returns its KV cache next to the logits; the deployed graph returns
     # the logits only, and the cache is no distillation target.
     _disable_kv_cache(loaded.model)
+    probe = None
     if job.calib_text:
-        calib, synthetic = _text_calibration(job, loaded), False
+        want_probe = job.shift_probe and not job.heldout and job.config.holdout_fraction > 0
+        calib, probe = _text_calibration(job, loaded, probe=want_probe)
+        synthetic = False
     else:
         calib, synthetic = calibration_batches(job.calib, loaded, job.input_spec, job.synthetic_batches,
                                                job.config.seed, warnings)
@@ -528,16 +547,17 @@ def load_inputs(job: Job, progress: Progress | None = None,
     seconds["load"] = time.perf_counter() - t0
     peaks.close("load")
     return JobInputs(loaded, list(calib), synthetic, example, estimate, available, out, report_path,
-                     peaks, t_start, seconds, warnings, cast, dtype, held)
+                     peaks, t_start, seconds, warnings, cast, dtype, held, probe)
 
 
-def deploy_bench(job: Job, inputs: JobInputs, dense_cost: int) -> Bench:
+def deploy_bench(job: Job, inputs: JobInputs, dense_cost: int, probe: bool = False) -> Bench:
     """A :class:`~gblr_compress.deploy.Bench` for the job's candidates: the dense model,
     the held-out batches (the same split :func:`~gblr_compress.pipeline.compress` holds
-    out), the example input and the job's timing rounds."""
+    out), the example input and the job's timing rounds; with ``probe``, the shift
+    probe's batches too (when the run has them)."""
     return Bench(inputs.loaded.model.eval(), held_batches(job, inputs), inputs.example, job.config.logits,
                  job.opset, dense_cost,
-                 timer=timer(job.timing_rounds))
+                 timer=timer(job.timing_rounds), probe=list(inputs.probe or []) if probe else [])
 
 
 def candidate_cost(result: CompressResult) -> int:

@@ -244,3 +244,34 @@ def test_the_finalist_is_the_budget_whose_distillation_could_give_a_faster_file(
     assert _finalists(fl, q8, 0.999) == [0.9]
     # int8 meets even at the lowest budget: that budget itself.
     assert _finalists(fl, q8, 0.5) == [0.3]
+
+
+def test_the_shift_probe_decides_when_it_is_lower(tmp_path: Path) -> None:
+    # Held-out texts share the calibration file's templates: a file can meet F there and
+    # miss it on the same words reordered. The search takes the lower cosine.
+    def cand(budget: float | str, int8: bool, held: float, probe: float, speedup: float) -> Candidate:
+        return Candidate(budget=budget, int8=int8, cost=100, dense_cost=200, speedup=speedup,
+                         fidelity={"cosine": held, "rel_error": 0.1, "probe_cosine": probe})
+
+    fast = cand(0.5, True, 0.97, 0.93, 3.0)  # meets 0.95 on held-out only
+    slow = cand(0.9, True, 0.99, 0.96, 2.2)
+    dense8 = cand("dense", True, 0.995, 0.994, 2.0)
+    dense = cand("dense", False, 1.0, 1.0, 1.0)
+    assert fast.search_cosine == 0.93 and slow.search_cosine == 0.96
+    assert not meets(fast, 0.95) and meets(slow, 0.95)
+    assert pick([fast, slow, dense8, dense], 0.95) is slow
+    assert pick([fast, slow, dense8, dense], 0.97) is dense8
+    no_probe = Candidate(budget=0.5, int8=True, cost=1, dense_cost=2, fidelity={"cosine": 0.97})
+    assert no_probe.probe_cosine is None and no_probe.search_cosine == 0.97 and meets(no_probe, 0.95)
+    # The probe's cosine round-trips and inspect shows it, checking the target on it.
+    report = _with_candidates()
+    slow.chosen = True
+    report.candidates = [fast, slow, dense8, dense]
+    back = report_from_dict(json.loads(json.dumps(report_to_dict(report))))
+    assert back.candidates[0].probe_cosine == 0.93
+    console = Console(record=True, width=160)
+    render_inspect(back, console, heatmaps=False)
+    text = console.export_text()
+    assert "probe cos" in text and "the lower cosine >= 0.95" in text
+    row = next(l for l in text.splitlines() if "budget 0.5" in l)
+    assert row.lstrip().startswith("x") and "0.9300" in row

@@ -4,6 +4,7 @@ text calibration, the memory guard, and a Llama-architecture HuggingFace folder.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +191,38 @@ def test_heldout_refusals(work, tmp_path) -> None:
         lines = msg.strip().splitlines()
         assert code == 2 and len(lines) == 1 and needle in lines[0], msg
         assert not list(out.parent.iterdir())
+
+
+def test_target_fidelity_from_text_decides_on_the_shift_probe(work, tmp_path) -> None:
+    # --calib-text without --heldout: every candidate is also scored on the held-out
+    # texts' words reordered, and the chosen file keeps F on both figures.
+    out = tmp_path / "t.onnx"
+    base = [work["wrapper"], "--target-fidelity", "0.9", "--steps", "0", "--calib-text", work["txt"],
+            "--tokenizer", work["tok"], "--max-length", "16", "--batch-size", "8", "--trust-checkpoint"]
+    res = CliRunner().invoke(main, [str(a) for a in [*base, "-o", out, "--quiet"]])
+    assert res.exit_code == 0, res.output
+    assert "and on its words reordered (the shift probe)" in res.stderr  # says what it decided on
+    report = json.loads((tmp_path / "t.report.json").read_text())
+    cands = report["candidates"]
+    assert len(cands) >= 8 and all("probe_cosine" in c["fidelity"] for c in cands)
+    chosen = next(c for c in cands if c["chosen"])
+    assert min(chosen["fidelity"]["cosine"], chosen["fidelity"]["probe_cosine"]) >= 0.9
+    assert "held-out and shift-probe cosines >= 0.9" in report["deploy"]["choice"]
+    # The probe is the held-out texts' words reordered, tokenized like the calibration.
+    from gblr_compress.job import Job, load_inputs
+    from gblr_compress.text import load_tokenizer, read_texts, reorder_words, text_batches
+
+    inputs = load_inputs(Job(model=str(work["wrapper"]), output=str(tmp_path / "x.onnx"), calib_text=str(work["txt"]),
+                             tokenizer=str(work["tok"]), max_length=16, batch_size=8, trust_checkpoint=True))
+    texts = read_texts(work["txt"])
+    want = text_batches(reorder_words(texts[-math.ceil(0.2 * len(texts)):], 0), load_tokenizer(work["tok"]),
+                        inputs.loaded.model, 16, 8)
+    assert inputs.probe is not None and len(inputs.probe) == len(want)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(inputs.probe, want, strict=True))
+    # --no-shift-probe (or --heldout): the held-out share alone.
+    out2 = tmp_path / "n.onnx"
+    res = CliRunner().invoke(main, [str(a) for a in [*base, "--no-shift-probe", "--allow-dense", "-o", out2,
+                                                     "--quiet"]])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "n.report.json").read_text())
+    assert all("probe_cosine" not in c["fidelity"] for c in report["candidates"])

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from gblr_compress.errors import InputError
-from gblr_compress.text import forward_inputs, is_causal_lm, load_tokenizer, read_texts, text_batches
+from gblr_compress.text import (
+    forward_inputs,
+    is_causal_lm,
+    load_tokenizer,
+    read_texts,
+    reorder_words,
+    text_batches,
+)
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -141,3 +148,14 @@ def test_tokenizers_alone_and_neither(tok_dir: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(InputError, match="pip install transformers"):
         load_tokenizer(tok_dir)
+
+
+def test_reorder_words_keeps_words_and_lengths() -> None:
+    texts = ["the cat sat on the mat", "a dog ran", "", "it was big and red today"]
+    out = reorder_words(texts, seed=3)
+    kept = [t for t in texts if t.split()]
+    assert [len(t.split()) for t in out] == [len(t.split()) for t in kept]  # same word counts, blank dropped
+    assert sorted(w for t in out for w in t.split()) == sorted(w for t in texts for w in t.split())
+    assert out == reorder_words(texts, seed=3)  # the seed fixes it
+    assert out != kept  # the order is new
+    assert reorder_words([], seed=0) == []

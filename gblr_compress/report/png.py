@@ -27,39 +27,42 @@ def _pyplot() -> Any:
 
 
 def write_pareto_png(report: CompressionReport, path: str | Path) -> Path:
-    """The measured trade-off as a picture: held-out cosine vs measured speedup over
-    dense fp32, float and int8 candidates apart, dense fp32 and dense + int8 as labelled
+    """The measured trade-off as a picture: held-out cosine (the lower of it and the
+    shift probe's, what the target search decides on, when the run had a probe) vs
+    measured speedup over dense fp32, float and int8 candidates apart, dense fp32 and dense + int8 as labelled
     reference points, the chosen file ringed, the target (if any) as a line.
 
     Raises:
         InputError: matplotlib is not installed, or the report has no timed candidates.
     """
     plt = _pyplot()
-    timed = [c for c in report.candidates if c.speedup is not None and c.cosine is not None]
+    timed = [c for c in report.candidates if c.speedup is not None and c.search_cosine is not None]
     if not timed:
         raise InputError("the report has no timed candidates to plot")
     fig, ax = plt.subplots(figsize=(7, 5))
     for int8, marker, label in ((False, "o", "gblr float"), (True, "s", "gblr + int8")):
         pts = [c for c in timed if c.int8 == int8 and c.budget != "dense"]
         if pts:
-            ax.scatter([c.speedup for c in pts], [c.cosine for c in pts], marker=marker, label=label,
+            ax.scatter([c.speedup for c in pts], [c.search_cosine for c in pts], marker=marker, label=label,
                        facecolors=["tab:blue" if c.distilled else "none" for c in pts], edgecolors="tab:blue")
     for c in timed:
         if c.budget == "dense":
-            ax.scatter([c.speedup], [c.cosine], marker="D", color="tab:red" if c.int8 else "black")
-            ax.annotate(c.label, (c.speedup, c.cosine), textcoords="offset points", xytext=(5, -12))
+            ax.scatter([c.speedup], [c.search_cosine], marker="D", color="tab:red" if c.int8 else "black")
+            ax.annotate(c.label, (c.speedup, c.search_cosine), textcoords="offset points", xytext=(5, -12))
         else:
-            ax.annotate(f"{float(c.budget):.2g}", (c.speedup, c.cosine), textcoords="offset points", xytext=(4, 4),
+            ax.annotate(f"{float(c.budget):.2g}", (c.speedup, c.search_cosine), textcoords="offset points", xytext=(4, 4),
                         fontsize=7)
     chosen = report.chosen
-    if chosen is not None and chosen.speedup is not None and chosen.cosine is not None:
-        ax.scatter([chosen.speedup], [chosen.cosine], s=250, facecolors="none", edgecolors="tab:green",
+    if chosen is not None and chosen.speedup is not None and chosen.search_cosine is not None:
+        ax.scatter([chosen.speedup], [chosen.search_cosine], s=250, facecolors="none", edgecolors="tab:green",
                    linewidths=2, label=f"chosen: {chosen.label}")
     target = report.deploy.get("target")
     if target is not None:
         ax.axhline(float(target), color="gray", linestyle="--", linewidth=1, label=f"target {target}")
     ax.set_xlabel("speedup vs dense fp32 (onnxruntime, median of per-round ratios)")
-    ax.set_ylabel("held-out mean cosine vs dense")
+    probed = any(c.probe_cosine is not None for c in timed)
+    ax.set_ylabel("lower of held-out and shift-probe mean cosine vs dense" if probed
+                  else "held-out mean cosine vs dense")
     ax.set_title("measured trade-off (filled: distilled)")
     ax.legend(fontsize=8, loc="lower left")
     path = Path(path)
@@ -93,6 +96,6 @@ def write_pngs(report: CompressionReport, out_dir: str | Path) -> list[Path]:
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
-    if any(c.speedup is not None and c.cosine is not None for c in report.candidates):
+    if any(c.speedup is not None and c.search_cosine is not None for c in report.candidates):
         written.append(write_pareto_png(report, out_dir / "pareto.png"))
     return written

@@ -136,8 +136,10 @@ class Candidate:
         int8: whether its weights are int8 (onnxruntime dynamic quantization).
         cost: exact multiply-adds per token of the target Linear layers (in the budget).
         dense_cost: the same layers' dense cost (``cost / dense_cost`` is the share kept).
-        fidelity: held-out ``{"rel_error", "cosine", "top1"?}`` of the file against the
-            dense model (onnxruntime for ONNX files).
+        fidelity: held-out ``{"rel_error", "cosine", "top1"?, "probe_cosine"?}`` of the
+            file against the dense model (onnxruntime for ONNX files); ``probe_cosine``
+            is the mean cosine on the shift probe (the held-out texts' words reordered,
+            :func:`~gblr_compress.text.reorder_words`) when the run had one.
         latency_ms: median onnxruntime milliseconds per call on the run's input shape.
         speedup: median per-round ratio dense fp32 time / its time.
         chosen: the file that was written (at most one candidate).
@@ -165,6 +167,19 @@ class Candidate:
         """Held-out mean cosine vs the dense model (None when not measured)."""
         c = self.fidelity.get("cosine")
         return None if c is None else float(c)
+
+    @property
+    def probe_cosine(self) -> float | None:
+        """Mean cosine on the shift probe (None when the run had none)."""
+        c = self.fidelity.get("probe_cosine")
+        return None if c is None else float(c)
+
+    @property
+    def search_cosine(self) -> float | None:
+        """What ``--target-fidelity`` compares with F: the lower of the held-out and the
+        shift probe's cosines (the held-out one alone without a probe)."""
+        known = [c for c in (self.cosine, self.probe_cosine) if c is not None]
+        return min(known) if known else None
 
     @classmethod
     def from_dict(cls, d: Any) -> Candidate:
