@@ -275,3 +275,23 @@ def test_the_shift_probe_decides_when_it_is_lower(tmp_path: Path) -> None:
     assert "probe cos" in text and "the lower cosine >= 0.95" in text
     row = next(l for l in text.splitlines() if "budget 0.5" in l)
     assert row.lstrip().startswith("x") and "0.9300" in row
+
+
+def test_the_bisection_refines_the_int8_frontier() -> None:
+    from gblr_compress.deploy import Entry
+    from gblr_compress.target import _bisection
+
+    def entries(cosines: dict[float, float]) -> dict[float, Entry]:
+        return {b: Entry(Candidate(budget=b, int8=False, cost=1, dense_cost=1, fidelity={"cosine": c}), Path("x"))
+                for b, c in cosines.items()}
+
+    fl = entries({0.9: 0.99, 0.7: 0.96, 0.5: 0.9, 0.3: 0.8})
+    q8 = entries({0.9: 0.98, 0.7: 0.945, 0.5: 0.89, 0.3: 0.79})
+    # The float files meet 0.95 down to 0.7, the int8 files only at 0.9: the winner is an
+    # int8 file, so the step goes between 0.9 and 0.7.
+    assert _bisection(fl, q8, 0.95) == 0.8
+    # No int8 file meets 0.985: the float frontier (0.9 meets, 0.7 does not).
+    assert _bisection(fl, q8, 0.985) == 0.8
+    assert _bisection(fl, q8, 0.94) == 0.6  # int8 meets down to 0.7
+    assert _bisection(fl, q8, 0.5) is None  # the lowest budget meets: nothing to refine
+    assert _bisection(fl, q8, 0.999) is None  # nothing meets
