@@ -12,8 +12,10 @@ share comes from the calibration file, and text unlike it loses far more (measur
 search, within a few times one compress run:
 
 1. the statistics once (:func:`~gblr_compress.pipeline.prepare`);
-2. a coarse budget grid (:data:`GRID`), each budget init only (budget split + init, no
-   distillation), frozen, exported, verified and scored, float and int8;
+2. a coarse budget grid (:data:`GRID`), highest budget first, each budget init only
+   (budget split + init, no distillation), frozen, exported, verified and scored, float
+   and int8, down to the first budget whose float file misses F (the ones below it
+   keep less and would miss too);
 3. one bisection step between the lowest grid budget whose int8 file meets F (else
    whose float file does) and the next one down;
 4. one finalist distilled (:data:`FINALISTS`) and re-scored, float and int8: the
@@ -156,7 +158,8 @@ def run_target(
             warn(text)
     peaks, seconds = inputs.peaks, inputs.seconds
     t0 = time.perf_counter()
-    prep = prepare(inputs.loaded.model, job.config, inputs.calib, peaks, share_teacher=True, held=inputs.held)
+    prep = prepare(inputs.loaded.model, job.config, inputs.calib, peaks, share_teacher=True, held=inputs.held,
+                   extra_fit=inputs.extra)
     if not prep.held:
         raise InputError("--target-fidelity needs held-out calibration data to measure fidelity on "
                          "(give more calibration batches)")
@@ -199,7 +202,14 @@ def _search(job: Job, inputs: JobInputs, prep: Prepared, bench: Bench, target: f
     dense = bench.add_dense()
     bench.add_int8(dense)
     done[0] += 1
-    grid = {b: add(b, False) for b in GRID}
+    grid: dict[float, Entry] = {}
+    for b in sorted(GRID, reverse=True):
+        grid[b] = add(b, False)
+        # A lower budget keeps less of the model: once a float file misses F, the budgets
+        # below it miss too, and building them (an init, two exports, scores and timing
+        # each) would cost a third of a small run's search for candidates that cannot win.
+        if _cosine(grid[b]) < target:
+            break
     mid = _bisection(grid, grid8, target)
     if mid is not None:
         grid[mid] = add(mid, False)

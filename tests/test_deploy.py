@@ -106,6 +106,8 @@ def test_target_only_a_high_budget_meets(bundles: dict[str, Path], tmp_path: Pat
     # found 0.8 between the grid's 0.9 (meets) and 0.7 (misses).
     assert all(c.cosine < 0.99 for c in cands if c.budget != "dense" and c.budget <= 0.7)
     assert 0.8 in {c.budget for c in cands}
+    # The grid stops at the first budget whose float file misses: 0.5 and 0.3 keep less.
+    assert {c.budget for c in cands if c.budget != "dense"} == {0.9, 0.8, 0.7}
     assert all(c.speedup <= chosen.speedup for c in cands if meets(c, 0.99))
     assert result.report.settings["budget"] == chosen.budget
     written = load_report(tmp_path / "t.onnx")
@@ -121,6 +123,7 @@ def test_target_int8_alone_meets(bundles: dict[str, Path], tmp_path: Path) -> No
     # A flat spectrum: every budget loses too much; dense int8 keeps ~0.999.
     assert chosen is not None and chosen.label == "dense+int8" and chosen.cosine >= 0.99
     assert all(c.cosine < 0.9 for c in result.report.candidates if c.budget != "dense")
+    assert {c.budget for c in result.report.candidates} == {"dense", 0.9}  # 0.9 missed: nothing below is built
     ops = {n.op_type for n in onnx.load(str(tmp_path / "t.onnx")).graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
     # The same candidates at a target int8 misses: only dense is left.
