@@ -297,6 +297,10 @@ def _config(build: Callable[[], Any]) -> Any:
               help="With --target-fidelity, --calib-text and no --heldout: also decide on the shift probe (the "
                    "held-out texts' words reordered across texts). Held-out texts share the calibration "
                    "file's templates and topics; text unlike them loses more.")
+@click.option("--reorder-copies", default=None, type=click.IntRange(min=0), metavar="N",
+              help="With --calib-text: train also on N copies of the training texts with their words reordered "
+                   "across texts (never held out). Templated or narrow calibration text then carries further to "
+                   "text unlike it.  [default: up to 2, keeping the training texts within 1,000; 0 for a causal LM]")
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2),
               help="Tokens per text row (truncation; causal LMs: packed row length).")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
@@ -357,8 +361,8 @@ def _config(build: Callable[[], Any]) -> Any:
 @verbose_option
 def compress_cmd(model: str, budget: float | None, target_fidelity: float | None, allow_dense: bool,
                  quantize: str | None, int8_tolerance: float, export_dtype: str, output: str, factory: str | None, calib: str | None,
-                 calib_text: str | None, heldout: str | None, tokenizer: str | None, shift_probe: bool, max_length: int,
-                 batch_size: int | None,
+                 calib_text: str | None, heldout: str | None, tokenizer: str | None, shift_probe: bool,
+                 reorder_copies: int | None, max_length: int, batch_size: int | None,
                  input_spec: str | None, steps: int | None, lr: float, loss: str, augment: float, seed: int,
                  data_free: bool, no_prune: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
                  time_budget: float | None, compress_tied: bool, teacher_cache_mb: float, activation_mb: float,
@@ -408,7 +412,7 @@ def compress_cmd(model: str, budget: float | None, target_fidelity: float | None
     ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
               calib_text=calib_text, heldout=heldout, tokenizer=tokenizer, shift_probe=shift_probe,
-              max_length=max_length, batch_size=batch_size,
+              reorder_copies=reorder_copies, max_length=max_length, batch_size=batch_size,
               max_memory_gb=max_memory, quantize=quantize, int8_tolerance=int8_tolerance, export_dtype=export_dtype,
               trust_checkpoint=trust_checkpoint, min_fidelity=min_fidelity,
               force=force, report=report, opset=opset, verify=not no_verify, config=config)

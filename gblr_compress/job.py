@@ -123,6 +123,15 @@ class Job:
             ``--target-fidelity`` candidate on the shift probe (the held-out texts'
             words reordered across texts, :func:`~gblr_compress.text.reorder_words`)
             and decide on the lower of the two cosines.
+        reorder_copies: with ``calib_text``, copies of the texts the run trains on
+            (those outside the held-out share), each with the words reordered across
+            texts (:func:`~gblr_compress.text.reorder_words`, a seed per copy), added to
+            the training batches only (statistics and distillation; never held out).
+            None (auto): as many copies, up to 2, as keep the training texts within
+            :data:`REORDER_TEXTS` (2 below 334 training texts, 1 up to 500, none above),
+            and none for a causal LM (unmeasured there). Measured on all-MiniLM-L6-v2 from 256
+            templated sentences: text unlike them kept more (benchmarks/README.md,
+            "Reordered copies").
         config: the compression settings.
     """
 
@@ -149,6 +158,7 @@ class Job:
     timing_rounds: int = 9
     heldout: str | None = None
     shift_probe: bool = True
+    reorder_copies: int | None = None
     config: CompressConfig = field(default_factory=CompressConfig)
 
 
@@ -260,12 +270,63 @@ def _disable_kv_cache(model: nn.Module) -> None:
             config.use_cache = False
 
 
+# The auto rule of Job.reorder_copies: copies while the training texts stay under this
+# many (a copy costs what its texts cost in the statistics and the distillation; past
+# about 1,000 real texts the data is diverse enough that none was needed to measure).
+REORDER_TEXTS = 1000
+REORDER_MAX_COPIES = 2
+
+
+@dataclass
+class TextData:
+    """What :func:`_text_calibration` makes of a text file."""
+
+    batches: list[Batch]
+    probe: list[Batch] | None = None  # the shift probe (Job.shift_probe)
+    extra: list[Batch] = field(default_factory=list)  # reordered copies (Job.reorder_copies)
+    copies: int = 0
+
+
+def reorder_copy_count(requested: int | None, fit_texts: int, causal: bool) -> int:
+    """How many reordered copies of ``fit_texts`` training texts a run adds:
+    ``requested`` (:attr:`Job.reorder_copies`), or the auto rule when it is None."""
+    if requested is not None:
+        return requested
+    if causal or fit_texts == 0:
+        return 0
+    return max(0, min(REORDER_MAX_COPIES, REORDER_TEXTS // fit_texts - 1))
+
+
+def split_texts(texts: Sequence[str], batches: Sequence[Batch], holdout_fraction: float,
+                sources: Sequence[int] | None) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts): the texts behind the batches
+    :func:`~gblr_compress.pipeline.prepare` trains on and holds out when it holds out
+    the last ``holdout_fraction`` of ``batches``, made from ``texts``. ``sources``: each
+    row's text (:func:`~gblr_compress.text.text_row_sources`) for unpacked rows; None
+    for packed rows, split in proportion (they follow the file's order)."""
+    rows = sum(leading_size(b) for b in batches)
+    held_rows = sum(leading_size(b) for b in split_batches(batches, holdout_fraction)[1])
+    if sources is not None:
+        held = set(sources[len(sources) - held_rows:]) if held_rows else set()
+        return [t for i, t in enumerate(texts) if i not in held], [texts[i] for i in sorted(held)]
+    cut = len(texts) - math.ceil(len(texts) * held_rows / max(1, rows))
+    return list(texts[:cut]), list(texts[cut:])
+
+
 def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
-                      option: str = "--calib-text", probe: bool = False) -> tuple[list[Batch], list[Batch] | None]:
-    """Batches tokenized from ``path`` (default: ``job.calib_text``), and with ``probe``
-    the shift probe's batches: the words of the texts the held-out share comes from
-    (the last ``holdout_fraction`` of them), reordered (None when they make no batch)."""
-    from gblr_compress.text import load_tokenizer, read_texts, reorder_words, text_batches
+                      option: str = "--calib-text", probe: bool = False, copies: bool = False) -> TextData:
+    """Batches tokenized from ``path`` (default: ``job.calib_text``); with ``probe`` the
+    shift probe's batches: the words of the texts in the held-out batches, reordered
+    (None when they make no batch); with ``copies`` the reordered copies of the texts
+    the run trains on (:func:`split_texts`)."""
+    from gblr_compress.text import (
+        is_causal_lm,
+        load_tokenizer,
+        read_texts,
+        reorder_words,
+        text_batches,
+        text_row_sources,
+    )
 
     folder = job.tokenizer
     if folder is None:
@@ -275,15 +336,31 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
         folder = job.model
     texts = read_texts(job.calib_text if path is None else path)
     tokenizer = load_tokenizer(folder)
-    batches = text_batches(texts, tokenizer, loaded.model, job.max_length, job.batch_size)
-    if not probe:
-        return batches, None
-    tail = texts[len(texts) - math.ceil(job.config.holdout_fraction * len(texts)):]
-    try:
-        return batches, text_batches(reorder_words(tail, job.config.seed), tokenizer, loaded.model,
-                                     job.max_length, job.batch_size)
-    except InputError:  # too few words for one packed row: no probe
-        return batches, None
+
+    def batches_of(some: Sequence[str]) -> list[Batch]:
+        return text_batches(some, tokenizer, loaded.model, job.max_length, job.batch_size)
+
+    data = TextData(batches_of(texts))
+    if not (probe or copies):
+        return data
+    causal = is_causal_lm(loaded.model)
+    sources = None if causal else text_row_sources(texts, tokenizer, job.max_length, job.batch_size or 32)
+    heldout_share = not job.heldout and job.config.holdout_fraction > 0
+    fit, held = split_texts(texts, data.batches, job.config.holdout_fraction, sources) if heldout_share \
+        else (list(texts), [])
+    if probe and held:
+        try:
+            data.probe = batches_of(reorder_words(held, job.config.seed))
+        except InputError:  # too few words for one packed row: no probe
+            data.probe = None
+    if copies:
+        data.copies = reorder_copy_count(job.reorder_copies, len(fit), causal)
+        for k in range(data.copies):
+            try:
+                data.extra += batches_of(reorder_words(fit, job.config.seed + 1 + k))
+            except InputError:  # too few words for one packed row
+                break
+    return data
 
 
 def _heldout_batches(job: Job, loaded: LoadedModel) -> list[Batch]:
@@ -293,7 +370,7 @@ def _heldout_batches(job: Job, loaded: LoadedModel) -> list[Batch]:
 
     assert job.heldout is not None
     if Path(job.heldout).suffix.lower() in TEXT_SUFFIXES:
-        held = _text_calibration(job, loaded, job.heldout, "--heldout")[0]
+        held = _text_calibration(job, loaded, job.heldout, "--heldout").batches
     else:
         held = load_calib(job.heldout)
     if not held:
@@ -351,6 +428,7 @@ def build_report(
     seconds: Mapping[str, float],
     synthetic: bool,
     calib_batches: int,
+    reorder_copies: int = 0,
 ) -> CompressionReport:
     """The :class:`~gblr_compress.report.CompressionReport` of a finished run."""
     # The config itself, so the report cannot drift from what ran; the job's own
@@ -363,6 +441,7 @@ def build_report(
         source={
             "model": str(job.model), "format": loaded.source_format, "calib": job.calib or job.calib_text,
             "calib_batches": calib_batches, "synthetic_calib": synthetic, "heldout": job.heldout,
+            "reorder_copies": reorder_copies,
         },
         settings=settings,
         layers=_layer_reports(result, exported, _shapes(loaded.model, result.left_dense)),
@@ -459,6 +538,8 @@ class JobInputs:
     dtype: str = "float32"
     held: list[Batch] | None = None  # --heldout's batches (None: a share of the calibration batches)
     probe: list[Batch] | None = None  # the shift probe's batches (Job.shift_probe)
+    extra: list[Batch] = field(default_factory=list)  # training-only batches (Job.reorder_copies)
+    reorder_copies: int = 0
 
 
 def load_inputs(job: Job, progress: Progress | None = None,
@@ -506,10 +587,13 @@ def load_inputs(job: Job, progress: Progress | None = None,
     # A causal LM returns its KV cache next to the logits; the deployed graph returns
     # the logits only, and the cache is no distillation target.
     _disable_kv_cache(loaded.model)
-    probe = None
+    probe, extra, copies = None, [], 0
+    if job.reorder_copies is not None and job.reorder_copies < 0:
+        raise InputError(f"--reorder-copies must be >= 0, got {job.reorder_copies}")
     if job.calib_text:
         want_probe = job.shift_probe and not job.heldout and job.config.holdout_fraction > 0
-        calib, probe = _text_calibration(job, loaded, probe=want_probe)
+        text = _text_calibration(job, loaded, probe=want_probe, copies=True)
+        calib, probe, extra, copies = text.batches, text.probe, text.extra, text.copies
         synthetic = False
     else:
         calib, synthetic = calibration_batches(job.calib, loaded, job.input_spec, job.synthetic_batches,
@@ -526,7 +610,7 @@ def load_inputs(job: Job, progress: Progress | None = None,
         held = None if held is None else batches_to_float32(held)
         if loaded.example_inputs is not None:
             loaded.example_inputs = batches_to_float32([loaded.example_inputs])[0]
-    check_declared_size(loaded.model, [*calib, *(held or [])], _memory_limit(job))
+    check_declared_size(loaded.model, [*calib, *(held or []), *extra], _memory_limit(job))
     check_finite_batches(calib)
     if held is not None:
         check_finite_batches(held, "held-out data (--heldout)")
@@ -547,7 +631,7 @@ def load_inputs(job: Job, progress: Progress | None = None,
     seconds["load"] = time.perf_counter() - t0
     peaks.close("load")
     return JobInputs(loaded, list(calib), synthetic, example, estimate, available, out, report_path,
-                     peaks, t_start, seconds, warnings, cast, dtype, held, probe)
+                     peaks, t_start, seconds, warnings, cast, dtype, held, probe, extra, copies)
 
 
 def deploy_bench(job: Job, inputs: JobInputs, dense_cost: int, probe: bool = False) -> Bench:
@@ -596,7 +680,8 @@ def write_outputs(
     # travels inside the ONNX file: build it before the file is written.
     seconds["total"] = time.perf_counter() - inputs.t_start
     inputs.peaks.close("export")
-    report = build_report(job, inputs.loaded, result, layers, parity, seconds, inputs.synthetic, len(inputs.calib))
+    report = build_report(job, inputs.loaded, result, layers, parity, seconds, inputs.synthetic, len(inputs.calib),
+                          inputs.reorder_copies)
     report.memory = {"estimate": inputs.estimate.total, "available": inputs.available, "peak": dict(inputs.peaks.peak)}
     if bench is not None:
         report.candidates = bench.candidates()
@@ -711,7 +796,8 @@ def run_job(job: Job, progress: Progress | None = None, warn: Callable[[str], No
     inputs = load_inputs(job, progress, warn)
     peaks, seconds = inputs.peaks, inputs.seconds
     # The job owns the loaded model: it is the teacher, not copied (read-only after).
-    result = compress(inputs.loaded.model, job.config, inputs.calib, peaks, share_teacher=True, held=inputs.held)
+    result = compress(inputs.loaded.model, job.config, inputs.calib, peaks, share_teacher=True, held=inputs.held,
+                      extra_fit=inputs.extra)
     seconds.update(result.seconds)
     peaks.close("freeze")
 

@@ -292,6 +292,7 @@ def prepare(
     progress: Progress | None = None,
     share_teacher: bool = False,
     held: Sequence[Batch] | None = None,
+    extra_fit: Sequence[Batch] = (),
 ) -> Prepared:
     """The budget-independent first half of :func:`compress`: copies of the model, the
     target layers, the layers left dense, the fit / held-out split and the statistics.
@@ -305,6 +306,10 @@ def prepare(
     serve): every calibration batch trains and these decide what held-out data decides
     (the init's form choice, the distillation's best state, the quality figures).
     None: the last ``config.holdout_fraction`` of ``calib`` is held out.
+
+    ``extra_fit``: batches that only train (statistics and distillation), added after
+    the split so none is ever held out: the job's reordered copies of the fit texts
+    (:attr:`~gblr_compress.job.Job.reorder_copies`).
 
     Raises:
         InputError: no Linear layers to compress, or none that may be compressed.
@@ -325,6 +330,8 @@ def prepare(
         fit, heldout = [move_batch(b, device) for b in calib], [move_batch(b, device) for b in held]
     elif calib:
         fit, heldout = split_batches([move_batch(b, device) for b in calib], config.holdout_fraction)
+    if fit:
+        fit += [move_batch(b, device) for b in extra_fit]
 
     # Layers the outputs never use, and tied ones, stay dense and out of the budget.
     if fit:
@@ -348,6 +355,7 @@ def compress(
     progress: Progress | None = None,
     share_teacher: bool = False,
     held: Sequence[Batch] | None = None,
+    extra_fit: Sequence[Batch] = (),
 ) -> CompressResult:
     """Compress the Linear layers of ``model`` to the global budget (the model's values
     are not modified; with ``share_teacher`` it serves as the teacher, see :func:`prepare`).
@@ -361,7 +369,7 @@ def compress(
         calib: calibration batches (each one forward call's input). Without them the
             init is data-free and there is no distillation.
         progress: gets a :class:`~gblr_compress.progress.ProgressEvent` per unit of work.
-        share_teacher, held: see :func:`prepare`.
+        share_teacher, held, extra_fit: see :func:`prepare`.
 
     Returns:
         A :class:`CompressResult` whose ``model`` is the frozen student.
@@ -371,7 +379,7 @@ def compress(
         >>> sum(r.cost for r in result.records.values()) <= result.max_cost
         True
     """
-    return compress_prepared(prepare(model, config, calib, progress, share_teacher, held), config, progress,
+    return compress_prepared(prepare(model, config, calib, progress, share_teacher, held, extra_fit), config, progress,
                              release_stats=True)
 
 

@@ -210,13 +210,15 @@ def test_target_fidelity_from_text_decides_on_the_shift_probe(work, tmp_path) ->
     assert "held-out and shift-probe cosines >= 0.9" in report["deploy"]["choice"]
     # The probe is the held-out texts' words reordered, tokenized like the calibration.
     from gblr_compress.job import Job, load_inputs
-    from gblr_compress.text import load_tokenizer, read_texts, reorder_words, text_batches
+    from gblr_compress.text import load_tokenizer, read_texts, reorder_words, text_batches, text_row_sources
 
     inputs = load_inputs(Job(model=str(work["wrapper"]), output=str(tmp_path / "x.onnx"), calib_text=str(work["txt"]),
                              tokenizer=str(work["tok"]), max_length=16, batch_size=8, trust_checkpoint=True))
-    texts = read_texts(work["txt"])
-    want = text_batches(reorder_words(texts[-math.ceil(0.2 * len(texts)):], 0), load_tokenizer(work["tok"]),
-                        inputs.loaded.model, 16, 8)
+    texts, tok = read_texts(work["txt"]), load_tokenizer(work["tok"])
+    # The held-out batches are the last 3 of 12 (rows grouped by length within runs of 8
+    # batches): their texts are the ones the rows come from.
+    held = sorted(text_row_sources(texts, tok, 16, 8)[-math.ceil(0.2 * 12) * 8:])
+    want = text_batches(reorder_words([texts[i] for i in held], 0), tok, inputs.loaded.model, 16, 8)
     assert inputs.probe is not None and len(inputs.probe) == len(want)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(inputs.probe, want, strict=True))
     # --no-shift-probe (or --heldout): the held-out share alone.
@@ -226,3 +228,48 @@ def test_target_fidelity_from_text_decides_on_the_shift_probe(work, tmp_path) ->
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "n.report.json").read_text())
     assert all("probe_cosine" not in c["fidelity"] for c in report["candidates"])
+
+
+def test_reordered_copies_of_the_training_texts_train_and_are_never_held_out(work, tmp_path) -> None:
+    # --calib-text: by default the texts outside the held-out share also train as two
+    # copies with their words reordered; the held-out share and the probe stay as they were.
+    from gblr_compress.job import Job, load_inputs, reorder_copy_count
+    from gblr_compress.pipeline import CompressConfig, prepare
+    from gblr_compress.text import load_tokenizer, read_texts, reorder_words, text_batches, text_row_sources
+
+    def inputs_of(**kw):
+        return load_inputs(Job(model=str(work["wrapper"]), output=str(tmp_path / "x.onnx"),
+                               calib_text=str(work["txt"]), tokenizer=str(work["tok"]), max_length=16, batch_size=8,
+                               trust_checkpoint=True, **kw))
+
+    texts = read_texts(work["txt"])
+    assert len(texts) == 96  # 12 batches of 8: the last ceil(0.2 * 12) = 3 are held out, 72 texts train
+    inputs = inputs_of()
+    assert inputs.reorder_copies == 2 and len(inputs.extra) == 2 * 9
+    tok = load_tokenizer(work["tok"])
+    # The training texts are those of the first 9 batches' rows (grouped by length, so
+    # not simply the first 72 texts), in file order.
+    sources = text_row_sources(texts, tok, 16, 8)
+    fit = [texts[i] for i in sorted(sources[:72])]
+    assert fit != texts[:72] and sorted(sources) == list(range(96))
+    want = [b for k in (1, 2) for b in text_batches(reorder_words(fit, k), tok, inputs.loaded.model, 16, 8)]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(inputs.extra, want, strict=True))
+    prep = prepare(inputs.loaded.model, CompressConfig(budget=0.5), inputs.calib, held=inputs.held,
+                   extra_fit=inputs.extra)
+    assert len(prep.fit) == 9 + 18 and len(prep.held) == 3
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(prep.held, inputs.calib[9:], strict=True))
+    # --heldout: every calibration text trains, so every one is copied.
+    held = tmp_path / "held.txt"
+    held.write_text("\n".join(_sentences(24, seed=5)) + "\n")
+    assert len(inputs_of(heldout=str(held), reorder_copies=1).extra) == 12
+    assert inputs_of(reorder_copies=0).extra == []
+    # The auto rule: training texts kept within 1,000, at most 2 copies, none for a causal LM.
+    assert [reorder_copy_count(None, n, False) for n in (72, 333, 334, 500, 501, 5000)] == [2, 2, 1, 1, 0, 0]
+    assert reorder_copy_count(None, 72, True) == 0 and reorder_copy_count(3, 72, True) == 3
+    # The command says in its report how many copies trained.
+    for extra, copies in (([], 2), (["--reorder-copies", "0"], 0)):
+        out = tmp_path / f"c{copies}.onnx"
+        code, msg = _run([work["wrapper"], *FAST, "--calib-text", work["txt"], "--tokenizer", work["tok"],
+                          "--max-length", "16", "--batch-size", "8", "--trust-checkpoint", *extra, "-o", out])
+        assert code == 0, msg
+        assert json.loads((tmp_path / f"c{copies}.report.json").read_text())["source"]["reorder_copies"] == copies

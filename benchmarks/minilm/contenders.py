@@ -39,6 +39,7 @@ __all__ = [
     "plain_svd",
     "register",
     "set_distill_hook",
+    "set_training_texts",
     "whitened_svd",
 ]
 
@@ -59,6 +60,33 @@ WHITEN_DAMPING = 1e-2
 # Seed of gblr-compress's init and distillation, for both contenders that use them
 # (minilm_bench --seed): a second seed shows how much a figure moves by chance.
 SEED = 0
+# The reordered copies the command trains on beside calibration batches made from text
+# (gblr_compress.job.Job.reorder_copies), by id of those batches: set_training_texts.
+_EXTRA: dict[int, tuple[list[Batch], list[Batch]]] = {}
+
+
+def set_training_texts(calib: list[Batch], sentences: list[str], tokenizer: object) -> int:
+    """Give the gblr rows calibrated on ``calib`` (made in order from ``sentences``,
+    :func:`~minilm.model.make_batches`) what the command adds with ``--calib-text``: the
+    default reordered copies of the training texts (those outside the held-out share).
+    Returns the number of copies."""
+    from gblr_compress.job import reorder_copy_count, split_texts
+    from gblr_compress.pipeline import CompressConfig
+    from gblr_compress.text import reorder_words
+
+    from .model import make_batches
+
+    fit, _ = split_texts(sentences, calib, CompressConfig().holdout_fraction, list(range(len(sentences))))
+    copies = reorder_copy_count(None, len(fit), False)
+    _EXTRA.clear()
+    _EXTRA[id(calib)] = (calib, [b for k in range(copies)
+                                 for b in make_batches(tokenizer, reorder_words(fit, SEED + 1 + k), batch_size=32)])
+    return copies
+
+
+def _training_extra(calib: list[Batch]) -> list[Batch]:
+    entry = _EXTRA.get(id(calib))
+    return entry[1] if entry is not None and entry[0] is calib else []
 
 
 def register(name: str) -> Callable[[Contender], Contender]:
@@ -127,7 +155,9 @@ def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool, 
     """What ``gblr-compress MODEL_DIR --include 'encoder.layer.*' --calib ...`` does, as
     the library call the CLI makes: compress the HuggingFace BertModel itself (its
     outputs, every token's last hidden state and the pooler output, are the
-    distillation targets, default loss), then put the mean pooling back on top."""
+    distillation targets, default loss), then put the mean pooling back on top. With
+    :func:`set_training_texts` for ``calib``, the command's reordered copies train too
+    (what ``--calib-text`` does)."""
     from gblr_compress.init import InitConfig
     from gblr_compress.pipeline import CompressConfig, compress, default_distill
 
@@ -135,7 +165,8 @@ def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool, 
     config = CompressConfig(budget=budget, include=_bert_names(dense), seed=SEED,
                             init=InitConfig(data_free=data_free),
                             distill=distill if distilled and not data_free else replace(distill, steps=0))
-    bert = compress(dense.bert, config, calib=None if data_free else calib).model
+    bert = compress(dense.bert, config, calib=None if data_free else calib,
+                    extra_fit=() if data_free else _training_extra(calib)).model
     return SentenceEncoder(bert).eval()
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from .contenders import set_training_texts
 from .metrics import fidelity, paired
 from .model import Batch, embed, make_batches
 from .sources import calib_sentences, eval_set
@@ -42,6 +43,7 @@ def run_shift(
     n_calib: int,
     eval_size: int = 400,
     log: Callable[[str], None] = print,
+    reorder: bool = True,
 ) -> tuple[list[Scored], dict[tuple, torch.Tensor], dict[str, torch.Tensor]]:
     """Build and score every ``(contender, budget)`` of ``plan`` per calibration source.
 
@@ -53,6 +55,8 @@ def run_shift(
         calib_sources / eval_sources: names from :data:`minilm.sources.SOURCES`.
         n_calib: calibration sentences per source.
         eval_size: scored sentences per non-suite source.
+        reorder: the gblr rows also train on the command's default reordered copies of
+            the training sentences (``--calib-text`` does; ``--reorder-copies 0`` not).
 
     Returns:
         ``(rows, embeddings keyed (calib, contender, budget, eval), dense embeddings per
@@ -66,8 +70,10 @@ def run_shift(
     for cs in calib_sources:
         sentences = calib_sentences(cs, n_calib, eval_size)
         calib = make_batches(tokenizer, sentences, batch_size=32)
+        copies = set_training_texts(calib, sentences, tokenizer) if reorder else 0
         log(f"calibration source {cs}: {len(sentences)} sentences, "
-            f"{sum(int(b['attention_mask'].sum()) for b in calib):,} tokens")
+            f"{sum(int(b['attention_mask'].sum()) for b in calib):,} tokens, "
+            f"{copies} reordered copies for the gblr rows")
         for name, budget in plan:
             t0 = time.perf_counter()
             model, cost = build(name, dense, calib, budget)
