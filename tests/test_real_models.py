@@ -208,6 +208,8 @@ def test_target_fidelity_from_text_decides_on_the_shift_probe(work, tmp_path) ->
     chosen = next(c for c in cands if c["chosen"])
     assert min(chosen["fidelity"]["cosine"], chosen["fidelity"]["probe_cosine"]) >= 0.9
     assert "held-out and shift-probe cosines >= 0.9" in report["deploy"]["choice"]
+    # The probe is reordered text: by default the candidates then train on no reordered copies.
+    assert report["source"]["reorder_copies"] == 0
     # The probe is the held-out texts' words reordered, tokenized like the calibration.
     from gblr_compress.job import Job, load_inputs
     from gblr_compress.text import load_tokenizer, read_texts, reorder_words, text_batches, text_row_sources
@@ -228,6 +230,7 @@ def test_target_fidelity_from_text_decides_on_the_shift_probe(work, tmp_path) ->
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "n.report.json").read_text())
     assert all("probe_cosine" not in c["fidelity"] for c in report["candidates"])
+    assert report["source"]["reorder_copies"] == 2  # no probe: the default copies train
 
 
 def test_reordered_copies_of_the_training_texts_train_and_are_never_held_out(work, tmp_path) -> None:
