@@ -162,17 +162,19 @@ class Candidate:
         b = self.budget if isinstance(self.budget, str) else f"{self.budget:.3g}"
         return b + ("+int8" if self.int8 else "")
 
+    def _figure(self, key: str) -> float | None:
+        c = self.fidelity.get(key)
+        return None if c is None else float(c)
+
     @property
     def cosine(self) -> float | None:
         """Held-out mean cosine vs the dense model (None when not measured)."""
-        c = self.fidelity.get("cosine")
-        return None if c is None else float(c)
+        return self._figure("cosine")
 
     @property
     def probe_cosine(self) -> float | None:
         """Mean cosine on the shift probe (None when the run had none)."""
-        c = self.fidelity.get("probe_cosine")
-        return None if c is None else float(c)
+        return self._figure("probe_cosine")
 
     @property
     def search_cosine(self) -> float | None:
