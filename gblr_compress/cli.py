@@ -300,7 +300,8 @@ def _config(build: Callable[[], Any]) -> Any:
 @click.option("--reorder-copies", default=None, type=click.IntRange(min=0), metavar="N",
               help="With --calib-text: train also on N copies of the training texts with their words reordered "
                    "across texts (never held out). Templated or narrow calibration text then carries further to "
-                   "text unlike it.  [default: up to 2, keeping the training texts within 1,000; 0 for a causal LM]")
+                   "text unlike it.  [default: up to 2, keeping the training texts within 1,000; 0 for a causal LM "
+                   "and for --target-fidelity's shift probe, which is reordered text]")
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2),
               help="Tokens per text row (truncation; causal LMs: packed row length).")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
