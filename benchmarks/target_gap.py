@@ -44,6 +44,7 @@ from benchmarks.minilm.sources import calib_sentences, eval_set
 from benchmarks.models_bench import _embeddings_onnx, _embeddings_torch, encoder_fidelity
 from gblr_compress.job import Job, candidate_cost, deploy_bench, load_inputs
 from gblr_compress.pipeline import CompressConfig, compress_prepared, prepare
+from gblr_compress.target import search_job
 
 
 def main() -> int:
@@ -87,9 +88,11 @@ def main() -> int:
         job = Job(model=str(wrapper), output=str(work / "out.onnx"), calib_text=str(calib_txt),
                   tokenizer=str(folder), trust_checkpoint=True, config=CompressConfig(),
                   heldout=None if heldout is None else str(heldout))
-        inputs = load_inputs(job)
+        job = search_job(job)  # the job as the search runs it (no reordered copies with the probe)
+        inputs = load_inputs(job, probe=True)
         t0 = time.perf_counter()
-        prep = prepare(inputs.loaded.model, job.config, inputs.calib, share_teacher=True, held=inputs.held)
+        prep = prepare(inputs.loaded.model, job.config, inputs.calib, share_teacher=True, held=inputs.held,
+                       extra_fit=inputs.extra)
         print(f"statistics: {time.perf_counter() - t0:.0f} s")
         dense_cost = sum(m * n for m, n in prep.stats.shapes.values())
         bench = deploy_bench(job, inputs, dense_cost, probe=True)

@@ -288,6 +288,12 @@ class TextData:
     copies: int = 0
 
 
+def shift_probing(job: Job) -> bool:
+    """Whether a ``--target-fidelity`` search of ``job`` decides on the shift probe too
+    (:attr:`Job.shift_probe`): text calibration whose held-out share is its own."""
+    return bool(job.shift_probe and job.calib_text and not job.heldout and job.config.holdout_fraction > 0)
+
+
 def reorder_copy_count(requested: int | None, fit_texts: int, causal: bool) -> int:
     """How many reordered copies of ``fit_texts`` training texts a run adds:
     ``requested`` (:attr:`Job.reorder_copies`), or the auto rule when it is None."""
@@ -345,7 +351,7 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
     if not (probe or copies):
         return data
     causal = is_causal_lm(loaded.model)
-    sources = None if causal else text_row_sources(texts, tokenizer, job.max_length, job.batch_size or 32)
+    sources = None if causal else text_row_sources(texts, tokenizer, job.max_length, job.batch_size)
     heldout_share = not job.heldout and job.config.holdout_fraction > 0
     fit, held = split_texts(texts, data.batches, job.config.holdout_fraction, sources) if heldout_share \
         else (list(texts), [])
@@ -544,13 +550,14 @@ class JobInputs:
 
 
 def load_inputs(job: Job, progress: Progress | None = None,
-                warn: Callable[[str], None] | None = None) -> JobInputs:
+                warn: Callable[[str], None] | None = None, probe: bool = False) -> JobInputs:
     """The first part of every job: check the outputs, load the model and its data, and
     refuse (before any long phase) what cannot work: data that does not fit, outputs a
     graph cannot carry, a run that cannot fit in memory.
 
     ``warn`` gets each warning when it arises (they are also collected in
-    :attr:`JobInputs.warnings`).
+    :attr:`JobInputs.warnings`). ``probe``: also make the shift probe's batches when
+    :func:`shift_probing` (only a ``--target-fidelity`` search scores on them).
 
     Raises:
         InputError: anything the user can fix (NaN / Inf in weights or data too).
@@ -588,13 +595,12 @@ def load_inputs(job: Job, progress: Progress | None = None,
     # A causal LM returns its KV cache next to the logits; the deployed graph returns
     # the logits only, and the cache is no distillation target.
     _disable_kv_cache(loaded.model)
-    probe, extra, copies = None, [], 0
+    probe_batches, extra, copies = None, [], 0
     if job.reorder_copies is not None and job.reorder_copies < 0:
         raise InputError(f"--reorder-copies must be >= 0, got {job.reorder_copies}")
     if job.calib_text:
-        want_probe = job.shift_probe and not job.heldout and job.config.holdout_fraction > 0
-        text = _text_calibration(job, loaded, probe=want_probe, copies=True)
-        calib, probe, extra, copies = text.batches, text.probe, text.extra, text.copies
+        text = _text_calibration(job, loaded, probe=probe and shift_probing(job), copies=True)
+        calib, probe_batches, extra, copies = text.batches, text.probe, text.extra, text.copies
         synthetic = False
     else:
         calib, synthetic = calibration_batches(job.calib, loaded, job.input_spec, job.synthetic_batches,
@@ -632,7 +638,7 @@ def load_inputs(job: Job, progress: Progress | None = None,
     seconds["load"] = time.perf_counter() - t0
     peaks.close("load")
     return JobInputs(loaded, list(calib), synthetic, example, estimate, available, out, report_path,
-                     peaks, t_start, seconds, warnings, cast, dtype, held, probe, extra, copies)
+                     peaks, t_start, seconds, warnings, cast, dtype, held, probe_batches, extra, copies)
 
 
 def deploy_bench(job: Job, inputs: JobInputs, dense_cost: int, probe: bool = False) -> Bench:

@@ -54,13 +54,14 @@ from gblr_compress.job import (
     deploy_bench,
     input_shapes,
     load_inputs,
+    shift_probing,
     write_outputs,
 )
 from gblr_compress.pipeline import CompressConfig, CompressResult, Prepared, compress_prepared, prepare
 from gblr_compress.progress import Progress, ProgressEvent
 from gblr_compress.report import Candidate
 
-__all__ = ["FINALISTS", "GRID", "OnlyDense", "meets", "pick", "run_target"]
+__all__ = ["FINALISTS", "GRID", "OnlyDense", "meets", "pick", "run_target", "search_job"]
 
 GRID = (0.9, 0.7, 0.5, 0.3)
 FINALISTS = 1
@@ -125,6 +126,18 @@ def _finalists(grid: dict[float, Entry], grid8: dict[float, Entry], target: floa
     return order[:FINALISTS]
 
 
+def search_job(job: Job) -> Job:
+    """``job`` as the search runs it: with the shift probe and no ``reorder_copies``
+    asked for, no reordered copies."""
+    if shift_probing(job) and job.reorder_copies is None:
+        # The shift probe is reordered text; trained on reordered copies, the candidates
+        # read on it what they read on the held-out share. Measured (MiniLM wrapper, 256
+        # templated sentences, F 0.95): with the copies the search chose 0.7 + int8, probe
+        # 0.954, news sentences 0.902; without them 0.9 + int8, probe 0.964, news 0.948.
+        return replace(job, reorder_copies=0)
+    return job
+
+
 def run_target(
     job: Job, target: float, allow_dense: bool = False, progress: Progress | None = None, timer: Timer | None = None,
     warn: Callable[[str], None] | None = None,
@@ -147,15 +160,9 @@ def run_target(
     """
     if not 0.0 < target <= 1.0:
         raise InputError(f"--target-fidelity must be in (0, 1], got {target}")
-    probing = bool(job.shift_probe and job.calib_text and not job.heldout and job.config.holdout_fraction > 0)
-    if probing and job.reorder_copies is None:
-        # The shift probe is reordered text; trained on reordered copies, the candidates
-        # read on it what they read on the held-out share. Measured (MiniLM wrapper, 256
-        # templated sentences, F 0.95): with the copies the search chose 0.7 + int8, probe
-        # 0.954, news sentences 0.902; without them 0.9 + int8, probe 0.964, news 0.948.
-        job = replace(job, reorder_copies=0)
-    inputs = load_inputs(job, progress, warn)
-    if probing and inputs.reorder_copies:
+    job = search_job(job)
+    inputs = load_inputs(job, progress, warn, probe=True)
+    if shift_probing(job) and inputs.reorder_copies:
         text = ("--reorder-copies with --target-fidelity: the shift probe is reordered text like the copies, "
                 "so it reads close to the held-out share; pass --heldout with text unlike the calibration text")
         inputs.warnings.append(text)

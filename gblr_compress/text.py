@@ -238,7 +238,7 @@ def text_batches(
         raise InputError(f"max_length must be >= 2, got {max_length}")
     pack = is_causal_lm(model) if pack is None else pack
     if batch_size is None:
-        batch_size = 8 if pack else 32
+        batch_size = _PACKED_BATCH if pack else _ROWS_BATCH
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     names = forward_inputs(model)
@@ -280,14 +280,15 @@ def text_batches(
 
 
 _GROUP_BATCHES = 8  # batches whose rows are sorted by length together
+_ROWS_BATCH, _PACKED_BATCH = 32, 8  # text_batches' default rows per batch, unpacked / packed
 
 
 def text_row_sources(texts: Sequence[str], tokenizer: TextTokenizer, max_length: int = 128,
-                     batch_size: int = 32) -> list[int]:
+                     batch_size: int | None = None) -> list[int]:
     """The index in ``texts`` of each row of the unpacked :func:`text_batches` (same
     arguments), in batch order: which texts a share of the batches holds (the rows of
     similar length are grouped, so the last batches are not exactly the last texts)."""
-    return [i for i, _ in _grouped_rows(texts, tokenizer, max_length, batch_size)]
+    return [i for i, _ in _grouped_rows(texts, tokenizer, max_length, batch_size or _ROWS_BATCH)]
 
 
 def _grouped_rows(texts: Sequence[str], tokenizer: TextTokenizer, max_length: int,
@@ -298,7 +299,8 @@ def _grouped_rows(texts: Sequence[str], tokenizer: TextTokenizer, max_length: in
     Padding to the longest row of a batch wastes about half the compute on sentences of
     mixed length (measured: 52% of the tokens of 2,256 Wikipedia sentences in batches of
     32); sorting within runs of a few batches removes most of it. The runs keep the file's
-    order at a coarse scale, so the last texts still form the last batches.
+    order at a coarse scale: the last batches hold texts from the file's last run
+    (:func:`text_row_sources` says which).
     """
     rows = _text_rows(texts, tokenizer, max_length)
     span = batch_size * _GROUP_BATCHES

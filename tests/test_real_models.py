@@ -215,7 +215,8 @@ def test_target_fidelity_from_text_decides_on_the_shift_probe(work, tmp_path) ->
     from gblr_compress.text import load_tokenizer, read_texts, reorder_words, text_batches, text_row_sources
 
     inputs = load_inputs(Job(model=str(work["wrapper"]), output=str(tmp_path / "x.onnx"), calib_text=str(work["txt"]),
-                             tokenizer=str(work["tok"]), max_length=16, batch_size=8, trust_checkpoint=True))
+                             tokenizer=str(work["tok"]), max_length=16, batch_size=8, trust_checkpoint=True),
+                         probe=True)
     texts, tok = read_texts(work["txt"]), load_tokenizer(work["tok"])
     # The held-out batches are the last 3 of 12 (rows grouped by length within runs of 8
     # batches): their texts are the ones the rows come from.
