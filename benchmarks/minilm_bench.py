@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-reorder", action="store_true",
                    help="generalization mode: no reordered copies for the gblr rows (the command's "
                         "--reorder-copies 0; by default they get the copies --calib-text adds)")
+    p.add_argument("--vocab-share", type=float, default=None,
+                   help="generalization mode: share of the copies' words drawn from the tokenizer's vocabulary "
+                        "(the command's --vocab-share; default: the command's default)")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this file")
     p.add_argument("--onnx-dir", type=Path, default=None, help="keep the ONNX files here")
     return p.parse_args(argv)
@@ -261,7 +264,7 @@ def shift_main(args: argparse.Namespace, names: list[str], dense: nn.Module, tok
           f"score on {args.eval_sources}; dense cost {dense_cost:,} MAC/token", flush=True)
     rows, embs, dense_emb = run_shift(dense, tokenizer, build, plan, args.calib_sources, args.eval_sources,
                                       n_calib, args.eval_size, log=lambda m: print(m, flush=True),
-                                      reorder=not args.no_reorder)
+                                      reorder=not args.no_reorder, vocab_share=args.vocab_share)
     from minilm.sources import eval_set
 
     pairs_of = {es: eval_set(es, args.eval_size).pairs for es in args.eval_sources}

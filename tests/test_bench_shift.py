@@ -75,6 +75,9 @@ class _Tok:
             ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
         return {"input_ids": ids, "attention_mask": mask}
 
+    def get_vocab(self) -> dict[str, int]:
+        return {f"word{chr(97 + i % 26)}{chr(97 + i // 26)}": i for i in range(97)}
+
 
 class _Bag(torch.nn.Module):
     """Mean of token embeddings plus ``noise`` times a fixed random direction per token."""

@@ -76,3 +76,13 @@ def test_exit_codes_and_one_line_messages() -> None:
 def test_main_group_help() -> None:
     res = CliRunner().invoke(main, ["--help"])
     assert res.exit_code == 0 and "--verbose" in res.output and "trust" in res.output
+
+
+def test_vocab_share_default_is_the_jobs() -> None:
+    # The CLI imports the job lazily (a fast --help), so its default is a literal: keep
+    # it the library's.
+    from gblr_compress.cli import compress_cmd
+    from gblr_compress.job import VOCAB_SHARE
+
+    option = next(p for p in compress_cmd.params if p.name == "vocab_share")
+    assert option.default == VOCAB_SHARE

@@ -239,7 +239,14 @@ def test_reordered_copies_of_the_training_texts_train_and_are_never_held_out(wor
     # copies with their words reordered; the held-out share and the probe stay as they were.
     from gblr_compress.job import Job, load_inputs, reorder_copy_count
     from gblr_compress.pipeline import CompressConfig, prepare
-    from gblr_compress.text import load_tokenizer, read_texts, reorder_words, text_batches, text_row_sources
+    from gblr_compress.text import (
+        load_tokenizer,
+        mix_vocabulary,
+        read_texts,
+        reorder_words,
+        text_batches,
+        text_row_sources,
+    )
 
     def inputs_of(**kw):
         return load_inputs(Job(model=str(work["wrapper"]), output=str(tmp_path / "x.onnx"),
@@ -256,8 +263,17 @@ def test_reordered_copies_of_the_training_texts_train_and_are_never_held_out(wor
     sources = text_row_sources(texts, tok, 16, 8)
     fit = [texts[i] for i in sorted(sources[:72])]
     assert fit != texts[:72] and sorted(sources) == list(range(96))
-    want = [b for k in (1, 2) for b in text_batches(reorder_words(fit, k), tok, inputs.loaded.model, 16, 8)]
+    # Each copy: the training texts' words reordered, half of them drawn from the vocabulary.
+    assert len(tok.words) == 17  # the test tokenizer's words (WORDS less "a")
+    mixed = [mix_vocabulary(reorder_words(fit, k), tok.words, 0.5, k) for k in (1, 2)]
+    want = [b for copy in mixed for b in text_batches(copy, tok, inputs.loaded.model, 16, 8)]
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(inputs.extra, want, strict=True))
+    plain_texts = [reorder_words(fit, k) for k in (1, 2)]
+    assert mixed != plain_texts
+    assert {w for copy in mixed for t in copy for w in t.split()} <= set(tok.words) | {"a"}
+    plain = [b for copy in plain_texts for b in text_batches(copy, tok, inputs.loaded.model, 16, 8)]
+    assert all(torch.equal(a["input_ids"], b["input_ids"])
+               for a, b in zip(inputs_of(vocab_share=0.0).extra, plain, strict=True))
     prep = prepare(inputs.loaded.model, CompressConfig(budget=0.5), inputs.calib, held=inputs.held,
                    extra_fit=inputs.extra)
     assert len(prep.fit) == 9 + 18 and len(prep.held) == 3
@@ -276,4 +292,5 @@ def test_reordered_copies_of_the_training_texts_train_and_are_never_held_out(wor
         code, msg = _run([work["wrapper"], *FAST, "--calib-text", work["txt"], "--tokenizer", work["tok"],
                           "--max-length", "16", "--batch-size", "8", "--trust-checkpoint", *extra, "-o", out])
         assert code == 0, msg
-        assert json.loads((tmp_path / f"c{copies}.report.json").read_text())["source"]["reorder_copies"] == copies
+        source = json.loads((tmp_path / f"c{copies}.report.json").read_text())["source"]
+        assert source["reorder_copies"] == copies and source["vocab_share"] == (0.5 if copies else 0.0)

@@ -14,9 +14,11 @@ from gblr_compress.text import (
     forward_inputs,
     is_causal_lm,
     load_tokenizer,
+    mix_vocabulary,
     read_texts,
     reorder_words,
     text_batches,
+    vocabulary_words,
 )
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -159,3 +161,29 @@ def test_reorder_words_keeps_words_and_lengths() -> None:
     assert out == reorder_words(texts, seed=3)  # the seed fixes it
     assert out != kept  # the order is new
     assert reorder_words([], seed=0) == []
+
+
+def test_vocabulary_words_are_whole_words_of_each_vocabulary_kind() -> None:
+    # WordPiece marks continuations; byte-level BPE and SentencePiece mark word starts,
+    # and their unmarked tokens are pieces of words.
+    wordpiece = {"[CLS]": 0, "the": 1, "##ing": 2, "cat": 3, "a": 4, "caf\u00e9": 5, "x2": 6, "dog": 7}
+    assert vocabulary_words(wordpiece) == ("cat", "dog", "the")
+    bpe = ["\u0120the", "\u0120Cat", "ing", "\u0120a", "<s>", "\u0120dog", "er", "\u01201999"]
+    assert vocabulary_words(bpe) == ("Cat", "dog", "the")
+    assert vocabulary_words(["\u2581over", "\u2581the", "lap"]) == ("over", "the")
+
+
+def test_mix_vocabulary_replaces_a_share_of_words() -> None:
+    texts = _sentences(200)
+    words = tuple(f"w{i}" for i in range(50))
+    out = mix_vocabulary(texts, words, 0.5, seed=1)
+    assert [len(t.split()) for t in out] == [len(t.split()) for t in texts]
+    pairs = [(a, b) for t, o in zip(texts, out, strict=True) for a, b in zip(t.split(), o.split(), strict=True)]
+    replaced = [b for a, b in pairs if a != b]
+    assert set(replaced) <= set(words)
+    assert 0.4 < len(replaced) / len(pairs) < 0.6
+    assert out == mix_vocabulary(texts, words, 0.5, seed=1)  # the seed fixes it
+    assert mix_vocabulary(texts, words, 0.0) == texts and mix_vocabulary(texts, (), 0.5) == texts
+    assert all(w in words for t in mix_vocabulary(texts, words, 1.0) for w in t.split())
+    with pytest.raises(ValueError):
+        mix_vocabulary(texts, words, 1.5)

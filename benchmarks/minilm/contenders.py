@@ -65,22 +65,26 @@ SEED = 0
 _EXTRA: dict[int, tuple[list[Batch], list[Batch]]] = {}
 
 
-def set_training_texts(calib: list[Batch], sentences: list[str], tokenizer: object) -> int:
+def set_training_texts(calib: list[Batch], sentences: list[str], tokenizer: object,
+                       vocab_share: float | None = None) -> int:
     """Give the gblr rows calibrated on ``calib`` (made in order from ``sentences``,
     :func:`~minilm.model.make_batches`) what the command adds with ``--calib-text``: the
-    default reordered copies of the training texts (those outside the held-out share).
-    Returns the number of copies."""
-    from gblr_compress.job import reorder_copy_count, split_texts
+    default reordered copies of the training texts (those outside the held-out share),
+    ``vocab_share`` of their words (None: the command's default) drawn from the
+    tokenizer's vocabulary. Returns the number of copies."""
+    from gblr_compress.job import VOCAB_SHARE, reorder_copy_count, split_texts
     from gblr_compress.pipeline import CompressConfig
-    from gblr_compress.text import reorder_words
+    from gblr_compress.text import mix_vocabulary, reorder_words, vocabulary_words
 
     from .model import make_batches
 
     fit, _ = split_texts(sentences, calib, CompressConfig().holdout_fraction, list(range(len(sentences))))
     copies = reorder_copy_count(None, len(fit), False)
+    words = vocabulary_words(tokenizer.get_vocab())
+    share = VOCAB_SHARE if vocab_share is None else vocab_share
+    texts = [mix_vocabulary(reorder_words(fit, SEED + 1 + k), words, share, SEED + 1 + k) for k in range(copies)]
     _EXTRA.clear()
-    _EXTRA[id(calib)] = (calib, [b for k in range(copies)
-                                 for b in make_batches(tokenizer, reorder_words(fit, SEED + 1 + k), batch_size=32)])
+    _EXTRA[id(calib)] = (calib, [b for t in texts for b in make_batches(tokenizer, t, batch_size=32)])
     return copies
 
 
