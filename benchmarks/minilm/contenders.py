@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from .baselines import (
     whitened_svd_layer,
 )
 from .model import Batch, SentenceEncoder, encoder_linears
+
+if TYPE_CHECKING:
+    from gblr_compress.init import InitConfig
 
 __all__ = [
     "BUDGET_FREE",
@@ -155,23 +159,29 @@ def _bert_names(dense: nn.Module) -> tuple[str, ...]:
     return tuple(name.removeprefix("bert.") for name in encoder_linears(dense))
 
 
-def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool, distilled: bool = True) -> nn.Module:
+def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool, distilled: bool = True,
+          init: InitConfig | None = None) -> nn.Module:
     """What ``gblr-compress MODEL_DIR --include 'encoder.layer.*' --calib ...`` does, as
     the library call the CLI makes: compress the HuggingFace BertModel itself (its
     outputs, every token's last hidden state and the pooler output, are the
     distillation targets, default loss), then put the mean pooling back on top. With
     :func:`set_training_texts` for ``calib``, the command's reordered copies train too
-    (what ``--calib-text`` does)."""
+    (what ``--calib-text`` does). ``init``: other init settings (``data_free`` still wins)."""
     from gblr_compress.init import InitConfig
     from gblr_compress.pipeline import CompressConfig, compress, default_distill
 
     distill = default_distill()  # the command's distillation settings
     config = CompressConfig(budget=budget, include=_bert_names(dense), seed=SEED,
-                            init=InitConfig(data_free=data_free),
+                            init=replace(init or InitConfig(), data_free=data_free),
                             distill=distill if distilled and not data_free else replace(distill, steps=0))
     bert = compress(dense.bert, config, calib=None if data_free else calib,
                     extra_fit=() if data_free else _training_extra(calib)).model
     return SentenceEncoder(bert).eval()
+
+
+def gblr_init_with(dense: nn.Module, calib: list[Batch], budget: float, init: InitConfig) -> nn.Module:
+    """``gblr-init`` with other init settings (``benchmarks/init_variants.py``)."""
+    return _gblr(dense, calib, budget, data_free=init.data_free, distilled=False, init=init)
 
 
 @register("gblr-data-free")
