@@ -28,6 +28,7 @@ from .baselines import (
 from .model import Batch, SentenceEncoder, encoder_linears
 
 if TYPE_CHECKING:
+    from gblr_compress.distill import DistillConfig
     from gblr_compress.init import InitConfig
 
 __all__ = [
@@ -160,17 +161,18 @@ def _bert_names(dense: nn.Module) -> tuple[str, ...]:
 
 
 def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool, distilled: bool = True,
-          init: InitConfig | None = None) -> nn.Module:
+          init: InitConfig | None = None, distill: DistillConfig | None = None) -> nn.Module:
     """What ``gblr-compress MODEL_DIR --include 'encoder.layer.*' --calib ...`` does, as
     the library call the CLI makes: compress the HuggingFace BertModel itself (its
     outputs, every token's last hidden state and the pooler output, are the
     distillation targets, default loss), then put the mean pooling back on top. With
     :func:`set_training_texts` for ``calib``, the command's reordered copies train too
-    (what ``--calib-text`` does). ``init``: other init settings (``data_free`` still wins)."""
+    (what ``--calib-text`` does). ``init`` / ``distill``: other settings than the
+    command's (``data_free`` and ``distilled`` still win)."""
     from gblr_compress.init import InitConfig
     from gblr_compress.pipeline import CompressConfig, compress, default_distill
 
-    distill = default_distill()  # the command's distillation settings
+    distill = distill or default_distill()  # the command's distillation settings
     config = CompressConfig(budget=budget, include=_bert_names(dense), seed=SEED,
                             init=replace(init or InitConfig(), data_free=data_free),
                             distill=distill if distilled and not data_free else replace(distill, steps=0))
@@ -179,9 +181,12 @@ def _gblr(dense: nn.Module, calib: list[Batch], budget: float, data_free: bool, 
     return SentenceEncoder(bert).eval()
 
 
-def gblr_init_with(dense: nn.Module, calib: list[Batch], budget: float, init: InitConfig) -> nn.Module:
-    """``gblr-init`` with other init settings (``benchmarks/init_variants.py``)."""
-    return _gblr(dense, calib, budget, data_free=init.data_free, distilled=False, init=init)
+def gblr_with(dense: nn.Module, calib: list[Batch], budget: float, init: InitConfig,
+              distill: DistillConfig | None) -> nn.Module:
+    """The gblr rows with other settings (``benchmarks/variants_bench.py``): ``init``,
+    then ``distill`` (None: no distillation, the ``gblr-init`` row's pipeline)."""
+    return _gblr(dense, calib, budget, data_free=init.data_free, distilled=distill is not None,
+                 init=init, distill=distill)
 
 
 @register("gblr-data-free")
