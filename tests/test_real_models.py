@@ -237,41 +237,34 @@ def test_target_fidelity_from_text_decides_on_the_shift_probe(work, tmp_path) ->
 def test_reordered_copies_of_the_training_texts_train_and_are_never_held_out(work, tmp_path) -> None:
     # --calib-text: by default the texts outside the held-out share also train as two
     # copies with their words reordered; the held-out share and the probe stay as they were.
+    from gblr_compress import text as T
     from gblr_compress.job import Job, load_inputs, reorder_copy_count
     from gblr_compress.pipeline import CompressConfig, prepare
-    from gblr_compress.text import (
-        load_tokenizer,
-        mix_vocabulary,
-        read_texts,
-        reorder_words,
-        text_batches,
-        text_row_sources,
-    )
 
     def inputs_of(**kw):
         return load_inputs(Job(model=str(work["wrapper"]), output=str(tmp_path / "x.onnx"),
                                calib_text=str(work["txt"]), tokenizer=str(work["tok"]), max_length=16, batch_size=8,
                                trust_checkpoint=True, **kw))
 
-    texts = read_texts(work["txt"])
+    texts = T.read_texts(work["txt"])
     assert len(texts) == 96  # 12 batches of 8: the last ceil(0.2 * 12) = 3 are held out, 72 texts train
     inputs = inputs_of()
     assert inputs.reorder_copies == 2 and len(inputs.extra) == 2 * 9
-    tok = load_tokenizer(work["tok"])
+    tok = T.load_tokenizer(work["tok"])
     # The training texts are those of the first 9 batches' rows (grouped by length, so
     # not simply the first 72 texts), in file order.
-    sources = text_row_sources(texts, tok, 16, 8)
+    sources = T.text_row_sources(texts, tok, 16, 8)
     fit = [texts[i] for i in sorted(sources[:72])]
     assert fit != texts[:72] and sorted(sources) == list(range(96))
     # Each copy: the training texts' words reordered, half of them drawn from the vocabulary.
     assert len(tok.words) == 17  # the test tokenizer's words (WORDS less "a")
-    mixed = [mix_vocabulary(reorder_words(fit, k), tok.words, 0.5, k) for k in (1, 2)]
-    want = [b for copy in mixed for b in text_batches(copy, tok, inputs.loaded.model, 16, 8)]
+    mixed = [T.mix_vocabulary(T.reorder_words(fit, k), tok.words, 0.5, k) for k in (1, 2)]
+    want = [b for copy in mixed for b in T.text_batches(copy, tok, inputs.loaded.model, 16, 8)]
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(inputs.extra, want, strict=True))
-    plain_texts = [reorder_words(fit, k) for k in (1, 2)]
+    plain_texts = [T.reorder_words(fit, k) for k in (1, 2)]
     assert mixed != plain_texts
     assert {w for copy in mixed for t in copy for w in t.split()} <= set(tok.words) | {"a"}
-    plain = [b for copy in plain_texts for b in text_batches(copy, tok, inputs.loaded.model, 16, 8)]
+    plain = [b for copy in plain_texts for b in T.text_batches(copy, tok, inputs.loaded.model, 16, 8)]
     assert all(torch.equal(a["input_ids"], b["input_ids"])
                for a, b in zip(inputs_of(vocab_share=0.0).extra, plain, strict=True))
     prep = prepare(inputs.loaded.model, CompressConfig(budget=0.5), inputs.calib, held=inputs.held,
