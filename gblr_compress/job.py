@@ -342,9 +342,9 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
     from gblr_compress.text import (
         is_causal_lm,
         load_tokenizer,
-        mix_vocabulary,
         read_texts,
         reorder_words,
+        reordered_copy,
         text_batches,
         text_row_sources,
     )
@@ -365,10 +365,10 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
     if not (probe or copies):
         return data
     causal = is_causal_lm(loaded.model)
-    sources = None if causal else text_row_sources(texts, tokenizer, job.max_length, job.batch_size)
-    heldout_share = not job.heldout and job.config.holdout_fraction > 0
-    fit, held = split_texts(texts, data.batches, job.config.holdout_fraction, sources) if heldout_share \
-        else (list(texts), [])
+    fit, held = list(texts), []
+    if not job.heldout and job.config.holdout_fraction > 0:  # the held-out share is the file's own
+        sources = None if causal else text_row_sources(texts, tokenizer, job.max_length, job.batch_size)
+        fit, held = split_texts(texts, data.batches, job.config.holdout_fraction, sources)
     if probe and held:
         try:
             data.probe = batches_of(reorder_words(held, job.config.seed))
@@ -377,9 +377,7 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
     if copies:
         for k in range(reorder_copy_count(job.reorder_copies, len(fit), causal)):
             try:
-                seed = job.config.seed + 1 + k
-                data.extra += batches_of(mix_vocabulary(reorder_words(fit, seed), tokenizer.words,
-                                                        job.vocab_share, seed))
+                data.extra += batches_of(reordered_copy(fit, tokenizer.words, job.vocab_share, job.config.seed + 1 + k))
             except InputError:  # too few words for one packed row
                 break
             data.copies += 1

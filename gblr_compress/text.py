@@ -39,6 +39,7 @@ __all__ = [
     "load_tokenizer",
     "mix_vocabulary",
     "read_texts",
+    "reordered_copy",
     "reorder_words",
     "vocabulary_words",
     "text_row_sources",
@@ -183,6 +184,13 @@ def mix_vocabulary(texts: Sequence[str], words: Sequence[str], share: float, see
         draw = torch.randint(len(words), (len(ws),), generator=gen).tolist()
         out.append(" ".join(words[j] if h else w for w, h, j in zip(ws, hit, draw)))
     return out
+
+
+def reordered_copy(texts: Sequence[str], words: Sequence[str], share: float, seed: int) -> list[str]:
+    """One reordered copy of the training texts (:attr:`~gblr_compress.job.Job.reorder_copies`):
+    their words reordered across texts (:func:`reorder_words`), then ``share`` of them
+    replaced by ``words`` (:func:`mix_vocabulary`), both drawn from ``seed``."""
+    return mix_vocabulary(reorder_words(texts, seed), words, share, seed)
 
 
 def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer:

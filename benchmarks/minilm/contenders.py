@@ -79,7 +79,7 @@ def set_training_texts(calib: list[Batch], sentences: list[str], tokenizer: obje
     tokenizer's vocabulary. Returns the number of copies."""
     from gblr_compress.job import VOCAB_SHARE, reorder_copy_count, split_texts
     from gblr_compress.pipeline import CompressConfig
-    from gblr_compress.text import mix_vocabulary, reorder_words, vocabulary_words
+    from gblr_compress.text import reordered_copy, vocabulary_words
 
     from .model import make_batches
 
@@ -87,7 +87,7 @@ def set_training_texts(calib: list[Batch], sentences: list[str], tokenizer: obje
     copies = reorder_copy_count(None, len(fit), False)
     words = vocabulary_words(tokenizer.get_vocab())
     share = VOCAB_SHARE if vocab_share is None else vocab_share
-    texts = [mix_vocabulary(reorder_words(fit, SEED + 1 + k), words, share, SEED + 1 + k) for k in range(copies)]
+    texts = [reordered_copy(fit, words, share, SEED + 1 + k) for k in range(copies)]
     _EXTRA.clear()
     _EXTRA[id(calib)] = (calib, [b for t in texts for b in make_batches(tokenizer, t, batch_size=32)])
     return copies
