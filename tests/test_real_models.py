@@ -256,17 +256,18 @@ def test_reordered_copies_of_the_training_texts_train_and_are_never_held_out(wor
     sources = T.text_row_sources(texts, tok, 16, 8)
     fit = [texts[i] for i in sorted(sources[:72])]
     assert fit != texts[:72] and sorted(sources) == list(range(96))
-    # Each copy: the training texts' words reordered, half of them drawn from the vocabulary.
+    # --vocab-share 0.5: each copy's words reordered, half of them drawn from the vocabulary.
     assert len(tok.words) == 17  # the test tokenizer's words (WORDS less "a")
     mixed = [T.mix_vocabulary(T.reorder_words(fit, k), tok.words, 0.5, k) for k in (1, 2)]
     want = [b for copy in mixed for b in T.text_batches(copy, tok, inputs.loaded.model, 16, 8)]
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(inputs.extra, want, strict=True))
+    assert all(torch.equal(a["input_ids"], b["input_ids"])
+               for a, b in zip(inputs_of(vocab_share=0.5).extra, want, strict=True))
     plain_texts = [T.reorder_words(fit, k) for k in (1, 2)]
     assert mixed != plain_texts
     assert {w for copy in mixed for t in copy for w in t.split()} <= set(tok.words) | {"a"}
     plain = [b for copy in plain_texts for b in T.text_batches(copy, tok, inputs.loaded.model, 16, 8)]
     assert all(torch.equal(a["input_ids"], b["input_ids"])
-               for a, b in zip(inputs_of(vocab_share=0.0).extra, plain, strict=True))
+               for a, b in zip(inputs.extra, plain, strict=True))  # the default: the words reordered only
     prep = prepare(inputs.loaded.model, CompressConfig(budget=0.5), inputs.calib, held=inputs.held,
                    extra_fit=inputs.extra)
     assert len(prep.fit) == 9 + 18 and len(prep.held) == 3
@@ -279,11 +280,11 @@ def test_reordered_copies_of_the_training_texts_train_and_are_never_held_out(wor
     # The auto rule: training texts kept within 1,000, at most 2 copies, none for a causal LM.
     assert [reorder_copy_count(None, n, False) for n in (72, 333, 334, 500, 501, 5000)] == [2, 2, 1, 1, 0, 0]
     assert reorder_copy_count(None, 72, True) == 0 and reorder_copy_count(3, 72, True) == 3
-    # The command says in its report how many copies trained.
-    for extra, copies in (([], 2), (["--reorder-copies", "0"], 0)):
+    # The command says in its report how many copies trained, and their share of drawn words.
+    for extra, copies, share in ((["--vocab-share", "0.5"], 2, 0.5), (["--reorder-copies", "0", "--vocab-share", "0.5"], 0, 0.0)):
         out = tmp_path / f"c{copies}.onnx"
         code, msg = _run([work["wrapper"], *FAST, "--calib-text", work["txt"], "--tokenizer", work["tok"],
                           "--max-length", "16", "--batch-size", "8", "--trust-checkpoint", *extra, "-o", out])
         assert code == 0, msg
         source = json.loads((tmp_path / f"c{copies}.report.json").read_text())["source"]
-        assert source["reorder_copies"] == copies and source["vocab_share"] == (0.5 if copies else 0.0)
+        assert source["reorder_copies"] == copies and source["vocab_share"] == share
