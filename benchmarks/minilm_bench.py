@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab-share", type=float, default=None,
                    help="generalization mode: share of the copies' words drawn from the tokenizer's vocabulary "
                         "(the command's --vocab-share; default: the command's default)")
+    p.add_argument("--copy-lengths", choices=("varied", "same"), default=None,
+                   help="generalization mode: the copies' lengths (the command's --copy-lengths; default: its default)")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this file")
     p.add_argument("--onnx-dir", type=Path, default=None, help="keep the ONNX files here")
     return p.parse_args(argv)
@@ -264,7 +266,8 @@ def shift_main(args: argparse.Namespace, names: list[str], dense: nn.Module, tok
           f"score on {args.eval_sources}; dense cost {dense_cost:,} MAC/token", flush=True)
     rows, embs, dense_emb = run_shift(dense, tokenizer, build, plan, args.calib_sources, args.eval_sources,
                                       n_calib, args.eval_size, log=lambda m: print(m, flush=True),
-                                      reorder=not args.no_reorder, vocab_share=args.vocab_share)
+                                      reorder=not args.no_reorder, vocab_share=args.vocab_share,
+                                      copy_lengths=args.copy_lengths)
     from minilm.sources import eval_set
 
     pairs_of = {es: eval_set(es, args.eval_size).pairs for es in args.eval_sources}

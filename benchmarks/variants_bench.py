@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-calib", type=int, default=256)
     p.add_argument("--eval-size", type=int, default=400)
     p.add_argument("--vocab-share", type=float, default=None, help="the copies' vocabulary share (default: the command's)")
+    p.add_argument("--copy-lengths", choices=("varied", "same"), default=None,
+                   help="the copies' lengths (default: the command's)")
     p.add_argument("--no-reorder", action="store_true", help="no reordered copies (--reorder-copies 0)")
     p.add_argument("--variant", action="append", default=None,
                    help="JSON object of InitConfig fields and an optional \"distill\" object of DistillConfig "
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     dense_emb = {es: embed(dense, b) for es, b in batches.items()}
     sentences = calib_sentences(args.calib_source, args.n_calib, args.eval_size)
     calib = make_batches(tokenizer, sentences, batch_size=32)
-    copies = 0 if args.no_reorder else contenders.set_training_texts(calib, sentences, tokenizer, args.vocab_share)
+    copies = 0 if args.no_reorder else contenders.set_training_texts(calib, sentences, tokenizer, args.vocab_share,
+                                                                                  args.copy_lengths)
     print(f"all-MiniLM-L6-v2, budget {args.budget}, calibrated on {len(sentences)} {args.calib_source} "
           f"sentences + {copies} reordered copies; mean cosine vs dense on {', '.join(SOURCES)}", flush=True)
     for v in variants:

@@ -307,6 +307,10 @@ def _config(build: Callable[[], Any]) -> Any:
                    "vocabulary (0: the copies keep the calibration text's words). Widens what the statistics "
                    "and the distillation see beyond the calibration file's vocabulary: all-MiniLM-L6-v2 kept more with 0.5, "
                    "all-mpnet-base-v2 less.")
+@click.option("--copy-lengths", type=click.Choice(["varied", "same"]), default="varied", show_default=True,
+              help="varied: every second reordered copy is dealt into texts of 4-60 words, so lengths the "
+                   "calibration file lacks are seen (short templated sentences kept more on long ones); same: "
+                   "the copies keep the file's lengths.")
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2),
               help="Tokens per text row (truncation; causal LMs: packed row length).")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
@@ -368,7 +372,7 @@ def _config(build: Callable[[], Any]) -> Any:
 def compress_cmd(model: str, budget: float | None, target_fidelity: float | None, allow_dense: bool,
                  quantize: str | None, int8_tolerance: float, export_dtype: str, output: str, factory: str | None, calib: str | None,
                  calib_text: str | None, heldout: str | None, tokenizer: str | None, shift_probe: bool,
-                 reorder_copies: int | None, vocab_share: float, max_length: int, batch_size: int | None,
+                 reorder_copies: int | None, vocab_share: float, copy_lengths: str, max_length: int, batch_size: int | None,
                  input_spec: str | None, steps: int | None, lr: float, loss: str, augment: float, seed: int,
                  data_free: bool, no_prune: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
                  time_budget: float | None, compress_tied: bool, teacher_cache_mb: float, activation_mb: float,
@@ -418,7 +422,7 @@ def compress_cmd(model: str, budget: float | None, target_fidelity: float | None
     ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
               calib_text=calib_text, heldout=heldout, tokenizer=tokenizer, shift_probe=shift_probe,
-              reorder_copies=reorder_copies, vocab_share=vocab_share, max_length=max_length, batch_size=batch_size,
+              reorder_copies=reorder_copies, vocab_share=vocab_share, copy_lengths=copy_lengths, max_length=max_length, batch_size=batch_size,
               max_memory_gb=max_memory, quantize=quantize, int8_tolerance=int8_tolerance, export_dtype=export_dtype,
               trust_checkpoint=trust_checkpoint, min_fidelity=min_fidelity,
               force=force, report=report, opset=opset, verify=not no_verify, config=config)

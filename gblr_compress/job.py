@@ -77,6 +77,9 @@ __all__ = [
 # 0.780 -> 0.702 with 0.5 (benchmarks/README.md, "vocabulary words in the copies"):
 # a default that costs a second model 0.08 waits until that is understood.
 VOCAB_SHARE = 0.0
+# Whether every second reordered copy is dealt into texts of varied lengths
+# (Job.copy_lengths, gblr_compress.text.copy_varies); see varied_counts for why.
+COPY_LENGTHS = "varied"
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,9 @@ class Job:
         vocab_share: the share of each reordered copy's words replaced by words drawn
             from the tokenizer's vocabulary (:func:`~gblr_compress.text.mix_vocabulary`);
             0 keeps the calibration text's words.
+        copy_lengths: ``"varied"``: every second reordered copy is dealt into texts of
+            4-60 words (:func:`~gblr_compress.text.varied_counts`), so the statistics
+            see lengths the file lacks; ``"same"``: every copy keeps the file's lengths.
         config: the compression settings.
     """
 
@@ -172,6 +178,7 @@ class Job:
     shift_probe: bool = True
     reorder_copies: int | None = None
     vocab_share: float = VOCAB_SHARE
+    copy_lengths: str = COPY_LENGTHS
     config: CompressConfig = field(default_factory=CompressConfig)
 
 
@@ -339,8 +346,10 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
     shift probe's batches: the words of the texts in the held-out batches, reordered
     (None when they make no batch); with ``copies`` the reordered copies of the texts
     the run trains on (:func:`split_texts`), a ``job.vocab_share`` of their words drawn
-    from the tokenizer's vocabulary."""
+    from the tokenizer's vocabulary, every second one at varied lengths unless
+    ``job.copy_lengths`` is ``"same"``."""
     from gblr_compress.text import (
+        copy_varies,
         is_causal_lm,
         load_tokenizer,
         read_texts,
@@ -378,7 +387,8 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
     if copies:
         for k in range(reorder_copy_count(job.reorder_copies, len(fit), causal)):
             try:
-                data.extra += batches_of(reordered_copy(fit, tokenizer.words, job.vocab_share, job.config.seed + 1 + k))
+                data.extra += batches_of(reordered_copy(fit, tokenizer.words, job.vocab_share, job.config.seed + 1 + k,
+                                                        varied=copy_varies(k, job.copy_lengths)))
             except InputError:  # too few words for one packed row
                 break
             data.copies += 1
@@ -465,6 +475,7 @@ def build_report(
             "calib_batches": calib_batches, "synthetic_calib": synthetic, "heldout": job.heldout,
             "reorder_copies": reorder_copies,
             "vocab_share": job.vocab_share if reorder_copies else 0.0,
+            "copy_lengths": job.copy_lengths if reorder_copies > 1 else "same",
         },
         settings=settings,
         layers=_layer_reports(result, exported, _shapes(loaded.model, result.left_dense)),
@@ -616,6 +627,8 @@ def load_inputs(job: Job, progress: Progress | None = None,
         raise InputError(f"--reorder-copies must be >= 0, got {job.reorder_copies}")
     if not 0.0 <= job.vocab_share <= 1.0:
         raise InputError(f"--vocab-share must be in [0, 1], got {job.vocab_share}")
+    if job.copy_lengths not in ("varied", "same"):
+        raise InputError(f"--copy-lengths must be varied or same, got {job.copy_lengths!r}")
     if job.calib_text:
         text = _text_calibration(job, loaded, probe=probe and shift_probing(job), copies=True)
         calib, probe_batches, extra, copies = text.batches, text.probe, text.extra, text.copies

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,9 +32,12 @@ from gblr_compress.checkpoint import short_reason
 from gblr_compress.errors import InputError
 
 __all__ = [
+    "COPY_LENGTHS",
     "JSONL_SUFFIXES",
     "TEXT_SUFFIXES",
     "TextTokenizer",
+    "VARIED_WORDS",
+    "copy_varies",
     "forward_inputs",
     "is_causal_lm",
     "load_tokenizer",
@@ -44,6 +48,7 @@ __all__ = [
     "vocabulary_words",
     "text_row_sources",
     "text_batches",
+    "varied_counts",
 ]
 
 _INSTALL = "pip install transformers tokenizers"
@@ -111,10 +116,11 @@ class TextTokenizer:
     words: tuple[str, ...] = ()
 
 
-def reorder_words(texts: Sequence[str], seed: int = 0) -> list[str]:
+def reorder_words(texts: Sequence[str], seed: int = 0, counts: Sequence[int] | None = None) -> list[str]:
     """The words of ``texts`` shuffled across all of them, dealt back into texts of the
-    same word counts: the shift probe of ``--target-fidelity``, and the reordered copies
-    that train beside text calibration (:attr:`~gblr_compress.job.Job.reorder_copies`).
+    same word counts (or of ``counts``, which must sum to the number of words): the
+    shift probe of ``--target-fidelity``, and the reordered copies that train beside
+    text calibration (:attr:`~gblr_compress.job.Job.reorder_copies`).
 
     Held-out texts from the calibration file share its templates, topics and phrasing,
     so a file's fidelity on them says little about text unlike it: all-MiniLM-L6-v2
@@ -126,15 +132,50 @@ def reorder_words(texts: Sequence[str], seed: int = 0) -> list[str]:
     0.010-0.015 more cosine on news / Wikipedia / WordNet sentences at budgets 0.9-0.7.
     """
     words = [w for t in texts for w in t.split()]
+    if counts is None:
+        counts = [n for n in (len(t.split()) for t in texts) if n]
+    if sum(counts) != len(words) or any(n < 1 for n in counts):
+        raise ValueError(f"counts must be positive and sum to the {len(words)} words")
     order = torch.randperm(len(words), generator=torch.Generator().manual_seed(seed)).tolist()
     shuffled = [words[i] for i in order]
     out, start = [], 0
-    for t in texts:
-        n = len(t.split())
-        if n:
-            out.append(" ".join(shuffled[start : start + n]))
-            start += n
+    for n in counts:
+        out.append(" ".join(shuffled[start : start + n]))
+        start += n
     return out
+
+
+# Word counts of a length-varied copy (varied_counts): log-uniform over this range, from
+# shorter than most hand-written sentences to three Wikipedia sentences (22 words each on
+# average), so that positions and contexts the file's own lengths never reach are in the
+# statistics.
+VARIED_WORDS = (4, 60)
+# What Job.copy_lengths may be (copy_varies).
+COPY_LENGTHS = ("varied", "same")
+
+
+def varied_counts(total: int, seed: int = 0) -> list[int]:
+    """Word counts summing to ``total``, each drawn log-uniformly from
+    :data:`VARIED_WORDS` (the last one whatever is left): the lengths of a length-varied
+    reordered copy (:func:`reordered_copy`).
+
+    Short texts are all the positions a templated file trains: all-MiniLM-L6-v2
+    calibrated on 256 hand-written sentences of 6-14 words, at budget 0.8, kept news /
+    Wikipedia sentence cosine (22 words on average) 0.930 / 0.939 with two copies at the
+    file's lengths and 0.942 / 0.948 with the second copy's lengths varied, short WordNet
+    sentences 0.968 / 0.967; all-mpnet-base-v2, a model this was not chosen on, news
+    0.780 -> 0.804 (benchmarks/README.md, "Length-varied copies").
+    """
+    if total < 0:
+        raise ValueError(f"total must be >= 0, got {total}")
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = math.log(VARIED_WORDS[0]), math.log(VARIED_WORDS[1])
+    counts, left = [], total
+    while left > 0:
+        n = int(round(math.exp(lo + (hi - lo) * float(torch.rand((), generator=gen)))))
+        counts.append(min(n, left))
+        left -= counts[-1]
+    return counts
 
 
 # Markers that byte-level BPE (GPT-2: "Ġ") and SentencePiece ("▁") put on a token that
@@ -188,11 +229,25 @@ def mix_vocabulary(texts: Sequence[str], words: Sequence[str], share: float, see
     return out
 
 
-def reordered_copy(texts: Sequence[str], words: Sequence[str], share: float, seed: int) -> list[str]:
+def reordered_copy(texts: Sequence[str], words: Sequence[str], share: float, seed: int,
+                   varied: bool = False) -> list[str]:
     """One reordered copy of the training texts (:attr:`~gblr_compress.job.Job.reorder_copies`):
-    their words reordered across texts (:func:`reorder_words`), then ``share`` of them
-    replaced by ``words`` (:func:`mix_vocabulary`), both drawn from ``seed``."""
-    return mix_vocabulary(reorder_words(texts, seed), words, share, seed)
+    their words reordered across texts (:func:`reorder_words`) and dealt into texts of
+    their own lengths, or of varied lengths (:func:`varied_counts`) with ``varied``, then
+    ``share`` of them replaced by ``words`` (:func:`mix_vocabulary`), all drawn from
+    ``seed``."""
+    total = sum(len(t.split()) for t in texts)
+    counts = varied_counts(total, seed) if varied else None
+    return mix_vocabulary(reorder_words(texts, seed, counts), words, share, seed)
+
+
+def copy_varies(k: int, lengths: str) -> bool:
+    """Whether reordered copy ``k`` (0, 1, ...) of a run has varied lengths: with
+    ``lengths`` ``"varied"`` every second copy does (the first keeps the file's lengths,
+    which is what short hand-written test sentences look like), with ``"same"`` none."""
+    if lengths not in COPY_LENGTHS:
+        raise ValueError(f"lengths must be one of {COPY_LENGTHS}, got {lengths!r}")
+    return lengths == "varied" and k % 2 == 1
 
 
 def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer:

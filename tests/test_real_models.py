@@ -249,28 +249,40 @@ def test_reordered_copies_of_the_training_texts_train_and_are_never_held_out(wor
     texts = T.read_texts(work["txt"])
     assert len(texts) == 96  # 12 batches of 8: the last ceil(0.2 * 12) = 3 are held out, 72 texts train
     inputs = inputs_of()
-    assert inputs.reorder_copies == 2 and len(inputs.extra) == 2 * 9
+    assert inputs.reorder_copies == 2
     tok = T.load_tokenizer(work["tok"])
     # The training texts are those of the first 9 batches' rows (grouped by length, so
     # not simply the first 72 texts), in file order.
     sources = T.text_row_sources(texts, tok, 16, 8)
     fit = [texts[i] for i in sorted(sources[:72])]
     assert fit != texts[:72] and sorted(sources) == list(range(96))
+    words = sorted(w for t in fit for w in t.split())
+    # The default: the first copy keeps the texts' lengths, the second is dealt into
+    # varied lengths (4-60 words); both hold exactly the training texts' words.
+    plain_texts = [T.reorder_words(fit, 1), T.reorder_words(fit, 2, T.varied_counts(len(words), 2))]
+    assert [len(t.split()) for t in plain_texts[0]] == [len(t.split()) for t in fit]
+    varied = [len(t.split()) for t in plain_texts[1]]
+    assert varied != [len(t.split()) for t in fit] and max(varied) > max(len(t.split()) for t in fit)
+    assert all(sorted(w for t in copy for w in t.split()) == words for copy in plain_texts)
+    plain = [b for copy in plain_texts for b in T.text_batches(copy, tok, inputs.loaded.model, 16, 8)]
+    assert all(torch.equal(a["input_ids"], b["input_ids"])
+               for a, b in zip(inputs.extra, plain, strict=True))
+    # --copy-lengths same: both copies keep the texts' lengths.
+    same = [b for k in (1, 2) for b in T.text_batches(T.reorder_words(fit, k), tok, inputs.loaded.model, 16, 8)]
+    assert len(inputs_of(copy_lengths="same").extra) == 2 * 9
+    assert all(torch.equal(a["input_ids"], b["input_ids"])
+               for a, b in zip(inputs_of(copy_lengths="same").extra, same, strict=True))
     # --vocab-share 0.5: each copy's words reordered, half of them drawn from the vocabulary.
     assert len(tok.words) == 17  # the test tokenizer's words (WORDS less "a")
-    mixed = [T.mix_vocabulary(T.reorder_words(fit, k), tok.words, 0.5, k) for k in (1, 2)]
+    mixed = [T.mix_vocabulary(copy, tok.words, 0.5, k) for copy, k in zip(plain_texts, (1, 2), strict=True)]
     want = [b for copy in mixed for b in T.text_batches(copy, tok, inputs.loaded.model, 16, 8)]
     assert all(torch.equal(a["input_ids"], b["input_ids"])
                for a, b in zip(inputs_of(vocab_share=0.5).extra, want, strict=True))
-    plain_texts = [T.reorder_words(fit, k) for k in (1, 2)]
     assert mixed != plain_texts
     assert {w for copy in mixed for t in copy for w in t.split()} <= set(tok.words) | {"a"}
-    plain = [b for copy in plain_texts for b in T.text_batches(copy, tok, inputs.loaded.model, 16, 8)]
-    assert all(torch.equal(a["input_ids"], b["input_ids"])
-               for a, b in zip(inputs.extra, plain, strict=True))  # the default: the words reordered only
     prep = prepare(inputs.loaded.model, CompressConfig(budget=0.5), inputs.calib, held=inputs.held,
                    extra_fit=inputs.extra)
-    assert len(prep.fit) == 9 + 18 and len(prep.held) == 3
+    assert len(prep.fit) == 9 + len(plain) and len(prep.held) == 3
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(prep.held, inputs.calib[9:], strict=True))
     # --heldout: every calibration text trains, so every one is copied.
     held = tmp_path / "held.txt"
@@ -281,10 +293,13 @@ def test_reordered_copies_of_the_training_texts_train_and_are_never_held_out(wor
     assert [reorder_copy_count(None, n, False) for n in (72, 333, 334, 500, 501, 5000)] == [2, 2, 1, 1, 0, 0]
     assert reorder_copy_count(None, 72, True) == 0 and reorder_copy_count(3, 72, True) == 3
     # The command says in its report how many copies trained, and their share of drawn words.
-    for extra, copies, share in ((["--vocab-share", "0.5"], 2, 0.5), (["--reorder-copies", "0", "--vocab-share", "0.5"], 0, 0.0)):
-        out = tmp_path / f"c{copies}.onnx"
+    for extra, copies, share, lengths in ((["--vocab-share", "0.5"], 2, 0.5, "varied"),
+                                          (["--reorder-copies", "0", "--vocab-share", "0.5"], 0, 0.0, "same"),
+                                          (["--copy-lengths", "same"], 2, 0.0, "same")):
+        out = tmp_path / f"c{copies}{lengths}.onnx"
         code, msg = _run([work["wrapper"], *FAST, "--calib-text", work["txt"], "--tokenizer", work["tok"],
                           "--max-length", "16", "--batch-size", "8", "--trust-checkpoint", *extra, "-o", out])
         assert code == 0, msg
-        source = json.loads((tmp_path / f"c{copies}.report.json").read_text())["source"]
+        source = json.loads((tmp_path / f"c{copies}{lengths}.report.json").read_text())["source"]
         assert source["reorder_copies"] == copies and source["vocab_share"] == share
+        assert source["copy_lengths"] == lengths

@@ -11,13 +11,17 @@ from torch import nn
 
 from gblr_compress.errors import InputError
 from gblr_compress.text import (
+    VARIED_WORDS,
+    copy_varies,
     forward_inputs,
     is_causal_lm,
     load_tokenizer,
     mix_vocabulary,
     read_texts,
     reorder_words,
+    reordered_copy,
     text_batches,
+    varied_counts,
     vocabulary_words,
 )
 
@@ -161,6 +165,46 @@ def test_reorder_words_keeps_words_and_lengths() -> None:
     assert out == reorder_words(texts, seed=3)  # the seed fixes it
     assert out != kept  # the order is new
     assert reorder_words([], seed=0) == []
+
+
+def test_reorder_words_deals_into_given_counts() -> None:
+    texts = ["the cat sat on the mat", "a dog ran", "it was big and red today"]
+    out = reorder_words(texts, seed=3, counts=[2, 10, 3])
+    assert [len(t.split()) for t in out] == [2, 10, 3]
+    assert sorted(w for t in out for w in t.split()) == sorted(w for t in texts for w in t.split())
+    # The same shuffle as at the texts' own lengths, dealt differently.
+    assert " ".join(out) == " ".join(reorder_words(texts, seed=3))
+    with pytest.raises(ValueError, match="sum to the 15 words"):
+        reorder_words(texts, seed=3, counts=[2, 3])
+    with pytest.raises(ValueError, match="positive"):
+        reorder_words(texts, seed=3, counts=[0, 15])
+
+
+def test_varied_counts_span_short_to_long_texts() -> None:
+    lo, hi = VARIED_WORDS
+    counts = varied_counts(20_000, seed=1)
+    assert sum(counts) == 20_000
+    assert all(lo <= n <= hi for n in counts[:-1]) and 1 <= counts[-1] <= hi
+    # Log-uniform: about as many texts below the geometric middle as above it.
+    mid = (lo * hi) ** 0.5
+    below = sum(n < mid for n in counts) / len(counts)
+    assert 0.4 < below < 0.6
+    assert varied_counts(20_000, seed=1) == counts and varied_counts(20_000, seed=2) != counts
+    assert varied_counts(0) == [] and sum(varied_counts(3, seed=0)) == 3
+    with pytest.raises(ValueError):
+        varied_counts(-1)
+
+
+def test_every_second_copy_varies_its_lengths() -> None:
+    assert [copy_varies(k, "varied") for k in range(4)] == [False, True, False, True]
+    assert not any(copy_varies(k, "same") for k in range(4))
+    with pytest.raises(ValueError, match="lengths"):
+        copy_varies(1, "long")
+    texts = ["one two three", "four five", "six seven eight nine"] * 10
+    same, varied = reordered_copy(texts, (), 0.0, 5), reordered_copy(texts, (), 0.0, 5, varied=True)
+    assert [len(t.split()) for t in same] == [len(t.split()) for t in texts]
+    assert [len(t.split()) for t in varied] == varied_counts(90, 5)
+    assert " ".join(same) == " ".join(varied)  # the same words in the same order, dealt anew
 
 
 def test_vocabulary_words_are_whole_words_of_each_vocabulary_kind() -> None:

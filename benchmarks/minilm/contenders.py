@@ -71,15 +71,16 @@ _EXTRA: dict[int, tuple[list[Batch], list[Batch]]] = {}
 
 
 def set_training_texts(calib: list[Batch], sentences: list[str], tokenizer: object,
-                       vocab_share: float | None = None) -> int:
+                       vocab_share: float | None = None, copy_lengths: str | None = None) -> int:
     """Give the gblr rows calibrated on ``calib`` (made in order from ``sentences``,
     :func:`~minilm.model.make_batches`) what the command adds with ``--calib-text``: the
     default reordered copies of the training texts (those outside the held-out share),
     ``vocab_share`` of their words (None: the command's default) drawn from the
-    tokenizer's vocabulary. Returns the number of copies."""
-    from gblr_compress.job import VOCAB_SHARE, reorder_copy_count, split_texts
+    tokenizer's vocabulary, at the lengths ``copy_lengths`` says (``--copy-lengths``;
+    None: the command's default). Returns the number of copies."""
+    from gblr_compress.job import COPY_LENGTHS, VOCAB_SHARE, reorder_copy_count, split_texts
     from gblr_compress.pipeline import CompressConfig
-    from gblr_compress.text import reordered_copy, vocabulary_words
+    from gblr_compress.text import copy_varies, reordered_copy, vocabulary_words
 
     from .model import make_batches
 
@@ -87,7 +88,8 @@ def set_training_texts(calib: list[Batch], sentences: list[str], tokenizer: obje
     copies = reorder_copy_count(None, len(fit), False)
     words = vocabulary_words(tokenizer.get_vocab())
     share = VOCAB_SHARE if vocab_share is None else vocab_share
-    texts = [reordered_copy(fit, words, share, SEED + 1 + k) for k in range(copies)]
+    lengths = COPY_LENGTHS if copy_lengths is None else copy_lengths
+    texts = [reordered_copy(fit, words, share, SEED + 1 + k, varied=copy_varies(k, lengths)) for k in range(copies)]
     _EXTRA.clear()
     _EXTRA[id(calib)] = (calib, [b for t in texts for b in make_batches(tokenizer, t, batch_size=32)])
     return copies

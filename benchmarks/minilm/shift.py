@@ -45,6 +45,7 @@ def run_shift(
     log: Callable[[str], None] = print,
     reorder: bool = True,
     vocab_share: float | None = None,
+    copy_lengths: str | None = None,
 ) -> tuple[list[Scored], dict[tuple, torch.Tensor], dict[str, torch.Tensor]]:
     """Build and score every ``(contender, budget)`` of ``plan`` per calibration source.
 
@@ -60,6 +61,7 @@ def run_shift(
             the training sentences (``--calib-text`` does; ``--reorder-copies 0`` not).
         vocab_share: the share of the copies' words drawn from the tokenizer's vocabulary
             (``--vocab-share``; None: the command's default).
+        copy_lengths: the copies' lengths (``--copy-lengths``; None: the command's default).
 
     Returns:
         ``(rows, embeddings keyed (calib, contender, budget, eval), dense embeddings per
@@ -73,11 +75,12 @@ def run_shift(
     for cs in calib_sources:
         sentences = calib_sentences(cs, n_calib, eval_size)
         calib = make_batches(tokenizer, sentences, batch_size=32)
-        copies = set_training_texts(calib, sentences, tokenizer, vocab_share) if reorder else 0
+        copies = set_training_texts(calib, sentences, tokenizer, vocab_share, copy_lengths) if reorder else 0
         log(f"calibration source {cs}: {len(sentences)} sentences, "
             f"{sum(int(b['attention_mask'].sum()) for b in calib):,} tokens, "
             f"{copies} reordered copies for the gblr rows"
-            + (f" (vocabulary share {vocab_share})" if copies and vocab_share is not None else ""))
+            + (f" (vocabulary share {vocab_share})" if copies and vocab_share is not None else "")
+            + (f" ({copy_lengths} lengths)" if copies and copy_lengths is not None else ""))
         for name, budget in plan:
             t0 = time.perf_counter()
             model, cost = build(name, dense, calib, budget)
