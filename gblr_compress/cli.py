@@ -307,10 +307,11 @@ def _config(build: Callable[[], Any]) -> Any:
                    "vocabulary (0: the copies keep the calibration text's words). Widens what the statistics "
                    "and the distillation see beyond the calibration file's vocabulary: all-MiniLM-L6-v2 kept more with 0.5, "
                    "all-mpnet-base-v2 less.")
-@click.option("--copy-lengths", type=click.Choice(["varied", "same"]), default="varied", show_default=True,
+@click.option("--copy-lengths", type=click.Choice(["auto", "varied", "same"]), default="auto", show_default=True,
               help="varied: every second reordered copy is dealt into texts of 4-60 words, so lengths the "
-                   "calibration file lacks are seen (short templated sentences kept more on long ones); same: "
-                   "the copies keep the file's lengths.")
+                   "calibration file lacks are seen (short templated sentences kept more on long ones); auto: "
+                   "so when the training texts average under 15.5 words (long ones lost with it); same: the "
+                   "copies keep the file's lengths.")
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2),
               help="Tokens per text row (truncation; causal LMs: packed row length).")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),

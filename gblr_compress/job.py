@@ -87,8 +87,9 @@ __all__ = [
 # a default that costs a second model 0.08 waits until that is understood.
 VOCAB_SHARE = 0.0
 # Whether every second reordered copy is dealt into texts of varied lengths
-# (Job.copy_lengths, gblr_compress.text.copy_varies); see varied_counts for why.
-COPY_LENGTHS = "varied"
+# (Job.copy_lengths, gblr_compress.text.copy_varies): "auto" does for files of short
+# texts, where it gained, and not for long ones, where it lost (see copy_varies).
+COPY_LENGTHS = "auto"
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,9 @@ class Job:
             0 keeps the calibration text's words.
         copy_lengths: ``"varied"``: every second reordered copy is dealt into texts of
             4-60 words (:func:`~gblr_compress.text.varied_counts`), so the statistics
-            see lengths the file lacks; ``"same"``: every copy keeps the file's lengths.
+            see lengths the file lacks; ``"auto"``: so when the training texts average
+            fewer than :data:`~gblr_compress.text.SHORT_WORDS` (15.5) words; ``"same"``:
+            every copy keeps the file's lengths.
         config: the compression settings.
     """
 
@@ -315,6 +318,7 @@ class TextData:
     probe: list[Batch] | None = None  # the shift probe (Job.shift_probe)
     extra: list[Batch] = field(default_factory=list)  # reordered copies (Job.reorder_copies)
     copies: int = 0
+    varied: int = 0  # of which dealt into varied lengths (Job.copy_lengths)
 
 
 def shift_probing(job: Job) -> bool:
@@ -355,8 +359,8 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
     shift probe's batches: the words of the texts in the held-out batches, reordered
     (None when they make no batch); with ``copies`` the reordered copies of the texts
     the run trains on (:func:`split_texts`), a ``job.vocab_share`` of their words drawn
-    from the tokenizer's vocabulary, every second one at varied lengths unless
-    ``job.copy_lengths`` is ``"same"``."""
+    from the tokenizer's vocabulary, every second one at varied lengths as
+    ``job.copy_lengths`` says (:func:`~gblr_compress.text.copy_varies`)."""
     from gblr_compress.text import (
         copy_varies,
         is_causal_lm,
@@ -395,12 +399,14 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
             data.probe = None
     if copies:
         for k in range(reorder_copy_count(job.reorder_copies, len(fit), causal)):
+            varied = copy_varies(k, job.copy_lengths, fit)
             try:
                 data.extra += batches_of(reordered_copy(fit, tokenizer.words, job.vocab_share, job.config.seed + 1 + k,
-                                                        varied=copy_varies(k, job.copy_lengths)))
+                                                        varied=varied))
             except InputError:  # too few words for one packed row
                 break
             data.copies += 1
+            data.varied += varied
     return data
 
 
@@ -478,6 +484,7 @@ def build_report(
     synthetic: bool,
     calib_batches: int,
     reorder_copies: int = 0,
+    varied_copies: int = 0,
 ) -> CompressionReport:
     """The :class:`~gblr_compress.report.CompressionReport` of a finished run."""
     # The config itself, so the report cannot drift from what ran; the job's own
@@ -492,7 +499,7 @@ def build_report(
             "calib_batches": calib_batches, "synthetic_calib": synthetic, "heldout": job.heldout,
             "reorder_copies": reorder_copies,
             "vocab_share": job.vocab_share if reorder_copies else 0.0,
-            "copy_lengths": job.copy_lengths if reorder_copies > 1 else "same",
+            "copy_lengths": job.copy_lengths, "varied_copies": varied_copies,
         },
         settings=settings,
         layers=_layer_reports(result, exported, _shapes(loaded.model, result.left_dense)),
@@ -591,6 +598,7 @@ class JobInputs:
     probe: list[Batch] | None = None  # the shift probe's batches (Job.shift_probe)
     extra: list[Batch] = field(default_factory=list)  # training-only batches (Job.reorder_copies)
     reorder_copies: int = 0
+    varied_copies: int = 0
 
 
 def load_inputs(job: Job, progress: Progress | None = None,
@@ -639,16 +647,16 @@ def load_inputs(job: Job, progress: Progress | None = None,
     # A causal LM returns its KV cache next to the logits; the deployed graph returns
     # the logits only, and the cache is no distillation target.
     _disable_kv_cache(loaded.model)
-    probe_batches, extra, copies = None, [], 0
+    probe_batches, extra, copies, varied = None, [], 0, 0
     if job.reorder_copies is not None and job.reorder_copies < 0:
         raise InputError(f"--reorder-copies must be >= 0, got {job.reorder_copies}")
     if not 0.0 <= job.vocab_share <= 1.0:
         raise InputError(f"--vocab-share must be in [0, 1], got {job.vocab_share}")
-    if job.copy_lengths not in ("varied", "same"):
-        raise InputError(f"--copy-lengths must be varied or same, got {job.copy_lengths!r}")
+    if job.copy_lengths not in ("auto", "varied", "same"):
+        raise InputError(f"--copy-lengths must be auto, varied or same, got {job.copy_lengths!r}")
     if job.calib_text:
         text = _text_calibration(job, loaded, probe=probe and shift_probing(job), copies=True)
-        calib, probe_batches, extra, copies = text.batches, text.probe, text.extra, text.copies
+        calib, probe_batches, extra, copies, varied = text.batches, text.probe, text.extra, text.copies, text.varied
         synthetic = False
     else:
         calib, synthetic = calibration_batches(job.calib, loaded, job.input_spec, job.synthetic_batches,
@@ -686,7 +694,7 @@ def load_inputs(job: Job, progress: Progress | None = None,
     seconds["load"] = time.perf_counter() - t0
     peaks.close("load")
     return JobInputs(loaded, list(calib), synthetic, example, estimate, available, out, report_path,
-                     peaks, t_start, seconds, warnings, cast, dtype, held, probe_batches, extra, copies)
+                     peaks, t_start, seconds, warnings, cast, dtype, held, probe_batches, extra, copies, varied)
 
 
 def deploy_bench(job: Job, inputs: JobInputs, dense_cost: int, probe: bool = False) -> Bench:
@@ -736,7 +744,7 @@ def write_outputs(
     seconds["total"] = time.perf_counter() - inputs.t_start
     inputs.peaks.close("export")
     report = build_report(job, inputs.loaded, result, layers, parity, seconds, inputs.synthetic, len(inputs.calib),
-                          inputs.reorder_copies)
+                          inputs.reorder_copies, inputs.varied_copies)
     report.memory = {"estimate": inputs.estimate.total, "available": inputs.available, "peak": dict(inputs.peaks.peak)}
     if bench is not None:
         report.candidates = bench.candidates()

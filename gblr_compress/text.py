@@ -36,6 +36,7 @@ __all__ = [
     "JSONL_SUFFIXES",
     "TEXT_SUFFIXES",
     "TextTokenizer",
+    "SHORT_WORDS",
     "VARIED_WORDS",
     "copy_varies",
     "forward_inputs",
@@ -150,8 +151,11 @@ def reorder_words(texts: Sequence[str], seed: int = 0, counts: Sequence[int] | N
 # average), so that positions and contexts the file's own lengths never reach are in the
 # statistics.
 VARIED_WORDS = (4, 60)
+# With --copy-lengths auto, texts averaging fewer words than this (the geometric middle
+# of VARIED_WORDS, which a log-uniform draw falls below half the time) get the varied copy.
+SHORT_WORDS = math.sqrt(VARIED_WORDS[0] * VARIED_WORDS[1])
 # What Job.copy_lengths may be (copy_varies).
-COPY_LENGTHS = ("varied", "same")
+COPY_LENGTHS = ("auto", "varied", "same")
 
 
 def varied_counts(total: int, seed: int = 0) -> list[int]:
@@ -241,13 +245,26 @@ def reordered_copy(texts: Sequence[str], words: Sequence[str], share: float, see
     return mix_vocabulary(reorder_words(texts, seed, counts), words, share, seed)
 
 
-def copy_varies(k: int, lengths: str) -> bool:
-    """Whether reordered copy ``k`` (0, 1, ...) of a run has varied lengths: with
-    ``lengths`` ``"varied"`` every second copy does (the first keeps the file's lengths,
-    which is what short hand-written test sentences look like), with ``"same"`` none."""
+def copy_varies(k: int, lengths: str, texts: Sequence[str] = ()) -> bool:
+    """Whether reordered copy ``k`` (0, 1, ...) of a run, made from ``texts``, has
+    varied lengths: with ``lengths`` ``"varied"`` every second copy does (the first
+    keeps the file's lengths, which is what short hand-written test sentences look
+    like); with ``"auto"`` only when the texts average fewer words than
+    :data:`SHORT_WORDS`; with ``"same"`` none.
+
+    Varied lengths add what a file of short texts lacks, and cost a file of long ones:
+    all-MiniLM-L6-v2 calibrated on 256 Wikipedia sentences (22 words on average) at
+    budget 0.5 lost 0.007-0.011 cosine on every source scored with them, where from
+    256 hand-written sentences (9.3 words) it gained up to 0.009 (benchmarks/README.md,
+    "Length-varied copies")."""
     if lengths not in COPY_LENGTHS:
         raise ValueError(f"lengths must be one of {COPY_LENGTHS}, got {lengths!r}")
-    return lengths == "varied" and k % 2 == 1
+    if lengths == "same" or k % 2 == 0:
+        return False
+    if lengths == "varied":
+        return True
+    words = sum(len(t.split()) for t in texts)
+    return 0 < words < SHORT_WORDS * max(1, sum(1 for t in texts if t.split()))
 
 
 def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer:

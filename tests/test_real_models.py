@@ -293,13 +293,13 @@ def test_reordered_copies_of_the_training_texts_train_and_are_never_held_out(wor
     assert [reorder_copy_count(None, n, False) for n in (72, 333, 334, 500, 501, 5000)] == [2, 2, 1, 1, 0, 0]
     assert reorder_copy_count(None, 72, True) == 0 and reorder_copy_count(3, 72, True) == 3
     # The command says in its report how many copies trained, and their share of drawn words.
-    for extra, copies, share, lengths in ((["--vocab-share", "0.5"], 2, 0.5, "varied"),
-                                          (["--reorder-copies", "0", "--vocab-share", "0.5"], 0, 0.0, "same"),
-                                          (["--copy-lengths", "same"], 2, 0.0, "same")):
+    for extra, copies, share, lengths, varied in ((["--vocab-share", "0.5"], 2, 0.5, "auto", 1),
+                                                  (["--reorder-copies", "0", "--vocab-share", "0.5"], 0, 0.0, "auto", 0),
+                                                  (["--copy-lengths", "same"], 2, 0.0, "same", 0)):
         out = tmp_path / f"c{copies}{lengths}.onnx"
         code, msg = _run([work["wrapper"], *FAST, "--calib-text", work["txt"], "--tokenizer", work["tok"],
                           "--max-length", "16", "--batch-size", "8", "--trust-checkpoint", *extra, "-o", out])
         assert code == 0, msg
         source = json.loads((tmp_path / f"c{copies}{lengths}.report.json").read_text())["source"]
         assert source["reorder_copies"] == copies and source["vocab_share"] == share
-        assert source["copy_lengths"] == lengths
+        assert source["copy_lengths"] == lengths and source["varied_copies"] == varied

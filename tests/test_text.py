@@ -11,6 +11,7 @@ from torch import nn
 
 from gblr_compress.errors import InputError
 from gblr_compress.text import (
+    SHORT_WORDS,
     VARIED_WORDS,
     copy_varies,
     forward_inputs,
@@ -200,6 +201,12 @@ def test_every_second_copy_varies_its_lengths() -> None:
     assert not any(copy_varies(k, "same") for k in range(4))
     with pytest.raises(ValueError, match="lengths"):
         copy_varies(1, "long")
+    # auto: only texts shorter on average than the varied range's geometric middle.
+    assert 15 < SHORT_WORDS < 16
+    short, long_ = ["one two three four five six seven eight nine"] * 4, [" ".join(["w"] * 22)] * 4
+    assert [copy_varies(k, "auto", short) for k in range(4)] == [False, True, False, True]
+    assert not any(copy_varies(k, "auto", long_) for k in range(4))
+    assert not copy_varies(1, "auto", [])
     texts = ["one two three", "four five", "six seven eight nine"] * 10
     same, varied = reordered_copy(texts, (), 0.0, 5), reordered_copy(texts, (), 0.0, 5, varied=True)
     assert [len(t.split()) for t in same] == [len(t.split()) for t in texts]
