@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from gblr_compress.batches import Batch, flatten_outputs, graph_outputs, leading_size, positions, split_batches
@@ -42,7 +43,15 @@ from gblr_compress.export.measure import onnx_fidelity
 from gblr_compress.export.quantize import copy_with_metadata
 from gblr_compress.export.trace import ModelCall
 from gblr_compress.layer import FrozenGBLR
-from gblr_compress.memory import MemoryEstimate, available_bytes, estimate_bytes, gib, peak_rss_bytes, reset_peak
+from gblr_compress.memory import (
+    MemoryEstimate,
+    available_bytes,
+    estimate_bytes,
+    gib,
+    peak_rss_bytes,
+    reset_peak,
+    statistics_bytes,
+)
 from gblr_compress.numerics import (
     batches_to_float32,
     check_declared_size,
@@ -431,9 +440,11 @@ def _memory_limit(job: Job) -> int | None:
 
 
 def _check_memory(
-    job: Job, model: nn.Module, calib: Sequence[Batch], outputs: object
+    job: Job, model: nn.Module, calib: Sequence[Batch], outputs: object, search: bool = False
 ) -> tuple[MemoryEstimate, int | None]:
-    """Estimate the run's peak and refuse it (one line, exit 2) when it cannot fit."""
+    """Estimate the run's peak and refuse it (one line, exit 2) when it cannot fit.
+    ``search``: a ``--target-fidelity`` search, which keeps the init's statistics while
+    it builds each candidate."""
     targets = find_linears(model, job.config.include or None, job.config.exclude or None)
     modules = dict(model.named_modules())
     param_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -444,9 +455,15 @@ def _check_memory(
     tokens = positions(biggest)
     out_bytes = sum(t.numel() * 4 for t in flatten_outputs(outputs))
     distilling = job.config.distill.steps > 0
+    data_free = job.config.init.data_free
+    held_out = job.heldout is not None or job.config.holdout_fraction > 0
+    # The init builds as many layers at once as torch has threads (init_layers_).
+    workers = min(torch.get_num_threads(), len(weights))
+    stats = 0 if data_free else statistics_bytes([w.shape[1] for w in weights], held_out, workers)
     estimate = estimate_bytes(param_bytes, target_bytes, tokens, widths, out_bytes,
                               int(job.config.distill.teacher_cache_mb * 2**20), distilling, peak_rss_bytes(),
-                              int(job.config.distill.activation_mb * 2**20), leading_size(biggest))
+                              int(job.config.distill.activation_mb * 2**20), leading_size(biggest),
+                              statistics=stats, statistics_kept=search)
     limit = _memory_limit(job)
     if limit is not None and estimate.total > limit:
         raise InputError(
@@ -672,7 +689,7 @@ def load_inputs(job: Job, progress: Progress | None = None,
         graph_outputs(outputs)
     except InputError as exc:
         raise InputError(f"the model's outputs cannot be exported: {exc}") from None
-    estimate, available = _check_memory(job, loaded.model, calib, outputs)
+    estimate, available = _check_memory(job, loaded.model, calib, outputs, search=probe)
     example = loaded.example_inputs if loaded.example_inputs is not None else calib[0]
     seconds["load"] = time.perf_counter() - t0
     peaks.close("load")

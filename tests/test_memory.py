@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gblr_compress.memory import available_bytes, estimate_bytes, peak_rss_bytes, reset_peak
+from gblr_compress.memory import available_bytes, estimate_bytes, peak_rss_bytes, reset_peak, statistics_bytes
 
 
 def test_peak_rises_with_an_allocation_and_resets() -> None:
@@ -36,6 +36,26 @@ def test_estimate_parts() -> None:
     assert capped.activations == 400
     one_row = estimate_bytes(100, 40, 10, 5, 7, 1000, True, 3, activation_limit=100, rows=4)
     assert one_row.activations == 628 // 4
+
+
+def test_statistics_come_before_training_unless_kept() -> None:
+    # Moments: n x n float64 per layer input, fit and held-out, plus 16 matrices of the
+    # widest input's size per layer built at once.
+    assert statistics_bytes([4, 8], held_out=True) == 2 * (16 + 64) * 8 + 16 * 64 * 8
+    assert statistics_bytes([4, 8], held_out=False) == (16 + 64) * 8 + 16 * 64 * 8
+    assert statistics_bytes([4, 8], held_out=False, workers=2) == (16 + 64) * 8 + 2 * 16 * 64 * 8
+    assert statistics_bytes([], held_out=True) == 0
+    # The init's statistics are dropped before the distillation trains: the peak is the
+    # larger of the two phases, beside the models and the process.
+    est = estimate_bytes(100, 40, 10, 5, 7, 1000, True, 3, statistics=5000)
+    assert est.training == 120 + 1000 + 628
+    assert est.total == 200 + 3 + 5000
+    small = estimate_bytes(100, 40, 10, 5, 7, 1000, True, 3, statistics=50)
+    assert small.total == 200 + 3 + 1748
+    # A --target-fidelity search keeps them while it trains each candidate.
+    kept = estimate_bytes(100, 40, 10, 5, 7, 1000, True, 3, statistics=5000, statistics_kept=True)
+    assert kept.total == 200 + 3 + 5000 + 1748
+    assert "statistics" in kept.describe()
 
 
 def _rss() -> int:
