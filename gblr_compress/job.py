@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from gblr_compress.batches import Batch, flatten_outputs, graph_outputs, leading_size, positions, split_batches
@@ -457,8 +456,10 @@ def _check_memory(
     distilling = job.config.distill.steps > 0
     data_free = job.config.init.data_free
     held_out = job.heldout is not None or job.config.holdout_fraction > 0
-    # The init builds as many layers at once as torch has threads (init_layers_).
-    workers = min(torch.get_num_threads(), len(weights))
+    # The init builds as many layers at once as torch has threads (init_layers_); the
+    # CPUs this process may use bound that without starting torch's thread pool here.
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                  len(weights))
     stats = 0 if data_free else statistics_bytes([w.shape[1] for w in weights], held_out, workers)
     estimate = estimate_bytes(param_bytes, target_bytes, tokens, widths, out_bytes,
                               int(job.config.distill.teacher_cache_mb * 2**20), distilling, peak_rss_bytes(),
