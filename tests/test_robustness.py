@@ -187,7 +187,9 @@ def test_a_signal_mid_distillation_exits_with_its_code_and_leaves_nothing(files,
     out_dir.mkdir()
     cmd = [sys.executable, "-m", "gblr_compress", str(files["safetensors"]), "--factory", FACTORY,
            "--calib", str(files["calib"]), "--budget", "0.3", "--steps", "100000", "-o", str(out_dir / "m.onnx")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: should the child not exit, SIGABRT makes it print every
+    # thread's Python stack, so the failure says where it hung.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -195,7 +197,12 @@ def test_a_signal_mid_distillation_exits_with_its_code_and_leaves_nothing(files,
         _wait_for(proc, "init (per layer)", 120)
         time.sleep(1.0)  # well inside the 100,000 distillation steps
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=30)
+            raise AssertionError(f"still running 60 s after the signal; its stacks:\n{err[-6000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
