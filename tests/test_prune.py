@@ -47,6 +47,22 @@ def test_ls_refit_recovers_units_that_the_kept_ones_predict() -> None:
     torch.testing.assert_close(h[:, keep] @ refit.T, h @ W2.T, atol=1e-3, rtol=1e-3)
 
 
+def test_ls_refit_damping_is_a_ridge_toward_plain_pruning() -> None:
+    # The refit minimizes E||W2 h - W2' h_S||^2 + d ||W2' - W2[:, S]||^2: its gradient
+    # vanishes there, and a large damping gives plain pruning (not a shrunken weight).
+    gen = torch.Generator().manual_seed(4)
+    W2 = torch.randn(5, 10, generator=gen, dtype=F64)
+    h = torch.randn(50, 10, generator=gen, dtype=F64) @ torch.randn(10, 10, generator=gen, dtype=F64)
+    C = _moment(h)
+    keep = torch.tensor([0, 3, 4, 8])
+    damping = 0.2
+    refit = ls_refit(W2, C, keep, damping=damping)
+    d = damping * float(torch.diagonal(C[keep][:, keep]).mean())
+    grad = -(W2 @ C[:, keep] - refit @ C[keep][:, keep]) + d * (refit - W2[:, keep])
+    assert float(grad.abs().max()) < 1e-9 * float(W2.abs().max() * torch.diagonal(C).max())
+    torch.testing.assert_close(ls_refit(W2, C, keep, damping=1e9), W2[:, keep], atol=1e-6, rtol=1e-6)
+
+
 def test_ls_refit_reduces_heldout_error_with_noise() -> None:
     gen = torch.Generator().manual_seed(1)
     A = torch.randn(16, 8, generator=gen, dtype=F64)

@@ -474,7 +474,7 @@ def choose_group_form(
     if k == 0 or k == units:
         return {}
     try:
-        pruned = prune_group(W2, C_fit, k, per_unit, C_hold, cfg.damping, unit_size=G * size, select=cfg.prune_select,
+        pruned = prune_group(W2, C_fit, k, per_unit, C_hold, cfg.prune_damping, unit_size=G * size, select=cfg.prune_select,
                              order=None if orders is None else orders.get(consumer))
         if orders is not None:
             orders[consumer] = pruned.order
@@ -569,7 +569,7 @@ def unit_split_alternative(
 
     Args:
         dense: the dense model (the groups' weights; the init's targets by name).
-        cfg: the init's settings (damping).
+        cfg: the init's settings (prune_damping).
         stats: the statistics the init ran on (fit and held-out moments).
         init: the init's result: layers outside the groups keep their form and cost,
             and the groups share what is left of ``init.budget_cost``.
@@ -621,7 +621,7 @@ def unit_split_alternative(
         hold = stats.holdout.get(g.consumer)
         C_hold, mu_hold = (None, None) if hold is None or hold.count == 0 else (hold.mean().to(_F64), _first(hold))
         try:
-            pruned = prune_group(W2, C, kept[i], per_unit, C_hold, cfg.damping,
+            pruned = prune_group(W2, C, kept[i], per_unit, C_hold, cfg.prune_damping,
                                  unit_size=g.kv_group * g.unit_size, select="importance",
                                  mu_fit=_first(stats.moments[g.consumer]), mu_hold=mu_hold)
         except RuntimeError:  # a moment the refit cannot solve: no alternative
