@@ -60,8 +60,10 @@ class InitConfig:
             :func:`~gblr_compress.init.prune.ls_refit`), as a fraction of the mean
             diagonal of the units' moment. Larger than ``damping``: the refit fits
             ``m x k`` weights to the calibration moment, and trusting it less kept more
-            off the calibration source. On all-MiniLM-L6-v2 (init only, shifted
-            sources) 0.1 beat 0.01 by up to 0.05 at budgets 0.3-0.5
+            off the calibration source. On all-MiniLM-L6-v2 (init only, sources other
+            than the calibration's) 0.1 beat 0.01 by up to 0.06 at budget 0.3 from
+            hand-written sentences and 0.16 at 0.5 from Wikipedia, 0.3 lost to 0.1
+            everywhere; SmolLM2-135M's in-source perplexity preferred 0.01
             (``benchmarks/README.md``).
         prune_select: how the kept units are chosen: ``"obs"`` (elimination by the
             error each removal adds after the least-squares refit,
