@@ -40,6 +40,7 @@ from torch import nn
 
 from benchmarks.common import run_main
 from gblr_compress.errors import InputError
+from gblr_compress.text import COPY_LENGTH_CHOICES
 
 
 def encoder_cost(model: nn.Module, names: list[str]) -> int:
@@ -95,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab-share", type=float, default=None,
                    help="generalization mode: share of the copies' words drawn from the tokenizer's vocabulary "
                         "(the command's --vocab-share; default: the command's default)")
-    p.add_argument("--copy-lengths", choices=("auto", "varied", "same"), default=None,
+    p.add_argument("--copy-lengths", choices=COPY_LENGTH_CHOICES, default=None,
                    help="generalization mode: the copies' lengths (the command's --copy-lengths; default: its default)")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this file")
     p.add_argument("--onnx-dir", type=Path, default=None, help="keep the ONNX files here")

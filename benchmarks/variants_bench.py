@@ -27,6 +27,8 @@ from minilm.metrics import fidelity
 from minilm.model import embed, load_dense, make_batches
 from minilm.sources import SOURCES, calib_sentences, eval_set
 
+from gblr_compress.text import COPY_LENGTH_CHOICES
+
 
 def main(argv: list[str] | None = None) -> None:
     """Build and score every ``--variant``; print one line each."""
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-calib", type=int, default=256)
     p.add_argument("--eval-size", type=int, default=400)
     p.add_argument("--vocab-share", type=float, default=None, help="the copies' vocabulary share (default: the command's)")
-    p.add_argument("--copy-lengths", choices=("auto", "varied", "same"), default=None,
+    p.add_argument("--copy-lengths", choices=COPY_LENGTH_CHOICES, default=None,
                    help="the copies' lengths (default: the command's)")
     p.add_argument("--no-reorder", action="store_true", help="no reordered copies (--reorder-copies 0)")
     p.add_argument("--variant", action="append", default=None,

@@ -653,10 +653,10 @@ def load_inputs(job: Job, progress: Progress | None = None,
         raise InputError(f"--reorder-copies must be >= 0, got {job.reorder_copies}")
     if not 0.0 <= job.vocab_share <= 1.0:
         raise InputError(f"--vocab-share must be in [0, 1], got {job.vocab_share}")
-    from gblr_compress.text import COPY_LENGTHS as LENGTH_CHOICES  # text.py needs no transformers to import
+    from gblr_compress.text import COPY_LENGTH_CHOICES  # text.py needs no transformers to import
 
-    if job.copy_lengths not in LENGTH_CHOICES:
-        raise InputError(f"--copy-lengths must be one of {', '.join(LENGTH_CHOICES)}, got {job.copy_lengths!r}")
+    if job.copy_lengths not in COPY_LENGTH_CHOICES:
+        raise InputError(f"--copy-lengths must be one of {', '.join(COPY_LENGTH_CHOICES)}, got {job.copy_lengths!r}")
     if job.calib_text:
         text = _text_calibration(job, loaded, probe=probe and shift_probing(job), copies=True)
         calib, probe_batches, extra, copies, varied = text.batches, text.probe, text.extra, text.copies, text.varied

@@ -32,7 +32,7 @@ from gblr_compress.checkpoint import short_reason
 from gblr_compress.errors import InputError
 
 __all__ = [
-    "COPY_LENGTHS",
+    "COPY_LENGTH_CHOICES",
     "JSONL_SUFFIXES",
     "TEXT_SUFFIXES",
     "TextTokenizer",
@@ -155,7 +155,7 @@ VARIED_WORDS = (4, 60)
 # of VARIED_WORDS, which a log-uniform draw falls below half the time) get the varied copy.
 SHORT_WORDS = math.sqrt(VARIED_WORDS[0] * VARIED_WORDS[1])
 # What Job.copy_lengths may be (copy_varies).
-COPY_LENGTHS = ("auto", "varied", "same")
+COPY_LENGTH_CHOICES = ("auto", "varied", "same")
 
 
 def varied_counts(total: int, seed: int = 0) -> list[int]:
@@ -257,8 +257,8 @@ def copy_varies(k: int, lengths: str, texts: Sequence[str] = ()) -> bool:
     budget 0.5 lost 0.007-0.011 cosine on every source scored with them, where from
     256 hand-written sentences (9.3 words) it gained up to 0.009 (benchmarks/README.md,
     "Length-varied copies")."""
-    if lengths not in COPY_LENGTHS:
-        raise ValueError(f"lengths must be one of {COPY_LENGTHS}, got {lengths!r}")
+    if lengths not in COPY_LENGTH_CHOICES:
+        raise ValueError(f"lengths must be one of {COPY_LENGTH_CHOICES}, got {lengths!r}")
     if lengths == "same" or k % 2 == 0:
         return False
     if lengths == "varied":

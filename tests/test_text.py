@@ -238,3 +238,14 @@ def test_mix_vocabulary_replaces_a_share_of_words() -> None:
     assert all(w in words for t in mix_vocabulary(texts, words, 1.0) for w in t.split())
     with pytest.raises(ValueError):
         mix_vocabulary(texts, words, 1.5)
+
+
+def test_the_command_offers_exactly_the_copy_length_choices() -> None:
+    # cli.py stays free of torch, so it spells the choices out; they must be text.py's.
+    from gblr_compress.cli import compress_cmd
+    from gblr_compress.job import COPY_LENGTHS
+    from gblr_compress.text import COPY_LENGTH_CHOICES
+
+    option = next(p for p in compress_cmd.params if p.name == "copy_lengths")
+    assert tuple(option.type.choices) == COPY_LENGTH_CHOICES
+    assert option.default == COPY_LENGTHS  # the command's default is the library's
