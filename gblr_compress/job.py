@@ -361,12 +361,11 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
     from the tokenizer's vocabulary, every second one at varied lengths as
     ``job.copy_lengths`` says (:func:`~gblr_compress.text.copy_varies`)."""
     from gblr_compress.text import (
-        copy_varies,
         is_causal_lm,
         load_tokenizer,
         read_texts,
         reorder_words,
-        reordered_copy,
+        run_copy,
         text_batches,
         text_row_sources,
     )
@@ -398,10 +397,9 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
             data.probe = None
     if copies:
         for k in range(reorder_copy_count(job.reorder_copies, len(fit), causal)):
-            varied = copy_varies(k, job.copy_lengths, fit)
+            copy, varied = run_copy(fit, tokenizer.words, job.vocab_share, job.config.seed, k, job.copy_lengths)
             try:
-                data.extra += batches_of(reordered_copy(fit, tokenizer.words, job.vocab_share, job.config.seed + 1 + k,
-                                                        varied=varied))
+                data.extra += batches_of(copy)
             except InputError:  # too few words for one packed row
                 break
             data.copies += 1

@@ -45,6 +45,7 @@ __all__ = [
     "mix_vocabulary",
     "read_texts",
     "reordered_copy",
+    "run_copy",
     "reorder_words",
     "vocabulary_words",
     "text_row_sources",
@@ -243,6 +244,17 @@ def reordered_copy(texts: Sequence[str], words: Sequence[str], share: float, see
     total = sum(len(t.split()) for t in texts)
     counts = varied_counts(total, seed) if varied else None
     return mix_vocabulary(reorder_words(texts, seed, counts), words, share, seed)
+
+
+def run_copy(texts: Sequence[str], words: Sequence[str], share: float, run_seed: int, k: int,
+             lengths: str) -> tuple[list[str], bool]:
+    """Reordered copy ``k`` (0, 1, ...) of a run seeded ``run_seed`` and whether it has
+    varied lengths: :func:`reordered_copy` of ``texts`` drawn from ``run_seed + 1 + k``
+    (copy 0 must not repeat the seed the run's own shuffles draw from), at the lengths
+    :func:`copy_varies` gives copy ``k``. The command's copies and the benchmarks' come
+    from here, so a benchmark trains on what the command would."""
+    varied = copy_varies(k, lengths, texts)
+    return reordered_copy(texts, words, share, run_seed + 1 + k, varied=varied), varied
 
 
 def copy_varies(k: int, lengths: str, texts: Sequence[str] = ()) -> bool:

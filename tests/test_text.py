@@ -21,6 +21,7 @@ from gblr_compress.text import (
     read_texts,
     reorder_words,
     reordered_copy,
+    run_copy,
     text_batches,
     varied_counts,
     vocabulary_words,
@@ -212,6 +213,18 @@ def test_every_second_copy_varies_its_lengths() -> None:
     assert [len(t.split()) for t in same] == [len(t.split()) for t in texts]
     assert [len(t.split()) for t in varied] == varied_counts(90, 5)
     assert " ".join(same) == " ".join(varied)  # the same words in the same order, dealt anew
+
+
+def test_run_copy_k_draws_from_its_own_seed_at_its_own_lengths() -> None:
+    texts = ["one two three", "four five", "six seven eight nine"] * 10
+    words = ("cat", "dog")
+    for k in range(4):
+        copy, varied = run_copy(texts, words, 0.3, 7, k, "varied")
+        assert varied == copy_varies(k, "varied", texts)
+        assert copy == reordered_copy(texts, words, 0.3, 7 + 1 + k, varied=varied)
+    # copy 0 does not repeat the run's own seed, and copies differ from each other
+    assert run_copy(texts, words, 0.3, 7, 0, "same")[0] != reordered_copy(texts, words, 0.3, 7)
+    assert run_copy(texts, words, 0.3, 7, 0, "same")[0] != run_copy(texts, words, 0.3, 7, 2, "same")[0]
 
 
 def test_vocabulary_words_are_whole_words_of_each_vocabulary_kind() -> None:

@@ -80,7 +80,7 @@ def set_training_texts(calib: list[Batch], sentences: list[str], tokenizer: obje
     None: the command's default). Returns the number of copies."""
     from gblr_compress.job import COPY_LENGTHS, VOCAB_SHARE, reorder_copy_count, split_texts
     from gblr_compress.pipeline import CompressConfig
-    from gblr_compress.text import copy_varies, reordered_copy, vocabulary_words
+    from gblr_compress.text import run_copy, vocabulary_words
 
     from .model import make_batches
 
@@ -89,7 +89,7 @@ def set_training_texts(calib: list[Batch], sentences: list[str], tokenizer: obje
     words = vocabulary_words(tokenizer.get_vocab())
     share = VOCAB_SHARE if vocab_share is None else vocab_share
     lengths = COPY_LENGTHS if copy_lengths is None else copy_lengths
-    texts = [reordered_copy(fit, words, share, SEED + 1 + k, varied=copy_varies(k, lengths, fit)) for k in range(copies)]
+    texts = [run_copy(fit, words, share, SEED, k, lengths)[0] for k in range(copies)]
     _EXTRA.clear()
     _EXTRA[id(calib)] = (calib, [b for t in texts for b in make_batches(tokenizer, t, batch_size=32)])
     return copies
