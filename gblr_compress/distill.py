@@ -219,7 +219,9 @@ class DistillResult:
     ``skipped`` says why it did not train (too few steps fit the deadline, see
     ``DistillConfig.min_steps``), None when it did. ``cut`` says why it stopped after
     its timed first steps (measured, they showed that fewer than ``min_steps`` fit: the
-    estimate before the first step was low), None when it did not.
+    estimate before the first step was low), None when it did not. ``retried`` says why
+    the state kept comes from a second run at a smaller step (see
+    :func:`~gblr_compress.pipeline.distill_and_recover`), None when there was none.
     """
 
     steps: int
@@ -231,6 +233,7 @@ class DistillResult:
     stopped: str | None = None
     skipped: str | None = None
     cut: str | None = None
+    retried: str | None = None
 
 
 def gblr_layers(model: nn.Module) -> dict[str, GBLRLinear]:

@@ -516,8 +516,8 @@ def build_report(
 
 
 def _distill_notes(result: CompressResult) -> list[str]:
-    """One line per distillation phase that stopped on a numerical fault or did not
-    train for want of time."""
+    """One line per distillation phase that stopped on a numerical fault, did not train
+    for want of time, or ran again at a smaller step."""
     notes = []
     for label, record in (("distillation", result.distill), ("recovery", result.recovery)):
         if record is not None and record.skipped:
@@ -528,6 +528,8 @@ def _distill_notes(result: CompressResult) -> list[str]:
                          f"{record.best_step}), and no recovery ran after it (a longer --time-budget lets it train)")
         if record is not None and record.stopped:
             notes.append(f"{label} stopped: {record.stopped}; restored the best state (step {record.best_step})")
+        if record is not None and record.retried:
+            notes.append(f"{label}: {record.retried}")
     return notes
 
 

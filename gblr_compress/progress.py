@@ -20,6 +20,7 @@ PHASES: dict[str, str] = {
     "layers": "init (per layer)",
     "refit": "refit of pruned layers",
     "distill": "distillation",
+    "retry": "distillation at a fifth of the step",
     "recover": "recovery (content only)",
     "export": "export + verification",
     "search": "target search (candidates)",

@@ -163,3 +163,89 @@ def test_a_distillation_cut_after_its_timed_steps_runs_no_recovery(digits, monke
     assert result.distill.cut and result.recovery is None
     assert "distilled" in result.quality  # measured on the state the distillation kept
     assert any("stopped early" in n and "no recovery" in n for n in _distill_notes(result))
+
+
+def _retry_case(lr: float):
+    """A one-block encoder whose GBLR student distills 12 steps at ``lr`` (no recovery,
+    no augmentation); returns the distillation record and the phases of its progress
+    events."""
+    from gblr_compress.budget import budget_cost
+    from gblr_compress.distill import gblr_layers
+    from gblr_compress.layer import GBLRLayerConfig, GBLRLinear
+    from gblr_compress.pipeline import distill_and_recover
+    from samples.models import TinyEncoder
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    teacher = TinyEncoder(vocab=50, hidden=32, layers=1, heads=4, ffn=64, max_len=16, classes=3).eval()
+    student = copy.deepcopy(teacher)
+    for name in find_linears(student):
+        replace_module(student, name, GBLRLinear.from_linear(student.get_submodule(name), GBLRLayerConfig(1, 12)))
+    max_cost = budget_cost(list(gblr_layers(student).values()), 0.5)
+    batches = []
+    for _ in range(8):
+        ids = torch.randint(0, 50, (4, 12), generator=gen)
+        mask = torch.ones(4, 12, dtype=torch.long)
+        mask[:, 9:] = torch.randint(0, 2, (4, 3), generator=gen)
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    cfg = CompressConfig(distill=DistillConfig(steps=12, eval_every=4, lr=lr), recover=RecoverConfig(steps=0),
+                         augment=0.0)
+    phases: list[str] = []
+    distilled, _ = distill_and_recover(student, teacher, batches[:6], batches[6:], max_cost, cfg,
+                                       progress=lambda event: phases.append(event.phase))
+    return distilled, phases
+
+
+def test_a_distillation_that_never_beats_the_init_runs_again_at_a_fifth_of_the_step() -> None:
+    from gblr_compress.pipeline import RETRY_LR_FACTOR
+
+    assert RETRY_LR_FACTOR == 0.2
+    small, phases = _retry_case(0.02)  # gains at its own step: no second run
+    assert small.retried is None and small.best_step > 0 and set(phases) == {"distill"}
+    # At 0.1 no evaluation beats the init; the second run at 0.02 is the run above,
+    # reported as its own phase.
+    retried, phases = _retry_case(0.1)
+    assert retried.retried is not None and "retried at 0.02: kept step" in retried.retried
+    assert phases == ["distill"] * 12 + ["retry"] * 12
+    assert retried.heldout_after == pytest.approx(small.heldout_after, rel=1e-6)
+    assert retried.heldout_after < retried.heldout_before
+    # A run stopped on a fault (here a diverging held-out loss) is not run again: the
+    # report says why it stopped.
+    diverged, phases = _retry_case(0.5)
+    assert diverged.stopped is not None and "diverged" in diverged.stopped
+    assert diverged.retried is None and set(phases) == {"distill"}
+
+
+def test_a_second_run_that_does_not_fit_the_deadline_leaves_the_first_one_standing(monkeypatch) -> None:
+    import gblr_compress.pipeline as pipeline
+    from gblr_compress.distill import DistillResult
+
+    real = pipeline.distill_
+
+    def no_time_for_a_retry(*args, **kwargs):
+        if kwargs.get("phase") == "retry":  # as distill_ answers when too few steps fit
+            return DistillResult(0, 0, 1.0, 1.0, 0.0, skipped="about 3 steps fit the time budget, fewer than 20")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "distill_", no_time_for_a_retry)
+    first, phases = _retry_case(0.1)
+    assert first.skipped is None and first.steps == 12 and first.best_step == 0
+    assert first.retried is not None and "did not fit the time budget" in first.retried
+    assert set(phases) == {"distill"}
+
+
+def test_a_second_run_that_gains_nothing_either_keeps_the_init(monkeypatch) -> None:
+    import gblr_compress.pipeline as pipeline
+    from gblr_compress.distill import DistillResult
+
+    real = pipeline.distill_
+
+    def no_gain_again(*args, **kwargs):
+        if kwargs.get("phase") == "retry":  # trained, and no evaluation beat the start
+            return DistillResult(12, 0, 1.0, 1.0, 0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "distill_", no_gain_again)
+    kept, _ = _retry_case(0.1)
+    assert kept.retried is not None and kept.retried.endswith("retried at 0.02: kept the init")
+    assert kept.best_step == 0 and kept.seconds > 0.5  # both runs' time
