@@ -164,6 +164,10 @@ class CompressConfig:
             Off by default: on all-MiniLM-L6-v2 with 64 Wikipedia sentences at budget
             0.8 no refit lowered its layer's held-out error (7 of 7 rejected) and the
             passes took 212 s (on a loaded 2-core machine).
+        retry: a distillation whose best held-out state is the init runs once more
+            from the init at :data:`RETRY_LR_FACTOR` of its learning rate
+            (:func:`distill_and_recover`). The ``--target-fidelity`` search turns it
+            off (:func:`~gblr_compress.target.search_job`).
         init: the initialization (:class:`~gblr_compress.init.InitConfig`;
             ``max_groups`` is the most blocks per layer, ``data_free`` ignores the
             activation statistics).
@@ -184,6 +188,7 @@ class CompressConfig:
     device: str = "cpu"
     time_budget: float | None = None
     refit: bool = False
+    retry: bool = True
     init: InitConfig = field(default_factory=InitConfig)
     distill: DistillConfig = field(default_factory=default_distill)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
@@ -556,8 +561,8 @@ def distill_and_recover(
     recovery, both on ``fit`` plus its augmented copies (``config.augment``).
     ``config.distill.structure_lr=0`` keeps the structure fixed throughout. A
     distillation that never beats the init on ``held`` runs once more from the init at
-    :data:`RETRY_LR_FACTOR` of its learning rate, within the same deadline
-    (``DistillResult.retried`` says so).
+    :data:`RETRY_LR_FACTOR` of its learning rate, within the same deadline, unless
+    ``config.retry`` is off (``DistillResult.retried`` says so).
 
     Args:
         student: trained in place; left with GBLRLinear layers (not frozen).
@@ -584,7 +589,7 @@ def distill_and_recover(
     d_deadline = None if deadline is None else t0 + share * max(0.0, deadline - t0)
     distilled = distill_(student, teacher, fit, max_cost, config.distill, holdout=held,
                          progress=progress, deadline=d_deadline)
-    if _no_gain(distilled) and (d_deadline is None or time.perf_counter() < d_deadline):
+    if config.retry and _no_gain(distilled) and (d_deadline is None or time.perf_counter() < d_deadline):
         distilled = _retry_smaller_step(student, teacher, fit, held, max_cost, config.distill, distilled,
                                         progress, d_deadline)
     seconds["distill"] = time.perf_counter() - t0

@@ -36,7 +36,7 @@ from gblr_compress.report import (
     write_pareto_png,
     write_report,
 )
-from gblr_compress.target import meets, pick, run_target
+from gblr_compress.target import meets, pick, run_target, search_job
 from tests.cli_models import flat, two_level
 from tests.test_report_schema import make_report
 
@@ -113,6 +113,10 @@ def test_target_only_a_high_budget_meets(bundles: dict[str, Path], tmp_path: Pat
     written = load_report(tmp_path / "t.onnx")
     assert written.chosen is not None and written.chosen.label == chosen.label
     assert (tmp_path / "t.report.json").is_file()
+    # The search's distilled finalists never run again at a smaller step; the job the
+    # user gave is left as it was.
+    assert result.report.settings["retry"] is False
+    assert job.config.retry is True and search_job(job).config.retry is False
 
 
 def test_target_int8_alone_meets(bundles: dict[str, Path], tmp_path: Path) -> None:
