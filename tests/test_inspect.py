@@ -14,9 +14,13 @@ from tests.test_report_schema import export_tiny, make_report, make_structure
 
 
 def test_inspect_json(tmp_path: Path) -> None:
-    path = write_report(make_report(), tmp_path / "r.json")
+    report = make_report()
+    report.notes = ["distillation: the held-out loss never fell below the init's at learning rate 0.001; "
+                    "retried at 0.0002: kept step 220"]
+    path = write_report(report, tmp_path / "r.json")
     res = CliRunner().invoke(main, ["inspect", str(path)])
     assert res.exit_code == 0, res.output
+    assert "Note: distillation: the held-out loss never fell below" in " ".join(res.output.split())
     assert "\x1b[" not in res.output  # not a terminal: no colour codes
     assert "enc.fc1" in res.output and "2, 2, 2" in res.output and "220" in res.output
     assert "|++++@@@@@@@@                    ++++++++|" in res.output

@@ -248,6 +248,10 @@ def render_inspect(report: CompressionReport, console: Console, heatmaps: bool =
         f"Budget: requested {_pct(report.budget)}, achieved {_pct(report.achieved, 2)} of "
         f"{_int(report.linear_dense_cost)} dense multiply-adds per token"
     )
+    # The run's summary printed these; a report read later must say them too (a
+    # distillation that was skipped, stopped, or ran again at a smaller step).
+    for note in report.notes:
+        console.print(Text(f"Note: {note}"))
     render_deploy(report, console)
     if not heatmaps:
         return
