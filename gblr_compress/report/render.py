@@ -120,8 +120,7 @@ def render_summary(report: CompressionReport, console: Console) -> None:
         verdict = "passed" if g.get("passed") else ("FAILED, written with --force" if g.get("forced") else "FAILED")
         console.print(Text(f"Fidelity gate: {verdict} (held-out cosine {_num(g.get('cosine'))}, "
                            f"minimum {_num(g.get('min_fidelity'))})"))
-    for note in report.notes:
-        console.print(Text(f"Note: {note}"))
+    _render_notes(report, console)
 
     render_deploy(report, console)
     if report.seconds:
@@ -130,6 +129,12 @@ def render_summary(report: CompressionReport, console: Console) -> None:
         console.print(s)
     for kind, out in report.outputs.items():
         console.print(f"{kind}: {out}")
+
+
+def _render_notes(report: CompressionReport, console: Console) -> None:
+    """One ``Note:`` line per entry of the report's notes."""
+    for note in report.notes:
+        console.print(Text(f"Note: {note}"))
 
 
 def render_candidates(candidates: list[Candidate], console: Console, target: float | None = None) -> None:
@@ -250,8 +255,7 @@ def render_inspect(report: CompressionReport, console: Console, heatmaps: bool =
     )
     # The run's summary printed these; a report read later must say them too (a
     # distillation that was skipped, stopped, or ran again at a smaller step).
-    for note in report.notes:
-        console.print(Text(f"Note: {note}"))
+    _render_notes(report, console)
     render_deploy(report, console)
     if not heatmaps:
         return
