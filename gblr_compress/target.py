@@ -133,8 +133,9 @@ def search_job(job: Job) -> Job:
     # The retry lifts what the search decides on more than what it serves: on the MiniLM
     # wrapper (256 templated sentences, F 0.95) the retried 0.8 finalist read shift
     # probe 0.9470 -> 0.9610 and won as 0.8 + int8 with news / Wikipedia / WordNet
-    # cosine 0.943 / 0.941 / 0.962, where the search had chosen 0.9 + int8 at 0.948 /
-    # 0.953 / 0.971 (benchmarks/README.md, "a smaller step when the first gains nothing").
+    # cosine 0.943 / 0.941 / 0.962; without the retry the same search chose 0.9 + int8
+    # at 0.963 / 0.968 / 0.981 (benchmarks/README.md, "a smaller step when the first
+    # gains nothing").
     job = replace(job, config=replace(job.config, retry=False))
     if shift_probing(job) and job.reorder_copies is None:
         # The shift probe is reordered text; trained on reordered copies, the candidates
