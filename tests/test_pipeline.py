@@ -216,18 +216,25 @@ def test_a_distillation_that_never_beats_the_init_runs_again_at_a_fifth_of_the_s
     assert diverged.retried is None and set(phases) == {"distill"}
 
 
-def test_a_second_run_that_does_not_fit_the_deadline_leaves_the_first_one_standing(monkeypatch) -> None:
+def _second_run_answers(monkeypatch, answer) -> None:
+    """Make the pipeline's second distillation (phase ``"retry"``) return ``answer``
+    without training; the first runs for real."""
     import gblr_compress.pipeline as pipeline
-    from gblr_compress.distill import DistillResult
 
     real = pipeline.distill_
 
-    def no_time_for_a_retry(*args, **kwargs):
-        if kwargs.get("phase") == "retry":  # as distill_ answers when too few steps fit
-            return DistillResult(0, 0, 1.0, 1.0, 0.0, skipped="about 3 steps fit the time budget, fewer than 20")
-        return real(*args, **kwargs)
+    def distill_(*args, **kwargs):
+        return answer if kwargs.get("phase") == "retry" else real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "distill_", no_time_for_a_retry)
+    monkeypatch.setattr(pipeline, "distill_", distill_)
+
+
+def test_a_second_run_that_does_not_fit_the_deadline_leaves_the_first_one_standing(monkeypatch) -> None:
+    from gblr_compress.distill import DistillResult
+
+    # as distill_ answers when too few steps fit
+    _second_run_answers(monkeypatch, DistillResult(0, 0, 1.0, 1.0, 0.0,
+                                                   skipped="about 3 steps fit the time budget, fewer than 20"))
     first, phases = _retry_case(0.1)
     assert first.skipped is None and first.steps == 12 and first.best_step == 0
     assert first.retried is not None and "did not fit the time budget" in first.retried
@@ -235,17 +242,9 @@ def test_a_second_run_that_does_not_fit_the_deadline_leaves_the_first_one_standi
 
 
 def test_a_second_run_that_gains_nothing_either_keeps_the_init(monkeypatch) -> None:
-    import gblr_compress.pipeline as pipeline
     from gblr_compress.distill import DistillResult
 
-    real = pipeline.distill_
-
-    def no_gain_again(*args, **kwargs):
-        if kwargs.get("phase") == "retry":  # trained, and no evaluation beat the start
-            return DistillResult(12, 0, 1.0, 1.0, 0.5)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "distill_", no_gain_again)
+    _second_run_answers(monkeypatch, DistillResult(12, 0, 1.0, 1.0, 0.5))  # trained; nothing beat the start
     kept, _ = _retry_case(0.1)
     assert kept.retried is not None and kept.retried.endswith("retried at 0.02: kept the init")
     assert kept.best_step == 0 and kept.seconds > 0.5  # both runs' time
