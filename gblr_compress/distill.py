@@ -79,6 +79,15 @@ class DistillConfig:
         lr: peak learning rate of the content (U, V, bias).
         structure_lr: peak learning rate of widths and locations (fractions of the axis).
         weight_decay: AdamW decay of the content toward 0.
+        init_decay: decoupled pull of the content back toward its values at the start
+            of the loop (the init), applied after each step as
+            ``p += min(1, lr_t * init_decay) * (p0 - p)`` with ``lr_t`` the step's
+            learning rate: AdamW's decay with the init as its centre instead of 0, so a
+            drift of about ``1 / init_decay`` per element balances Adam's unit steps.
+            It keeps a copy of the content (one more copy of the factors in memory); 0
+            disables it. Off by default: on all-MiniLM-L6-v2 it helped at budget 0.8 and
+            0.5 with different values and lost at 0.3 with every one measured
+            (benchmarks/README.md, "a pull toward the init").
         loss: ``"auto"`` (KL on a single logits output: 2-D classifier logits, or a
             causal LM's ``logits``; normalized MSE otherwise, see :func:`output_kind`),
             ``"mse"`` or ``"kl"`` (per output position, at the real positions only).
@@ -148,6 +157,7 @@ class DistillConfig:
     lr: float = 1e-3
     structure_lr: float = 1e-2
     weight_decay: float = 0.0
+    init_decay: float = 0.0
     loss: str = "auto"
     temperature: float = 2.0
     layer_weight: float = 1.0
@@ -173,6 +183,8 @@ class DistillConfig:
             raise ConfigError("extra_seconds", f"must be >= 0, got {self.extra_seconds}")
         if not self.lr >= 0:
             raise ConfigError("lr", f"must be >= 0, got {self.lr}")
+        if not self.init_decay >= 0:
+            raise ConfigError("init_decay", f"must be >= 0, got {self.init_decay}")
         if not self.structure_lr >= 0:
             raise ConfigError("structure_lr", f"must be >= 0, got {self.structure_lr}")
         if self.loss not in ("auto", "mse", "kl"):
@@ -805,6 +817,7 @@ def distill_(
     content = [p for l in layer_list for p in (l.U, l.V, l.bias) if p is not None] + frozen_content(frozen)
     structure = [p for l in layer_list for p in (l.widths, l.locations)]
     trainable = {id(p) for p in content + structure}
+    anchors = [p.detach().clone() for p in content] if config.init_decay > 0 else None
     for p in student.parameters():  # only the compressed layers learn
         if id(p) not in trainable:
             p.requires_grad_(False)
@@ -895,6 +908,11 @@ def distill_(
             if result.stopped:
                 break
             opt.step()
+            if anchors is not None:
+                with torch.no_grad():  # pull toward the init, scaled by the step's lr like AdamW's decay
+                    pull = min(1.0, opt.param_groups[0]["lr"] * config.init_decay)
+                    for p, p0 in zip(content, anchors):
+                        p.lerp_(p0, pull)
             if sopt is not None:
                 _normalize_grads(structure)
                 sopt.step()
