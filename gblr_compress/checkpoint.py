@@ -201,7 +201,8 @@ def load_model(
         warn: called with a one-line warning right before a file is unpickled (the
             only load that can run code from the file); None: no warning.
         note: called with a one-line note on what was loaded when it is not what the
-            file names (a HuggingFace folder's base model, see :func:`_load_hf_dir`).
+            file names (a HuggingFace folder's base model, see :func:`_load_hf_dir`; a
+            bundle's keys besides model, example_inputs and calib, which are ignored).
 
     Returns:
         A :class:`LoadedModel` whose model is on CPU in eval mode.
@@ -240,21 +241,36 @@ def load_model(
             ) from exc
     if isinstance(obj, nn.Module):
         return _finish(obj, p, example_inputs=None, calib=None, source_format="module")
-    if isinstance(obj, Mapping) and "model" in obj:
-        return _from_bundle(obj, p)
-    if is_tensor_mapping(obj) or (isinstance(obj, Mapping) and is_tensor_mapping(obj.get("state_dict"))):
+    if is_tensor_mapping(obj) or _nested_state_dict(obj) is not None:
+        where = "" if is_tensor_mapping(obj) else f" under {_nested_state_dict(obj)!r}"
         raise InputError(
-            f"{p} holds a state_dict: pass --factory package.module:function to build the architecture"
+            f"{p} holds a state_dict{where}: pass --factory package.module:function to build the architecture"
         )
+    if isinstance(obj, Mapping) and "model" in obj:
+        return _from_bundle(obj, p, note)
     raise InputError(
         f"{p} holds a {type(obj).__name__}, not a model; supported: {SUPPORTED_MODEL_FORMATS}"
     )
 
 
-def _from_bundle(obj: Mapping[str, Any], p: Path) -> LoadedModel:
-    unknown = sorted(set(obj) - {"model", "example_inputs", "calib"})
-    if unknown:
-        raise InputError(f"bundle {p} has unknown key(s) {unknown}; allowed: model, example_inputs, calib")
+# Where training scripts put the weights in a checkpoint dict ({"state_dict": ...,
+# "epoch": ...}, {"model_state_dict": ..., "optimizer_state_dict": ...}, {"model": ...}).
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def _nested_state_dict(obj: Any) -> str | None:
+    """The key of ``obj`` (a checkpoint dict) that holds its state_dict, if any."""
+    if not isinstance(obj, Mapping):
+        return None
+    return next((k for k in _STATE_DICT_KEYS if is_tensor_mapping(obj.get(k))), None)
+
+
+def _from_bundle(obj: Mapping[str, Any], p: Path, note: Callable[[str], None] | None = None) -> LoadedModel:
+    # A training script's checkpoint also holds its optimizer, epoch and so on: the
+    # model is what matters, the rest is named (a misspelt "calib" would show here).
+    unknown = sorted(map(str, set(obj) - {"model", "example_inputs", "calib"}))
+    if unknown and note is not None:
+        note(f"bundle {p}: ignoring key(s) {', '.join(unknown)} (read: model, example_inputs, calib)")
     example = obj.get("example_inputs")
     if isinstance(example, list):
         example = tuple(example)  # positional inputs; a tuple is the canonical form
@@ -274,8 +290,8 @@ def _load_state_dict_file(p: Path, factory: str) -> LoadedModel:
             f"cannot read {p} as a state_dict with weights_only=True ({short_reason(exc, 90)}); "
             "a whole pickled model is loaded without --factory"
         ) from exc
-    if isinstance(obj, Mapping) and is_tensor_mapping(obj.get("state_dict")):
-        obj = obj["state_dict"]  # common trainer layout: {"state_dict": ..., "epoch": ...}
+    if not is_tensor_mapping(obj) and _nested_state_dict(obj) is not None:
+        obj = obj[_nested_state_dict(obj)]  # a trainer's layout: {"state_dict": ..., "epoch": ...}
     if not is_tensor_mapping(obj):
         raise InputError(f"{p} is not a state_dict (a dict of name -> tensor)")
     model = load_factory(factory)

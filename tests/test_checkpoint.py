@@ -114,3 +114,20 @@ def test_hf_folder_without_its_named_head_loads_the_base_model(tmp_path) -> None
     notes.clear()
     assert type(load_model(tmp_path / "mlm", note=notes.append).model).__name__ == "BertForMaskedLM"
     assert notes == []
+
+
+def test_training_checkpoint_layouts_load_and_their_other_keys_are_named(tmp_path, mlp) -> None:
+    # What training scripts save: the model beside its optimizer state and epoch.
+    x = torch.randn(5, 64)
+    torch.save({"model": mlp, "epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "ckpt.pt")
+    notes: list[str] = []
+    got = load_model(tmp_path / "ckpt.pt", note=notes.append)
+    assert got.source_format == "bundle" and torch.allclose(got.model(x), mlp(x))
+    assert len(notes) == 1 and "ignoring key(s) epoch, optimizer" in notes[0]
+    big = DigitsMLP()  # the factory builds hidden=512
+    for key in ("state_dict", "model_state_dict", "model"):
+        torch.save({key: big.state_dict(), "epoch": 3}, tmp_path / f"{key}.pt")
+        # Without the factory: one line naming where the weights are; with it: loaded safely.
+        _one_line_error(load_model, tmp_path / f"{key}.pt", match=f"state_dict under '{key}'.*--factory")
+        c = load_model(tmp_path / f"{key}.pt", factory="samples.models:digits_mlp")
+        assert c.source_format == "state_dict" and torch.allclose(c.model(x), big(x))
