@@ -64,7 +64,7 @@ def _digits(budget: float) -> None:
             if isinstance(mod, nn.Linear):
                 cost, err = mod.in_features * mod.out_features, 0.0
             else:
-                cost, err = mod.exact_cost(), relative_error(W, mod.weight(hard=True), C)
+                cost, err = mod.exact_cost(), relative_error(W, mod.dense_weight(hard=True), C)
             print(f"{name:6} {rec.allocated_cost:7d} {label:16} {cost:7d} {err:9.4f} {sec:6.2f}")
         print(f"{'':6} act-aware status: {rec.status} {rec.reason}")
 

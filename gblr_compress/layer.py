@@ -274,10 +274,19 @@ class GBLRLinear(nn.Module):
         B = (self.V * cols[:, None, :]).reshape(K * r, self.in_features)  # (K*r, n)
         return A, B
 
-    def weight(self, hard: bool | None = None) -> torch.Tensor:
+    def dense_weight(self, hard: bool | None = None) -> torch.Tensor:
         """The ``(m, n)`` weight ``sum_k (U_k a_k)(V_k b_k)``; ``hard`` defaults to eval mode."""
         A, B = self.factors(not self.training if hard is None else hard)
         return A @ B
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight as a detached tensor, for model code that reads a Linear's
+        ``weight`` in its forward (HuggingFace's T5 checks ``wo.weight.dtype`` there):
+        made anew on each read, never used by this layer's forward;
+        :meth:`dense_weight` is the differentiable one."""
+        with torch.no_grad():
+            return self.dense_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., n)
         A, B = self.factors(hard=not self.training)
@@ -335,7 +344,8 @@ class GBLRLinear(nn.Module):
 class FrozenGBLR(nn.Module):
     """Static-window GBLR layer: ``y[rows] += U @ (V @ x[cols])`` per block, plus bias.
 
-    Never materializes the ``(m, n)`` weight. The factors are parameters, so a
+    Its forward never materializes the ``(m, n)`` weight (``weight`` does, for model
+    code that reads it). The factors are parameters, so a
     content-only recovery can fine-tune them with the windows fixed.
     """
 
@@ -398,6 +408,16 @@ class FrozenGBLR(nn.Module):
         return LayerStructure(
             self.in_features, self.out_features, blocks, bias, name=self.name, info=dict(self.info)
         )
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(m, n)`` weight the blocks represent, detached, for model code
+        that reads a Linear's ``weight`` in its forward (HuggingFace's T5 checks
+        ``wo.weight.dtype`` there): made anew on each read, never used by this layer's
+        forward or its export."""
+        w = self.structure().dense_weight()
+        ref = next(iter(self.parameters()), None)
+        return w if ref is None else w.to(device=ref.device, dtype=ref.dtype)
 
     @property
     def cost(self) -> int:

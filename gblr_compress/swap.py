@@ -19,11 +19,13 @@ def is_linear_like(module: nn.Module) -> bool:
     """True for ``nn.Linear`` and HuggingFace GPT-2 style ``Conv1D`` (a transposed Linear)."""
     if isinstance(module, nn.Linear):
         return True
-    # Conv1D is matched by shape, not import, so transformers stays optional.
+    # Conv1D is matched by shape, not import, so transformers stays optional. The name
+    # comes first: a GBLR layer's ``weight`` is made anew on each read.
+    if type(module).__name__ != "Conv1D":
+        return False
     weight = getattr(module, "weight", None)
     return (
-        type(module).__name__ == "Conv1D"
-        and isinstance(weight, torch.Tensor)
+        isinstance(weight, torch.Tensor)
         and weight.dim() == 2
         and getattr(module, "nf", None) == weight.shape[1]
     )

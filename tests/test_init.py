@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, GBLRLinear):
-        return module.weight(hard=True).detach().double()
+        return module.dense_weight(hard=True).detach().double()
     return module.weight.detach().double()
 
 

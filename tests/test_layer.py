@@ -20,7 +20,7 @@ def test_full_width_full_rank_reproduces_weight(m: int, n: int, K: int) -> None:
     lin = nn.Linear(n, m)
     r = -(-min(m, n) // K)  # ceil: K*r >= min(m, n)
     layer = GBLRLinear.from_linear(lin, GBLRLayerConfig(num_groups=K, rank=r)).eval()
-    assert _rel(layer.weight(hard=True), lin.weight.detach()) < 1e-4
+    assert _rel(layer.dense_weight(hard=True), lin.weight.detach()) < 1e-4
     x = torch.randn(5, n)
     assert _rel(layer(x), lin(x)) < 1e-4
 
@@ -32,9 +32,9 @@ def test_rank_R_full_width_components_equal_truncated_svd() -> None:
     layer = GBLRLinear.from_linear(lin, GBLRLayerConfig(num_groups=R, rank=1)).eval()
     P, S, Qh = torch.linalg.svd(lin.weight.detach())
     trunc = P[:, :R] @ torch.diag(S[:R]) @ Qh[:R]
-    assert _rel(layer.weight(), trunc) < 1e-10
+    assert _rel(layer.dense_weight(), trunc) < 1e-10
     # Soft masks at sigma=None with integer (full) widths give the same weight.
-    assert _rel(layer.weight(hard=False), trunc) < 1e-10
+    assert _rel(layer.dense_weight(hard=False), trunc) < 1e-10
 
 
 def test_training_forward_two_matmul_and_dense_paths_agree() -> None:
@@ -42,7 +42,7 @@ def test_training_forward_two_matmul_and_dense_paths_agree() -> None:
     for m, n, K, r in [(40, 50, 2, 3), (8, 6, 4, 4)]:  # cheap low-rank path, dense path
         layer = random_gblr(m, n, K, r, gen).train()
         x = torch.randn(3, 7, n, generator=gen, dtype=torch.float64)
-        want = x @ layer.weight(hard=False).T + layer.bias
+        want = x @ layer.dense_weight(hard=False).T + layer.bias
         assert _rel(layer(x), want) < 1e-10
 
 
@@ -179,7 +179,7 @@ def test_split_groups_keeps_the_function_when_rank_divides() -> None:
     split = layer.split_groups(6)
     assert split.num_groups == 6 and split.rank == 2
     assert split.exact_cost() == layer.exact_cost()
-    torch.testing.assert_close(split.weight(hard=True), layer.weight(hard=True))
+    torch.testing.assert_close(split.dense_weight(hard=True), layer.dense_weight(hard=True))
     x = torch.randn(4, 30, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(split.eval()(x), layer.eval()(x))
     with pytest.raises(ValueError):
@@ -216,4 +216,20 @@ def test_from_blocks_pads_lower_rank_blocks_and_adds_dead_groups() -> None:
     W = torch.zeros(8, 10)
     for b in (b1, b2):
         W[b.row_indices(8)[:, None], b.col_indices(10)[None, :]] += b.U @ b.V
-    torch.testing.assert_close(layer.weight(hard=True).detach(), W)
+    torch.testing.assert_close(layer.dense_weight(hard=True).detach(), W)
+
+
+def test_weight_reads_the_dense_weight_detached_in_both_layer_kinds() -> None:
+    # Model code reads a Linear's ``weight`` (HuggingFace's T5: ``wo.weight.dtype``);
+    # both layer kinds answer with the dense matrix they compute, without a graph.
+    torch.manual_seed(0)
+    layer = GBLRLinear.from_linear(nn.Linear(12, 10), GBLRLayerConfig(2, 3)).eval()
+    w = layer.weight
+    assert isinstance(w, torch.Tensor) and not w.requires_grad and w.shape == (10, 12)
+    torch.testing.assert_close(w, layer.dense_weight(hard=True).detach())
+    frozen = FrozenGBLR(layer.to_structure())
+    fw = frozen.weight
+    assert not fw.requires_grad and fw.dtype == frozen.U[0].dtype
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(x @ fw.T + frozen.bias, frozen(x).detach())
+    torch.testing.assert_close(fw, w)

@@ -152,6 +152,28 @@ def test_tiny_llama_folder_compresses_exports_and_matches(work, tmp_path) -> Non
     assert logits.shape == (2, 9, 64) and np.isfinite(logits).all()
 
 
+def test_t5_encoder_folder_whose_forward_reads_a_linears_weight(work, tmp_path) -> None:
+    # T5's feed-forward reads ``wo.weight.dtype`` in its forward, so the compressed
+    # layers that stand in for ``wo`` must answer it through distillation and export.
+    transformers = pytest.importorskip("transformers")
+    import shutil
+
+    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                                pad_token_id=0, eos_token_id=4)
+    torch.manual_seed(0)
+    folder = tmp_path / "t5"
+    transformers.T5EncoderModel(cfg).eval().save_pretrained(folder)
+    for f in work["tok"].iterdir():
+        shutil.copy(f, folder / f.name)
+    out = tmp_path / "t5.onnx"
+    code, msg = _run([folder, *FAST, "--calib-text", work["txt"], "--max-length", "16", "-o", out])
+    assert code == 0, msg
+    report = json.loads((tmp_path / "t5.report.json").read_text())
+    layers = {l["name"]: l for l in report["layers"]}
+    assert layers["encoder.block.0.layer.1.DenseReluDense.wo"]["status"] == "compressed"
+    assert report["parity"]["ok"]
+
+
 def test_heldout_text_decides_the_heldout_figures(work, tmp_path) -> None:
     # --heldout: every calibration text trains, and the report's held-out cosine is the
     # ONNX file's on the --heldout texts (tokenized like the calibration text).

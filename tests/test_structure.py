@@ -71,7 +71,7 @@ def test_full_width_windows_are_canonical_and_merge() -> None:
         layer.locations[:, 0] = torch.tensor([2 / m, 1 / n], dtype=torch.float64)
     record = layer.to_structure()
     assert len(record.blocks) == 1 and record.blocks[0].rank == 2  # same window once canonical
-    torch.testing.assert_close(record.dense_weight(), layer.weight(hard=True).detach())
+    torch.testing.assert_close(record.dense_weight(), layer.dense_weight(hard=True).detach())
 
 
 def test_layout_from_dict_reads_windows_ranks_and_cost_without_weights() -> None:
