@@ -270,3 +270,37 @@ def test_data_free_stats_have_only_spectra() -> None:
     s2 = torch.linalg.svdvals(W) ** 2  # data-free: C = I, no damping
     torch.testing.assert_close(stats.spectra["0"], s2, rtol=1e-8, atol=1e-10)
     assert allocate(stats, InitConfig(budget=0.5)).budget_cost == (8 * 12 + 6 * 8) // 2
+
+
+def _brute_windows(a: torch.Tensor, b: torch.Tensor, total: int, r: int) -> float:
+    """The best ``A(R) * B(J)`` over every row / column window pair within ``total``."""
+    def best(x: torch.Tensor, w: int) -> float:
+        xx = torch.cat([x, x])
+        return max(float(xx[s:s + w].sum()) for s in range(x.numel()))
+    m, n = a.numel(), b.numel()
+    return max(best(a, rw) * best(b, min(total - rw, n)) for rw in range(max(1, min(r, m)), m + 1)
+               if min(total - rw, n) >= max(1, min(r, n)))
+
+
+def test_window_choice_is_exact_on_narrow_axes_and_bounded_on_wide_ones(monkeypatch) -> None:
+    from gblr_compress.init import search
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(40, generator=g, dtype=torch.float64) ** 4, torch.rand(30, generator=g, dtype=torch.float64) ** 4
+
+    def captured(win: tuple[int, int, int, int]) -> float:
+        rs, rw, cs, cw = win
+        return float(torch.cat([a, a])[rs:rs + rw].sum() * torch.cat([b, b])[cs:cs + cw].sum())
+
+    for total, r in ((25, 1), (40, 4), (70, 8)):
+        assert captured(search.choose_windows(a, b, total, r)) == pytest.approx(_brute_windows(a, b, total, r))
+    # An axis too long for every width (an LM head's vocabulary) compares 256 evenly
+    # spaced widths, and still lands near the best pair.
+    seen: list[int] = []
+    real = search.best_windows
+    monkeypatch.setattr(search, "best_windows", lambda x, w=None: (seen.append(w.numel()), real(x, w))[1])
+    monkeypatch.setattr(search, "MAX_WIDTH_CELLS", 8 * 600)
+    a = torch.rand(600, generator=g, dtype=torch.float64) ** 4
+    win = search.choose_windows(a, b, 300, 4)
+    assert seen == [256, 256] and win[1] + win[3] <= 300
+    assert captured(win) >= 0.99 * _brute_windows(a, b, 300, 4)
