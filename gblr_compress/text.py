@@ -57,18 +57,24 @@ _INSTALL = "pip install transformers tokenizers"
 # Files read as JSON lines (a "text" field each), and the suffixes named text files have.
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TEXT_SUFFIXES = (".txt", *JSONL_SUFFIXES)
+TABLE_SUFFIXES = (".csv", ".tsv")  # refused: their lines are rows of columns, not texts
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:
-    """The texts in ``path``: one per non-blank line (``.txt``, or any other suffix), or
-    the ``text`` field of each JSON line (``.jsonl`` / ``.json`` lines).
+    """The texts in ``path``: one per non-blank line (``.txt``, or any other suffix but
+    a table's), or the ``text`` field of each JSON line (``.jsonl`` / ``.ndjson``).
 
     Raises:
-        InputError: missing or unreadable file, bad JSON line, no texts.
+        InputError: missing or unreadable file, a ``.csv`` / ``.tsv`` table, bad JSON
+            line, no texts.
     """
     p = Path(path)
     if not p.is_file():
         raise InputError(f"calibration text file not found: {p}")
+    if p.suffix.lower() in TABLE_SUFFIXES:
+        # Read as lines, a table's header and other columns would become texts.
+        raise InputError(f"{p} is a table: write its text column to a .txt file (one text per line) "
+                         "or a .jsonl file ({\"text\": ...} per line)")
     try:
         raw = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:

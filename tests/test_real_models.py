@@ -33,6 +33,11 @@ def _run(args: list[str]) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def _without_few_texts(msg: str) -> list[str]:
+    """The output's lines less the warning that the fixture's 96 texts draw."""
+    return [line for line in msg.strip().splitlines() if not line.startswith("warning: only 96 calibration texts")]
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tokenizer folder, text files, and pickled models."""
@@ -69,6 +74,7 @@ def test_wrapper_with_unused_layer_from_text(work, tmp_path, text) -> None:
     code, msg = _run([work["wrapper"], *FAST, "--calib-text", work[text], "--tokenizer", work["tok"],
                       "--max-length", "16", "--batch-size", "8", "-o", out])
     assert code == 0, msg
+    assert "warning: only 96 calibration texts" in msg  # fewer than a few hundred
     layers = _layers(tmp_path / "m.report.json")
     assert layers["pooler"]["status"] == "excluded"
     assert layers["pooler"]["reason"] == "not used by the model's outputs"
@@ -81,6 +87,20 @@ def test_wrapper_with_unused_layer_from_text(work, tmp_path, text) -> None:
     ids = np.random.default_rng(0).integers(5, 20, (3, 11)).astype(np.int64)
     (emb,) = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_few_texts_warn_and_a_table_is_refused(work, tmp_path) -> None:
+    few = tmp_path / "few.txt"
+    few.write_text("\n".join(_sentences(40, seed=3)) + "\n")
+    code, msg = _run([work["wrapper"], *FAST, "--calib-text", few, "--tokenizer", work["tok"],
+                      "-o", tmp_path / "m.onnx", "--trust-checkpoint"])
+    assert code == 0 and "warning: only 40 calibration texts" in msg and "a few hundred" in msg, msg
+    table = tmp_path / "t.csv"
+    table.write_text("text,label\n" + "\n".join(f"{t},1" for t in _sentences(200, seed=4)) + "\n")
+    code, msg = _run([work["wrapper"], *FAST, "--calib-text", table, "--tokenizer", work["tok"],
+                      "-o", tmp_path / "t.onnx", "--trust-checkpoint"])
+    assert code == 2 and msg.strip().splitlines() == [msg.strip()] and "is a table" in msg, msg
+    assert not (tmp_path / "t.onnx").exists()
 
 
 def test_tied_head_left_dense_unless_asked(work, tmp_path) -> None:
@@ -117,7 +137,7 @@ def test_bad_text_calibration_and_memory_refusals(work, tmp_path, case, needle) 
     # --trust-checkpoint: the pickled wrapper's load warning would be a second line.
     code, msg = _run([work["wrapper"], *FAST, *args, "-o", out, "--trust-checkpoint"])
     assert code == 2, msg
-    lines = msg.strip().splitlines()
+    lines = _without_few_texts(msg)
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], msg
     assert list(out.parent.iterdir()) == []  # nothing written
 
@@ -210,7 +230,7 @@ def test_heldout_refusals(work, tmp_path) -> None:
     ):
         code, msg = _run([work["wrapper"], *FAST, "--calib-text", work["txt"], "--tokenizer", work["tok"],
                           *args, "-o", out, "--trust-checkpoint"])
-        lines = msg.strip().splitlines()
+        lines = _without_few_texts(msg)
         assert code == 2 and len(lines) == 1 and needle in lines[0], msg
         assert not list(out.parent.iterdir())
 
