@@ -35,6 +35,7 @@ __all__ = [
     "move_batch",
     "no_token_axis",
     "per_token",
+    "plain_attention",
     "real_positions",
     "run_model",
     "split_batches",
@@ -220,6 +221,24 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def plain_attention() -> Iterator[None]:
+    """torch's fused encoder path off for the duration (also usable as a decorator).
+
+    In eval mode without gradients ``nn.TransformerEncoderLayer`` runs one fused kernel
+    on its Linears' ``weight`` tensors instead of calling them: a compressed layer's
+    ``weight`` is its dense matrix, so the student would run at full cost, and the
+    kernel has no ONNX export (``aten::_transformer_encoder_layer_fwd``). With the
+    path off every Linear is called as a module.
+    """
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 # ------------------------------------------------------------------ token batches

@@ -19,9 +19,12 @@ from torch import nn
 
 from gblr_compress.batches import Batch, eval_mode, flatten_outputs, run_model
 
-__all__ = ["LayerUsage", "UNUSED", "find_usage", "tied_weights"]
+__all__ = ["LayerUsage", "NEVER_CALLED", "UNUSED", "find_usage", "tied_weights"]
 
 UNUSED = "not used by the model's outputs"
+# A layer no forward calls may still count: nn.MultiheadAttention reads its out_proj's
+# weight directly, never calling it. Either way it is left dense.
+NEVER_CALLED = "never called as a module (a parent may read its weight directly, as nn.MultiheadAttention does)"
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ def find_usage(
     unused = {}
     for n in names:
         if not outputs[n]:
-            unused[n] = f"{UNUSED} (never called)"
+            unused[n] = NEVER_CALLED
         elif n not in reached:
             unused[n] = UNUSED
     tied = {} if include_tied else {n: r for n, r in tied_weights(model, names).items() if n not in unused}

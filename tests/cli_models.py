@@ -96,3 +96,19 @@ def flat() -> Spectrum:
     """64 equal singular values: budget 0.9 (rank 28) keeps only ~0.66 cosine; int8
     keeps ~0.9999."""
     return Spectrum(torch.ones(64))
+
+
+class TorchEncoder(nn.Module):
+    """torch's own ``nn.TransformerEncoder``: in eval mode without gradients its layers
+    run one fused kernel on their Linears' weights unless the fast path is off, and its
+    attention reads ``out_proj.weight`` without calling ``out_proj``."""
+
+    def __init__(self, vocab: int = 50, d: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 64, batch_first=True, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x)).mean(1))

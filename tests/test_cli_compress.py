@@ -228,3 +228,23 @@ def test_heldout_file_is_what_the_heldout_figures_measure(files, tmp_path) -> No
                        "float32[8,32]", "--heldout", str(tmp_path / "held.pt"), *FAST, "-o", str(tmp_path / "s.onnx")])
     assert code == 2 and "--heldout needs real calibration data" in text, text
     assert not (tmp_path / "s.onnx").exists()
+
+
+def test_torch_transformer_encoder_runs_its_layers_as_modules(tmp_path) -> None:
+    # nn.TransformerEncoderLayer's fused eval path would bypass the compressed Linears
+    # (their weight reads as the dense matrix) and cannot be exported: the run turns it off.
+    from gblr_compress.usage import NEVER_CALLED
+    from tests.cli_models import TorchEncoder
+
+    torch.manual_seed(0)
+    torch.save(TorchEncoder().eval(), tmp_path / "enc.pt")
+    out = tmp_path / "enc.onnx"
+    result = CliRunner().invoke(main, [str(tmp_path / "enc.pt"), *FAST, "--input-spec", "x:int64[8,12]",
+                                       "-o", str(out), "--quiet", "--trust-checkpoint"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "enc.report.json").read_text())
+    layers = {l["name"]: l for l in report["layers"]}
+    assert {layers[f"enc.layers.{i}.linear{j}"]["status"] for i in (0, 1) for j in (1, 2)} == {"compressed"}
+    assert layers["enc.layers.0.self_attn.out_proj"]["reason"] == NEVER_CALLED
+    assert report["parity"]["ok"]
+    assert torch.backends.mha.get_fastpath_enabled()  # the user's setting is back
