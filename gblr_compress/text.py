@@ -398,9 +398,14 @@ def text_batches(
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     names = forward_inputs(model)
     if "input_ids" not in names:
+        # One argument is usually a dict of the token tensors (sentence-transformers'
+        # forward(features)): neither text nor --calib batches, which are passed as
+        # keyword arguments or positional tensors, can call it.
+        hint = ("wrap it in a module whose forward(input_ids, attention_mask) calls it and returns the "
+                "output to keep, and save that" if len(names) == 1 else "give --calib FILE instead")
         raise InputError(
             f"the model's forward takes ({', '.join(names) or 'no named arguments'}), not input_ids: "
-            "text calibration needs a forward(input_ids, attention_mask, ...); give --calib FILE instead"
+            f"text calibration needs a forward(input_ids, attention_mask, ...); {hint}"
         )
     vocab = _embedding_rows(model)
     if vocab is not None and tokenizer.vocab_size > vocab:

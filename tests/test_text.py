@@ -132,6 +132,19 @@ def test_tokenizer_errors(tok_dir: Path, tmp_path: Path) -> None:
         text_batches(_sentences(4), tok, Encoder(vocab=10))
     with pytest.raises(InputError, match="not input_ids"):
         text_batches(_sentences(4), tok, nn.Linear(3, 3))
+
+    class DictForward(nn.Module):  # sentence-transformers' forward(features): one dict
+        def forward(self, features: dict) -> torch.Tensor:
+            return features["input_ids"].float()
+
+    class TwoTensors(nn.Module):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return x + y
+
+    with pytest.raises(InputError, match=r"takes \(features\).*wrap it in a module whose forward\(input_ids"):
+        text_batches(_sentences(4), tok, DictForward())
+    with pytest.raises(InputError, match=r"takes \(x, y\).*give --calib FILE"):
+        text_batches(_sentences(4), tok, TwoTensors())
     with pytest.raises(InputError, match="fewer than one packed row"):
         text_batches(["the cat"], tok, TinyForCausalLM(), max_length=64)
     with pytest.raises(InputError, match="tokenizer folder not found"):
