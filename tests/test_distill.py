@@ -45,6 +45,15 @@ def _swap_from_linear(model: torch.nn.Module, groups: int, rank: int) -> None:
         replace_module(model, name, GBLRLinear.from_linear(lin, GBLRLayerConfig(groups, rank)))
 
 
+def _tiny_case(seed: int, groups: int, rank: int, budget: float, batches: int = 4):
+    """A one-layer TinyEncoder teacher, a GBLR student of it, its cost bound and token batches."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = TinyEncoder(vocab=50, hidden=32, layers=1, heads=4, ffn=64, max_len=16, classes=3).eval()
+    student = copy.deepcopy(teacher)
+    _swap_from_linear(student, groups=groups, rank=rank)
+    return teacher, student, budget_cost(list(gblr_layers(student).values()), budget), _token_batches(gen, batches)
+
+
 def test_dict_input_encoder_runs_the_whole_loop() -> None:
     gen = torch.Generator().manual_seed(0)
     teacher = TinyEncoder(vocab=50, hidden=32, layers=1, heads=4, ffn=64, max_len=16, classes=3).eval()
@@ -227,12 +236,7 @@ def test_auto_loss_follows_what_the_output_is() -> None:
 def test_deadline_keeps_the_steps_that_fit() -> None:
     import time
 
-    gen = torch.Generator().manual_seed(3)
-    teacher = TinyEncoder(vocab=50, hidden=32, layers=1, heads=4, ffn=64, max_len=16, classes=3).eval()
-    student = copy.deepcopy(teacher)
-    _swap_from_linear(student, groups=2, rank=2)
-    max_cost = budget_cost(list(gblr_layers(student).values()), 0.3)
-    calib = _token_batches(gen, 4)
+    teacher, student, max_cost, calib = _tiny_case(3, groups=2, rank=2, budget=0.3)
     seen: list[ProgressEvent] = []
     # A deadline already reached: the timed steps run, and no others.
     result = distill_(student, teacher, calib, max_cost, DistillConfig(steps=50), progress=seen.append,
@@ -493,12 +497,7 @@ def test_row_errors_score_each_row_at_its_real_positions() -> None:
 def test_init_decay_pulls_the_content_back_toward_the_init() -> None:
     # AdamW's decoupled decay centred on the init instead of 0: the content drifts less
     # the stronger the pull, and a pull of the whole way each step leaves it at the init.
-    gen = torch.Generator().manual_seed(0)
-    teacher = TinyEncoder(vocab=50, hidden=32, layers=1, heads=4, ffn=64, max_len=16, classes=3).eval()
-    init = copy.deepcopy(teacher)
-    _swap_from_linear(init, groups=2, rank=4)
-    max_cost = budget_cost(list(gblr_layers(init).values()), 0.5)
-    calib = _token_batches(gen, 4)
+    teacher, init, max_cost, calib = _tiny_case(0, groups=2, rank=4, budget=0.5)
 
     def drift(decay: float) -> float:
         student = copy.deepcopy(init)
