@@ -60,14 +60,18 @@ def first_tensor(out: object) -> torch.Tensor | None:
 
 
 def run_model(model: nn.Module, batch: Batch) -> Any:
-    """Call ``model`` on a batch: a tensor, positional tuple/list, or keyword dict."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
+    """Call ``model`` on a batch: a tensor, positional tuple/list, or keyword dict, with
+    torch's fused encoder path off (:func:`plain_attention`). Every forward of the
+    package goes through here: statistics, distillation, evaluation, the export's trace
+    and its verification."""
+    if not isinstance(batch, (torch.Tensor, Mapping, tuple, list)):
+        raise TypeError(f"a batch must be a tensor, tuple/list or dict, got {type(batch).__name__}")
+    with plain_attention():
+        if isinstance(batch, torch.Tensor):
+            return model(batch)
+        if isinstance(batch, Mapping):
+            return model(**batch)
         return model(*batch)
-    raise TypeError(f"a batch must be a tensor, tuple/list or dict, got {type(batch).__name__}")
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -225,7 +229,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def plain_attention() -> Iterator[None]:
-    """torch's fused encoder path off for the duration (also usable as a decorator).
+    """torch's fused encoder path off for the duration (:func:`run_model` runs in it).
 
     In eval mode without gradients ``nn.TransformerEncoderLayer`` runs one fused kernel
     on its Linears' ``weight`` tensors instead of calling them: a compressed layer's

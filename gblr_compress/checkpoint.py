@@ -241,8 +241,9 @@ def load_model(
             ) from exc
     if isinstance(obj, nn.Module):
         return _finish(obj, p, example_inputs=None, calib=None, source_format="module")
-    if is_tensor_mapping(obj) or _nested_state_dict(obj) is not None:
-        where = "" if is_tensor_mapping(obj) else f" under {_nested_state_dict(obj)!r}"
+    nested = None if is_tensor_mapping(obj) else _nested_state_dict(obj)
+    if is_tensor_mapping(obj) or nested is not None:
+        where = "" if nested is None else f" under {nested!r}"
         raise InputError(
             f"{p} holds a state_dict{where}: pass --factory package.module:function to build the architecture"
         )
@@ -290,8 +291,9 @@ def _load_state_dict_file(p: Path, factory: str) -> LoadedModel:
             f"cannot read {p} as a state_dict with weights_only=True ({short_reason(exc, 90)}); "
             "a whole pickled model is loaded without --factory"
         ) from exc
-    if not is_tensor_mapping(obj) and _nested_state_dict(obj) is not None:
-        obj = obj[_nested_state_dict(obj)]  # a trainer's layout: {"state_dict": ..., "epoch": ...}
+    nested = None if is_tensor_mapping(obj) else _nested_state_dict(obj)
+    if nested is not None:
+        obj = obj[nested]  # a trainer's layout: {"state_dict": ..., "epoch": ...}
     if not is_tensor_mapping(obj):
         raise InputError(f"{p} is not a state_dict (a dict of name -> tensor)")
     model = load_factory(factory)

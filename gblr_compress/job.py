@@ -21,15 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from gblr_compress.batches import (
-    Batch,
-    flatten_outputs,
-    graph_outputs,
-    leading_size,
-    plain_attention,
-    positions,
-    split_batches,
-)
+from gblr_compress.batches import Batch, flatten_outputs, graph_outputs, leading_size, positions, split_batches
 from gblr_compress.calibration import calibration_batches, check_inputs_fit, load_calib
 from gblr_compress.checkpoint import LoadedModel, load_model
 from gblr_compress.deploy import Bench, int8_check, timer
@@ -859,7 +851,6 @@ def input_shapes(batch: Batch) -> dict[str, list[int]]:
     return {n: list(t.shape) for n, t in zip(call.names, call.tensors)}
 
 
-@plain_attention()
 def run_job(job: Job, progress: Progress | None = None, warn: Callable[[str], None] | None = None) -> JobResult:
     """Load, compress, export, verify and report: the whole product as one call.
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gblr_compress.batches import Batch, eval_mode, move_batch, plain_attention, run_model, split_batches, token_mask
+from gblr_compress.batches import Batch, eval_mode, move_batch, run_model, split_batches, token_mask
 from gblr_compress.budget import project_widths_
 from gblr_compress.calib import augment_tokens
 from gblr_compress.distill import (
@@ -293,7 +293,6 @@ def _init_config(config: CompressConfig, distilling: bool, data: bool) -> InitCo
     )
 
 
-@plain_attention()
 def prepare(
     model: nn.Module,
     config: CompressConfig = CompressConfig(),
@@ -392,7 +391,6 @@ def compress(
                              release_stats=True)
 
 
-@plain_attention()
 def compress_prepared(prep: Prepared, config: CompressConfig, progress: Progress | None = None,
                       release_stats: bool = False) -> CompressResult:
     """The budget's half of :func:`compress` on a :class:`Prepared` model (left as it

@@ -44,7 +44,6 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from gblr_compress.batches import plain_attention
 from gblr_compress.deploy import DENSE, Bench, Entry, Timer
 from gblr_compress.errors import InputError
 from gblr_compress.job import (
@@ -147,7 +146,6 @@ def search_job(job: Job) -> Job:
     return job
 
 
-@plain_attention()
 def run_target(
     job: Job, target: float, allow_dense: bool = False, progress: Progress | None = None, timer: Timer | None = None,
     warn: Callable[[str], None] | None = None,

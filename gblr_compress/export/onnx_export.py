@@ -27,7 +27,6 @@ import onnx
 import torch
 from torch import nn
 
-from gblr_compress.batches import plain_attention
 from gblr_compress.errors import InputError
 from gblr_compress.export.forms import FORMS, LayerPlan, emit_layer, plan_layer
 from gblr_compress.export.shrink import ShrunkLayer, shrink_pruned
@@ -194,7 +193,6 @@ def _set_prop(proto: onnx.ModelProto, key: str, value: str) -> None:
     proto.metadata_props.add(key=key, value=value)
 
 
-@plain_attention()
 def build_onnx(
     model: nn.Module,
     example_inputs: Any,
@@ -312,7 +310,6 @@ def _write_external(proto: onnx.ModelProto, path: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@plain_attention()
 def verify_graph(graph: OnnxGraph, model: nn.Module, verify_inputs: Any = None) -> Parity:
     """Run the built graph in onnxruntime and compare it with ``model``.
 
@@ -370,7 +367,6 @@ def save_onnx(
     return result
 
 
-@plain_attention()
 def export_onnx(
     model: nn.Module,
     example_inputs: Any,
