@@ -1,11 +1,14 @@
 """Model packagings a new user brings, each run through the ``gblr-compress`` command.
 
 The real all-MiniLM-L6-v2 as a whole ``BertModel`` pickle (float32 and float16), in
-wrappers that return a dict or a tuple, and in a training script's checkpoint dict;
+wrappers that return a dict or a tuple, in a wrapper whose ``forward(features)`` takes
+one dict, as a whole ``SentenceTransformer`` pickle (when sentence-transformers is
+installed; calibrated with the tokenizer it carries), and in a training script's
+checkpoint dict;
 small random HuggingFace models of several architectures, each as a whole-module
 pickle and as a folder, calibrated on news sentences with MiniLM's tokenizer; torch's
 own ``nn.TransformerEncoder``, a CNN, an LSTM and a ViT with ``--input-spec``; and two
-packagings the command refuses (a ``forward`` taking one dict, a TorchScript file).
+packaging the command refuses (a TorchScript file).
 Per case it prints the exit code, the wall time, how many Linear layers were
 compressed, the onnxruntime parity check and the held-out cosine from the report, or
 the one-line error.
@@ -172,7 +175,13 @@ def build_cases(work: Path) -> dict[str, list[str]]:
     save("minilm-dict-wrapper", me.DictOut(bert).eval(), *text, *tok)
     save("minilm-tuple-wrapper", me.ClsTuple(bert).eval(), *text, *tok)
     save("minilm-training-checkpoint", {"model": me.DictOut(bert).eval(), "epoch": 3, "optimizer": {}}, *text, *tok)
-    save("minilm-onedict-wrapper (refused)", me.OneDict(bert).eval(), *text, *tok)
+    save("minilm-onedict-wrapper", me.OneDict(bert).eval(), *text, *tok)
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        print("sentence-transformers is not installed: no SentenceTransformer pickle case", flush=True)
+    else:
+        save("minilm-sentence-transformer", SentenceTransformer(str(minilm), device="cpu").eval(), *text)
     torch.jit.save(torch.jit.trace(me.SmallCNN().eval(), torch.randn(1, 3, 32, 32)), work / "cnn-script.pt")
     cases["torchscript (refused)"] = [str(work / "cnn-script.pt"), "--input-spec", "x:float32[8,3,32,32]"]
     save("minilm-bertmodel-float16", T.AutoModel.from_pretrained(minilm).half().eval(), *text, *tok)

@@ -14,6 +14,9 @@ Formats (a) and (b) are pickles: loading them runs code stored in the file, so o
 files you trust. Format (c) is the safe path (``torch.load(weights_only=True)`` or
 safetensors, which hold tensors only).
 
+A model whose forward takes one dict of token tensors (a pickled sentence-transformers
+model) is wrapped in :class:`~gblr_compress.adapter.DictCall`, which takes named tensors.
+
 A bundle's ``example_inputs`` and ``calib`` are batches (:mod:`gblr_compress.batches`).
 Calibration files, input specs and synthetic inputs are in :mod:`gblr_compress.calibration`.
 """
@@ -34,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gblr_compress.adapter import DICT_KEYS, DictCall, find_tokenizer, takes_one_dict
 from gblr_compress.batches import Batch, as_batch_list, check_batch, is_tensor_mapping
 from gblr_compress.errors import InputError
 from gblr_compress.swap import find_linears
@@ -202,7 +206,9 @@ def load_model(
             only load that can run code from the file); None: no warning.
         note: called with a one-line note on what was loaded when it is not what the
             file names (a HuggingFace folder's base model, see :func:`_load_hf_dir`; a
-            bundle's keys besides model, example_inputs and calib, which are ignored).
+            bundle's keys besides model, example_inputs and calib, which are ignored; a
+            model whose forward takes one dict, wrapped in
+            :class:`~gblr_compress.adapter.DictCall`).
 
     Returns:
         A :class:`LoadedModel` whose model is on CPU in eval mode.
@@ -211,7 +217,28 @@ def load_model(
         InputError: the path is missing, unreadable, of an unsupported kind, or holds
             a model without ``nn.Linear`` layers.
     """
-    p = existing_path(path)
+    loaded = _load_any(existing_path(path), factory, warn, note)
+    if takes_one_dict(loaded.model):
+        loaded.model = _dict_call(loaded.model)
+        if note is not None:
+            names = ", ".join(loaded.model.input_names)
+            note(f"{path}: its forward takes one dict of token tensors ({type(loaded.model.model).__name__}): "
+                 f"it is called, and its graph exported, with the named tensors {names}")
+    return loaded
+
+
+def _dict_call(model: nn.Module) -> DictCall:
+    """``model`` (its forward takes one dict) wrapped to take named tensors: the keys its
+    tokenizer makes where it carries one, else input_ids and attention_mask."""
+    tok = find_tokenizer(model)
+    names = tuple(getattr(tok, "model_input_names", None) or ("input_ids", "attention_mask"))
+    names = tuple(k for k in names if k in DICT_KEYS)
+    return DictCall(model, names if "input_ids" in names else ("input_ids", "attention_mask"))
+
+
+def _load_any(p: Path, factory: str | None, warn: Callable[[str], None] | None,
+              note: Callable[[str], None] | None) -> LoadedModel:
+    """:func:`load_model` before a dict-taking forward is wrapped."""
     if p.is_dir():
         return _load_hf_dir(p, note)
     if p.suffix == ".safetensors":

@@ -292,7 +292,8 @@ def _config(build: Callable[[], Any]) -> Any:
                    "of the calibration batches. Text from the source the model will serve, unlike the "
                    "calibration text, makes those figures say what users will see.")
 @click.option("--tokenizer", default=None, type=click.Path(path_type=str), metavar="DIR",
-              help="Folder holding the tokenizer for --calib-text and text --heldout (default: the model folder).")
+              help="Folder holding the tokenizer for --calib-text and text --heldout (default: the model folder, "
+                   "or the tokenizer a pickled model carries, as sentence-transformers models do).")
 @click.option("--shift-probe/--no-shift-probe", default=True, show_default=True,
               help="With --target-fidelity, --calib-text and no --heldout: also decide on the shift probe (the "
                    "held-out texts' words reordered across texts). Held-out texts share the calibration "

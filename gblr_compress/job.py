@@ -109,7 +109,8 @@ class Job:
         synthetic_batches: how many synthetic batches to make without real data.
         calib_text: calibration texts (``.txt``: one per line; ``.jsonl``: a ``text``
             field per line), tokenized with ``tokenizer`` (see :mod:`gblr_compress.text`).
-        tokenizer: folder holding the tokenizer (default: the model folder itself).
+        tokenizer: folder holding the tokenizer (default: the model folder itself, or the
+            tokenizer a pickled model carries, :func:`~gblr_compress.text.carried_tokenizer`).
         max_length: tokens per text row (truncation; packed row length for causal LMs).
         batch_size: rows per calibration batch made from text (None: 32, or 8 for a
             causal LM, see :func:`~gblr_compress.text.text_batches`).
@@ -367,6 +368,7 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
     from the tokenizer's vocabulary, every second one at varied lengths as
     ``job.copy_lengths`` says (:func:`~gblr_compress.text.copy_varies`)."""
     from gblr_compress.text import (
+        carried_tokenizer,
         is_causal_lm,
         load_tokenizer,
         read_texts,
@@ -376,14 +378,18 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
         text_row_sources,
     )
 
-    folder = job.tokenizer
-    if folder is None:
-        if not Path(job.model).is_dir():
+    texts = read_texts(job.calib_text if path is None else path)
+    if job.tokenizer is not None:
+        tokenizer = load_tokenizer(job.tokenizer)
+    elif Path(job.model).is_dir():
+        tokenizer = load_tokenizer(job.model)
+    else:
+        # A pickled model may carry its tokenizer (sentence-transformers does).
+        carried = carried_tokenizer(loaded.model)
+        if carried is None:
             raise InputError(f"{option} needs the model's tokenizer: give --tokenizer DIR "
                              "(a HuggingFace folder holding it)")
-        folder = job.model
-    texts = read_texts(job.calib_text if path is None else path)
-    tokenizer = load_tokenizer(folder)
+        tokenizer = carried
 
     def batches_of(some: Sequence[str]) -> list[Batch]:
         return text_batches(some, tokenizer, loaded.model, job.max_length, job.batch_size)

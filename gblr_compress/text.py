@@ -2,7 +2,8 @@
 
 Users have sentences, not token tensors. ``--calib-text FILE`` takes one text per line
 (``.txt``) or JSON lines with a ``text`` field (``.jsonl``), tokenizes them with the
-tokenizer of the model's HuggingFace folder (or ``--tokenizer DIR``), and makes the
+tokenizer of the model's HuggingFace folder (or ``--tokenizer DIR``, or the one a pickled
+model carries as its ``tokenizer`` attribute), and makes the
 batches the model's ``forward`` takes: ``input_ids``, ``attention_mask`` and, when the
 forward accepts it, ``token_type_ids``. Encoders get one text per row, padded to the
 longest in its batch (rows are grouped by length within runs of a few batches, so
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gblr_compress.adapter import DictCall, find_tokenizer
 from gblr_compress.checkpoint import short_reason
 from gblr_compress.errors import InputError
 
@@ -38,6 +40,7 @@ __all__ = [
     "TextTokenizer",
     "SHORT_WORDS",
     "VARIED_WORDS",
+    "carried_tokenizer",
     "copy_varies",
     "forward_inputs",
     "is_causal_lm",
@@ -304,15 +307,7 @@ def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer:
             tok = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
         except Exception as exc:  # OSError, ValueError, ... from a folder without one
             raise InputError(f"no usable tokenizer in {p}: {type(exc).__name__}: {short_reason(exc)}") from None
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return TextTokenizer(
-            encode=lambda text, special: list(tok(text, add_special_tokens=special)["input_ids"]),
-            pad_id=int(pad if pad is not None else 0),
-            eos_id=None if tok.eos_token_id is None else int(tok.eos_token_id),
-            vocab_size=len(tok),
-            source=str(p),
-            words=vocabulary_words(tok.get_vocab()),
-        )
+        return _from_transformers(tok, str(p))
     if not (p / "tokenizer.json").is_file():
         raise InputError(f"tokenizing text needs `{_INSTALL}` (and a tokenizer in {p})")
     try:
@@ -330,6 +325,27 @@ def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer:
     )
 
 
+def carried_tokenizer(model: nn.Module) -> TextTokenizer | None:
+    """The tokenizer the model carries as a ``tokenizer`` attribute (a pickled
+    sentence-transformers model, a wrapper that keeps its tokenizer), or None
+    (:func:`~gblr_compress.adapter.find_tokenizer`)."""
+    tok = find_tokenizer(model)
+    return None if tok is None else _from_transformers(tok, f"the model's own ({type(tok).__name__})")
+
+
+def _from_transformers(tok: Any, source: str) -> TextTokenizer:
+    """A HuggingFace tokenizer object reduced to a :class:`TextTokenizer`."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return TextTokenizer(
+        encode=lambda text, special: list(tok(text, add_special_tokens=special)["input_ids"]),
+        pad_id=int(pad if pad is not None else 0),
+        eos_id=None if tok.eos_token_id is None else int(tok.eos_token_id),
+        vocab_size=len(tok),
+        source=source,
+        words=vocabulary_words(tok.get_vocab()),
+    )
+
+
 def _special_id(folder: Path, tok: Any, key: str) -> int | None:
     """A special token's id from ``tokenizer_config.json`` (tokenizers-only path)."""
     cfg = folder / "tokenizer_config.json"
@@ -343,7 +359,10 @@ def _special_id(folder: Path, tok: Any, key: str) -> int | None:
 
 
 def forward_inputs(model: nn.Module) -> list[str]:
-    """Names of the keyword arguments ``model.forward`` takes (``**kwargs`` not included)."""
+    """Names of the keyword arguments ``model.forward`` takes (``**kwargs`` not included);
+    for a :class:`~gblr_compress.adapter.DictCall`, the keys its model reads."""
+    if isinstance(model, DictCall):
+        return list(model.input_names)
     try:
         params = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):

@@ -112,3 +112,23 @@ class TorchEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.enc(self.emb(x)).mean(1))
+
+
+class DictEncoder(nn.Module):
+    """A sentence-transformers model in small: ``forward(features)`` takes one dict of
+    token tensors and returns it with ``token_embeddings`` and ``sentence_embedding``
+    added; it carries its tokenizer (set by the test) as ``tokenizer``."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, hidden)
+        self.fc1 = nn.Linear(hidden, 64)
+        self.fc2 = nn.Linear(64, hidden)
+        self.tokenizer: object | None = None
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        h = self.emb(features["input_ids"])
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        m = features["attention_mask"].unsqueeze(-1).to(h.dtype)
+        features.update({"token_embeddings": h, "sentence_embedding": (h * m).sum(1) / m.sum(1).clamp_min(1.0)})
+        return features

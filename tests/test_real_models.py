@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from gblr_compress.cli import main
-from tests.cli_models import SentenceWrapper, TiedLM
+from tests.cli_models import DictEncoder, SentenceWrapper, TiedLM
 
 pytest.importorskip("tokenizers")
 
@@ -170,6 +170,35 @@ def test_tiny_llama_folder_compresses_exports_and_matches(work, tmp_path) -> Non
     feeds = {i.name: (ids if i.name == "input_ids" else np.ones_like(ids)) for i in sess.get_inputs()}
     (logits,) = sess.run(None, feeds)
     assert logits.shape == (2, 9, 64) and np.isfinite(logits).all()
+
+
+def test_pickled_dict_forward_model_with_its_own_tokenizer(work, tmp_path) -> None:
+    # A pickled sentence-transformers model: forward(features) takes one dict and
+    # returns it with its outputs added, and it carries its tokenizer. No --tokenizer.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = DictEncoder().eval()
+    model.tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(work["tok"] / "tokenizer.json"), pad_token="[PAD]", unk_token="[UNK]")
+    model.tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    torch.save(model, tmp_path / "st.pt")
+    out = tmp_path / "st.onnx"
+    code, msg = _run([tmp_path / "st.pt", *FAST, "--calib-text", work["txt"], "--max-length", "16",
+                      "--batch-size", "8", "--trust-checkpoint", "-o", out])
+    assert code == 0, msg
+    assert "its forward takes one dict of token tensors (DictEncoder)" in msg
+    report = json.loads((tmp_path / "st.report.json").read_text())
+    assert report["parity"]["ok"]
+    assert {l["name"]: l["status"] for l in report["layers"]}["model.fc1"] in ("compressed", "skipped")
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in sess.get_outputs()] == ["token_embeddings", "sentence_embedding"]
+    ids = np.random.default_rng(2).integers(5, 20, (3, 10)).astype(np.int64)
+    tokens, pooled = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    dense = model({"input_ids": torch.from_numpy(ids), "attention_mask": torch.ones(3, 10, dtype=torch.int64)})
+    assert tokens.shape == (3, 10, 32) and pooled.shape == (3, 32)
+    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(pooled), dense["sentence_embedding"].detach())
+    assert cos.min() > 0.5  # the compressed model still computes what the dense one does
 
 
 def test_t5_encoder_folder_whose_forward_reads_a_linears_weight(work, tmp_path) -> None:
