@@ -805,7 +805,9 @@ def _quantized(job: Job, inputs: JobInputs, result: CompressResult, graph: OnnxG
         q = bench.add_int8(fl)
         problem = int8_check(fl.candidate.fidelity, q.candidate.fidelity, job.int8_tolerance)
         if problem is not None:
-            raise VerificationError(problem)
+            # Not forceable: --force writes what the gate or parity refused; the
+            # tolerance has its own option, and the message names it.
+            raise FidelityError(problem)
         bench.time_all()
     except BaseException:
         bench.close()
@@ -830,7 +832,7 @@ def _half(job: Job, inputs: JobInputs, result: CompressResult, graph: OnnxGraph,
     ``1e-4``) within :data:`HALF_TOLERANCE`.
 
     Raises:
-        VerificationError: the float16 file loses more than the tolerance.
+        FidelityError: the float16 file loses more than the tolerance (not forceable).
     """
     held = held_batches(job, inputs)
     dense = inputs.loaded.model.eval()
@@ -841,7 +843,7 @@ def _half(job: Job, inputs: JobInputs, result: CompressResult, graph: OnnxGraph,
     fid16 = onnx_fidelity(f16_path, dense, held, job.config.logits)
     lost = fid32["cosine"] - fid16["cosine"]
     if not lost <= HALF_TOLERANCE:  # also catches NaN
-        raise VerificationError(
+        raise FidelityError(
             f"the float16 file loses {lost:.4f} of held-out cosine against the float32 graph "
             f"({fid16['cosine']:.4f} vs {fid32['cosine']:.4f}; tolerance {HALF_TOLERANCE}): values leave "
             "float16's range; export float32 (the default)"
@@ -871,9 +873,10 @@ def run_job(job: Job, progress: Progress | None = None, warn: Callable[[str], No
         InputError: anything the user can fix (paths, formats, data that does not fit,
             NaN / Inf in weights or data).
         FidelityError: the ONNX model does not match the PyTorch student
-            (:class:`~gblr_compress.export.verify.VerificationError`, also when the int8
-            file loses more than its tolerance), or the held-out cosine is below
-            ``job.min_fidelity``; nothing is written (unless ``job.force``).
+            (:class:`~gblr_compress.export.verify.VerificationError`) or the held-out
+            cosine is below ``job.min_fidelity``: nothing is written unless
+            ``job.force``; the int8 (float16) file loses more than its tolerance against
+            the float32 one: nothing is written, ``job.force`` or not.
     """
     inputs = load_inputs(job, progress, warn)
     peaks, seconds = inputs.peaks, inputs.seconds

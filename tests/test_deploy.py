@@ -71,8 +71,13 @@ def test_quantize_int8_integer_kernels_fidelity_dynamic_batch(bundles: dict[str,
     res = CliRunner().invoke(main, [str(bundles["two_level"]), "--budget", "0.9", "--steps", "0",
                                     "--quantize", "int8", "-o", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
-    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    proto = onnx.load(str(out))
+    ops = {n.op_type for n in proto.graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}  # the sliced GEMMs run on integer kernels
+    # Weights in 7 bits: AVX2's uint8 x int8 kernels saturate on full-range weights.
+    weights = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights and all(w.min() >= -64 and w.max() <= 64 for w in weights)
+    assert max(int(abs(w).max()) for w in weights) >= 60  # the 7-bit range is used, not less
     assert "MatMul" not in ops  # nothing with a constant weight stayed float
     report = load_report(out)  # the report travels inside the int8 file
     q = report.deploy["quantization"]
@@ -92,6 +97,22 @@ def test_quantize_int8_integer_kernels_fidelity_dynamic_batch(bundles: dict[str,
     for batch in (1, 5):
         x = np.random.default_rng(0).standard_normal((batch, 7, 64)).astype(np.float32)
         assert sess.run(None, {sess.get_inputs()[0].name: x})[0].shape == (batch, 7, 64)
+
+
+def test_int8_file_past_its_tolerance_is_refused_even_with_force(bundles: dict[str, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # --force writes what the fidelity gate or parity refused; the int8 tolerance has its
+    # own option, so the error names that one and --force does not override it.
+    import gblr_compress.job as job_mod
+
+    monkeypatch.setattr(job_mod, "int8_check", lambda *_: "the int8 file loses 0.5000 held-out cosine (test)")
+    out = tmp_path / "q.onnx"
+    for extra in ([], ["--force"]):
+        res = CliRunner().invoke(main, [str(bundles["two_level"]), "--budget", "0.9", "--steps", "0",
+                                        "--quantize", "int8", "-o", str(out), "--quiet", "--trust-checkpoint", *extra])
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 3 and lines == ["error: the int8 file loses 0.5000 held-out cosine (test)"], res.output
+        assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_target_only_a_high_budget_meets(bundles: dict[str, Path], tmp_path: Path) -> None:

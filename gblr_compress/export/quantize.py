@@ -1,12 +1,21 @@
 """int8 on top of the exported graph: onnxruntime's dynamic quantization, checked.
 
 :func:`quantize_int8` runs ``onnxruntime.quantization.quantize_dynamic`` (int8 weights,
-per output channel by default; activations quantized per call, so no calibration data)
-on a verified float file and reads the result back: which MatMuls became integer
+per output channel by default, in 7 bits of range; activations quantized per call, so no
+calibration data) on a verified float file and reads the result back: which MatMuls became integer
 kernels (``MatMulInteger`` / ``DynamicQuantizeMatMul``) and which stayed float, with
 the reason. The quantized file's quality is not checked here: an int8 graph does not
 match the float one to a tolerance, so the job measures its held-out fidelity against
 the dense model instead (:func:`gblr_compress.export.measure.onnx_fidelity`).
+
+Why 7 bits (``reduce_range``): on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI)
+onnxruntime multiplies uint8 activations by int8 weights with an instruction that adds
+pairs of products into int16 and saturates. Full-range weights overflow it wherever
+activations are large: all-mpnet-base-v2 quantized that way kept 0.017 mean token cosine
+to its float file on an AMD EPYC with AVX2 (one FFN layer alone: 0.58), and 0.843 with
+7-bit weights; all-MiniLM-L6-v2 kept 0.989 either way, at the same speed
+(benchmarks/README.md "int8 in 7 bits"). The machine that deploys the file is not the
+one that made it, so the file must be safe on both.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ class QuantizeResult:
             Gemm still in float (``compressed_layer``: one of a compressed layer's GEMMs).
         ops: op-type counts of the quantized graph.
         per_channel: whether weights have one scale per output channel.
+        reduce_range: whether weights use 7 bits of range (see the module docstring).
     """
 
     path: Path
@@ -50,12 +60,14 @@ class QuantizeResult:
     left_float: list[dict[str, Any]] = field(default_factory=list)
     ops: dict[str, int] = field(default_factory=dict)
     per_channel: bool = True
+    reduce_range: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON the report stores under ``deploy.quantization``."""
         return {
             "method": "onnxruntime dynamic (quantize_dynamic), int8 weights "
-                      + ("per channel" if self.per_channel else "per tensor") + ", activations per call",
+                      + ("per channel" if self.per_channel else "per tensor")
+                      + (" in 7 bits (reduce_range)" if self.reduce_range else "") + ", activations per call",
             "integer_kernels": sum(self.ops.get(op, 0) for op in INTEGER_OPS),
             "integer_weights": len(self.integer),
             "compressed_integer": self.compressed_integer,
@@ -90,13 +102,15 @@ def _read_back(proto: onnx.ModelProto) -> tuple[list[str], int, list[dict[str, A
     return integer, compressed, left, dict(Counter(n.op_type for n in proto.graph.node))
 
 
-def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) -> QuantizeResult:
+def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True,
+                  reduce_range: bool = True) -> QuantizeResult:
     """Quantize the float ONNX file ``src`` to int8 and write it to ``dst`` atomically.
 
     Weights of every MatMul with a constant weight (the sliced GEMMs of the compressed
-    layers and the dense layers alike) become int8, per output channel by default;
-    activations are quantized per call (dynamic), so no data is needed. The metadata of
-    ``src`` is kept.
+    layers and the dense layers alike) become int8, per output channel by default, in
+    the range [-64, 64] unless ``reduce_range`` is off (the module docstring says
+    why); activations are quantized per call (dynamic), so no data is needed. The
+    metadata of ``src`` is kept.
 
     Raises:
         InputError: ``src`` does not exist, or no MatMul became an integer kernel.
@@ -110,7 +124,8 @@ def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) ->
     logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" advice is not ours to print
     try:
         with atomic_path(dst) as tmp:
-            quantize_dynamic(src, tmp, per_channel=per_channel, weight_type=QuantType.QInt8)
+            quantize_dynamic(src, tmp, per_channel=per_channel, reduce_range=reduce_range,
+                             weight_type=QuantType.QInt8)
             proto = onnx.load(str(tmp))
     finally:
         logging.getLogger().setLevel(quiet)
@@ -118,7 +133,7 @@ def quantize_int8(src: str | Path, dst: str | Path, per_channel: bool = True) ->
     if not integer:
         dst.unlink(missing_ok=True)
         raise InputError("int8 quantization found no MatMul with a constant weight to quantize")
-    return QuantizeResult(dst, integer, compressed, left, ops, per_channel)
+    return QuantizeResult(dst, integer, compressed, left, ops, per_channel, reduce_range)
 
 
 def copy_with_metadata(src: str | Path, dst: str | Path, metadata: dict[str, str]) -> Path:
