@@ -15,7 +15,9 @@ files you trust. Format (c) is the safe path (``torch.load(weights_only=True)`` 
 safetensors, which hold tensors only).
 
 A model whose forward takes one dict of token tensors (a pickled sentence-transformers
-model) is wrapped in :class:`~gblr_compress.adapter.DictCall`, which takes named tensors.
+model) is wrapped in :class:`~gblr_compress.adapter.DictCall`, which takes named tensors;
+torch's ``nn.MultiheadAttention`` modules are replaced by
+:class:`~gblr_compress.attention.CalledAttention`, whose projections are called Linears.
 
 A bundle's ``example_inputs`` and ``calib`` are batches (:mod:`gblr_compress.batches`).
 Calibration files, input specs and synthetic inputs are in :mod:`gblr_compress.calibration`.
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from gblr_compress.adapter import DICT_KEYS, DictCall, find_tokenizer, takes_one_dict
+from gblr_compress.attention import call_attention_
 from gblr_compress.batches import Batch, as_batch_list, check_batch, is_tensor_mapping
 from gblr_compress.errors import InputError
 from gblr_compress.swap import find_linears
@@ -208,7 +211,8 @@ def load_model(
             file names (a HuggingFace folder's base model, see :func:`_load_hf_dir`; a
             bundle's keys besides model, example_inputs and calib, which are ignored; a
             model whose forward takes one dict, wrapped in
-            :class:`~gblr_compress.adapter.DictCall`).
+            :class:`~gblr_compress.adapter.DictCall`; ``nn.MultiheadAttention`` modules
+            replaced by :class:`~gblr_compress.attention.CalledAttention`).
 
     Returns:
         A :class:`LoadedModel` whose model is on CPU in eval mode.
@@ -218,6 +222,10 @@ def load_model(
             a model without ``nn.Linear`` layers.
     """
     loaded = _load_any(existing_path(path), factory, warn, note)
+    replaced = call_attention_(loaded.model)
+    if replaced and note is not None:
+        note(f"{path}: {replaced} nn.MultiheadAttention module(s) run as explicit attention whose q_proj / "
+             "k_proj / v_proj / out_proj are called Linear layers, so they can be compressed (same function)")
     if takes_one_dict(loaded.model):
         loaded.model = _dict_call(loaded.model)
         if note is not None:

@@ -82,17 +82,19 @@ def _heads(attn: nn.Module, q: nn.Module) -> tuple[int, int, int] | None:
 # (query, key, value, output) child names of the attention layouts known here; the output
 # projection is either a sibling Linear or ``output.dense`` of the parent (BERT).
 _ATTN_NAMES = (("q_proj", "k_proj", "v_proj", "o_proj"), ("q", "k", "v", "o"),
-               ("query", "key", "value", None))
+               ("q_proj", "k_proj", "v_proj", "out_proj"), ("query", "key", "value", None))
 
 
 def find_groups(model: nn.Module) -> list[CouplingGroup]:
     """The FFN and attention coupling groups of ``model``, found by module structure.
 
     Layouts: BERT/MPNet FFNs (``intermediate.dense`` -> act -> ``output.dense``), Llama
-    style gated FFNs (``gate_proj`` + ``up_proj`` -> ``down_proj``), BERT attention
-    (``self.query/key/value`` -> ``output.dense``), MPNet (``attn.q/k/v/o``) and Llama
+    style gated FFNs (``gate_proj`` + ``up_proj`` -> ``down_proj``), torch's transformer
+    layers (``linear1`` -> act -> ``linear2`` beside ``self_attn``), BERT attention
+    (``self.query/key/value`` -> ``output.dense``), MPNet (``attn.q/k/v/o``), Llama
     (``self_attn.q_proj/k_proj/v_proj/o_proj``, grouped-query heads from the module or
-    its config). Shapes are checked; a layout that does not match is not a group.
+    its config) and :class:`~gblr_compress.attention.CalledAttention`
+    (``q_proj/k_proj/v_proj/out_proj``). Shapes are checked; a layout that does not match is not a group.
 
     Returns:
         Groups in module order; names are dotted paths in ``model``.
@@ -105,6 +107,11 @@ def find_groups(model: nn.Module) -> list[CouplingGroup]:
         down = _linear(out, "dense") if out is not None else None
         if up is not None and down is not None and up.out_features == down.in_features:
             groups.append(CouplingGroup("ffn", (f"{pre}intermediate.dense",), f"{pre}output.dense", up.out_features))
+        # torch's nn.TransformerEncoderLayer / DecoderLayer: linear2(act(linear1(x)))
+        lin1, lin2 = _linear(mod, "linear1"), _linear(mod, "linear2")
+        if lin1 is not None and lin2 is not None and hasattr(mod, "self_attn") \
+                and lin1.out_features == lin2.in_features:
+            groups.append(CouplingGroup("ffn", (f"{pre}linear1",), f"{pre}linear2", lin1.out_features))
         gate, upp, downp = _linear(mod, "gate_proj"), _linear(mod, "up_proj"), _linear(mod, "down_proj")
         if gate is not None and upp is not None and downp is not None \
                 and gate.out_features == upp.out_features == downp.in_features:

@@ -233,18 +233,32 @@ def test_heldout_file_is_what_the_heldout_figures_measure(files, tmp_path) -> No
 def test_torch_transformer_encoder_runs_its_layers_as_modules(tmp_path) -> None:
     # nn.TransformerEncoderLayer's fused eval path would bypass the compressed Linears
     # (their weight reads as the dense matrix) and cannot be exported: the run turns it off.
-    from gblr_compress.usage import NEVER_CALLED
+    # Its nn.MultiheadAttention calls none of its projections: they become called Linears.
     from tests.cli_models import TorchEncoder
 
     torch.manual_seed(0)
-    torch.save(TorchEncoder().eval(), tmp_path / "enc.pt")
+    model = TorchEncoder().eval()
+    torch.save(model, tmp_path / "enc.pt")
     out = tmp_path / "enc.onnx"
     result = CliRunner().invoke(main, [str(tmp_path / "enc.pt"), *FAST, "--input-spec", "x:int64[8,12]",
-                                       "-o", str(out), "--quiet", "--trust-checkpoint"])
+                                       "-o", str(out), "--trust-checkpoint"])
     assert result.exit_code == 0, result.output
+    assert "2 nn.MultiheadAttention module(s) run as explicit attention" in result.output
     report = json.loads((tmp_path / "enc.report.json").read_text())
     layers = {l["name"]: l for l in report["layers"]}
-    assert {layers[f"enc.layers.{i}.linear{j}"]["status"] for i in (0, 1) for j in (1, 2)} == {"compressed"}
-    assert layers["enc.layers.0.self_attn.out_proj"]["reason"] == NEVER_CALLED
+    names = [f"enc.layers.{i}.{n}" for i in (0, 1)
+             for n in ("linear1", "linear2", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                       "self_attn.out_proj")]
+    assert {layers[n]["status"] for n in names} <= {"compressed", "skipped"}
+    assert any(layers[n]["status"] == "compressed" for n in names if "self_attn" in n)
     assert report["parity"]["ok"]
     assert torch.backends.mha.get_fastpath_enabled()  # the user's setting is back
+    assert isinstance(torch.load(tmp_path / "enc.pt", weights_only=False).enc.layers[0].self_attn,
+                      torch.nn.MultiheadAttention)  # the user's file is untouched
+    # the deployed graph computes what the user's model does, on inputs of its own shape
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randint(0, 50, (3, 9))
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = model(x)
+    assert torch.nn.functional.cosine_similarity(torch.from_numpy(got), want, dim=-1).mean() > 0.8
