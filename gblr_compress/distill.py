@@ -970,6 +970,17 @@ def distill_(
         opt.zero_grad(set_to_none=True)
         if sopt is not None:
             sopt.zero_grad(set_to_none=True)
+        # The optimizer's moments (twice the content) and the teacher's kept outputs are
+        # let go here, not when this frame is collected: the first optimizer torch makes
+        # in a process leaves its creating frame in a reference cycle, which kept both
+        # alive through the next phase (a second distillation peaked 1.15 GB above the
+        # first on MPNet-base) until the cyclic collector ran.
+        opt.state.clear()
+        if sopt is not None:
+            sopt.state.clear()
+        held_teacher.kept.clear()
+        fit_teacher.kept.clear()
+        anchors = None
         for layer in layer_list:  # leave the student on exact boxcars
             layer.sigma.fill_(math.inf)
             layer.round_ste = False

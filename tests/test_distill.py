@@ -510,3 +510,33 @@ def test_init_decay_pulls_the_content_back_toward_the_init() -> None:
     assert held == 0.0
     with pytest.raises(ConfigError, match="init_decay"):
         DistillConfig(init_decay=-1.0)
+
+
+_FIRST_RUN = """
+import gc, sys, torch
+sys.path.insert(0, {root!r})
+from tests.test_distill import _tiny_case
+from gblr_compress.distill import DistillConfig, distill_, _TeacherCache
+teacher, student, cost, batches = _tiny_case(0, 4, 2, 0.5, batches=6)
+gc.collect()
+gc.disable()  # what the cyclic collector would free later is still there to count
+distill_(student, teacher, batches[:4], cost, DistillConfig(steps=8, eval_every=4, init_decay=10.0),
+         holdout=batches[4:])
+objs = gc.get_objects()
+print(sum(len(o.state) for o in objs if isinstance(o, torch.optim.Optimizer)),
+      sum(len(o.kept) for o in objs if isinstance(o, _TeacherCache)))
+"""
+
+
+def test_a_finished_distillation_lets_go_of_its_optimizer_state_and_teacher_outputs() -> None:
+    # In a fresh process the first optimizer torch makes keeps its creating frame in a
+    # reference cycle: the moments and the kept teacher outputs outlived the run into the
+    # next phase (a second distillation peaked 1.15 GB higher on MPNet-base).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", _FIRST_RUN.format(root=root)], capture_output=True, text=True,
+                         check=True, cwd=root).stdout.split()
+    assert out == ["0", "0"]
