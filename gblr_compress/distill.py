@@ -971,10 +971,11 @@ def distill_(
         if sopt is not None:
             sopt.zero_grad(set_to_none=True)
         # The optimizer's moments (twice the content) and the teacher's kept outputs are
-        # let go here, not when this frame is collected: the first optimizer torch makes
-        # in a process leaves its creating frame in a reference cycle, which kept both
-        # alive through the next phase (a second distillation peaked 1.15 GB above the
-        # first on MPNet-base) until the cyclic collector ran.
+        # let go here, not when this frame is freed: the first optimizer torch makes in a
+        # process leaves its creating frame in a reference cycle, which kept both alive
+        # after the run until the cyclic collector ran (a library call of distill_ in a
+        # fresh process). The command's runs did not hit it (no frame was left at the
+        # second run's start), so this is not what raises the second run's peak.
         opt.state.clear()
         if sopt is not None:
             sopt.state.clear()

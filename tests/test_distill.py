@@ -530,8 +530,8 @@ print(sum(len(o.state) for o in objs if isinstance(o, torch.optim.Optimizer)),
 
 def test_a_finished_distillation_lets_go_of_its_optimizer_state_and_teacher_outputs() -> None:
     # In a fresh process the first optimizer torch makes keeps its creating frame in a
-    # reference cycle: the moments and the kept teacher outputs outlived the run into the
-    # next phase (a second distillation peaked 1.15 GB higher on MPNet-base).
+    # reference cycle: the moments and the kept teacher outputs outlived the run until
+    # the cyclic collector ran.
     import subprocess
     import sys
     from pathlib import Path
