@@ -952,9 +952,9 @@ def distill_(
                 held = _heldout_loss(student, held_teacher, holdout, config) if holdout else None
                 result.history.append(_snapshot(done, loss.item(), held, layers))
                 if held is not None and held < best:
-                    best, best_state, result.best_step = held, _gblr_state(tracked), done
+                    best, best_state, result.best_step = held, _gblr_state(tracked, into=best_state), done
                 if not holdout:
-                    safe_state = _gblr_state(tracked)
+                    safe_state = _gblr_state(tracked, into=safe_state)
                 result.stopped = _fault(done, None, held, heldout_before, checked)
                 if result.stopped:
                     break
@@ -1048,8 +1048,22 @@ def _set_mask_schedule(layers: Sequence[GBLRLinear], step: int, ste_start: int, 
         layer.round_ste = False
 
 
-def _gblr_state(layers: Mapping[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
-    return {n: {k: v.detach().clone() for k, v in l.state_dict().items()} for n, l in layers.items()}
+def _gblr_state(layers: Mapping[str, nn.Module],
+                into: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """A copy of the layers' state. With ``into`` (the copy saved last, no longer
+    needed) it is written over that one where the tensors match, so saving a new best
+    state never holds two copies at once (each is as large as the trained content)."""
+    if into is None:
+        return {n: {k: v.detach().clone() for k, v in l.state_dict().items()} for n, l in layers.items()}
+    for n, l in layers.items():
+        saved = into.setdefault(n, {})
+        for k, v in l.state_dict().items():
+            old = saved.get(k)
+            if old is not None and old.shape == v.shape and old.dtype == v.dtype:
+                old.copy_(v.detach())
+            else:
+                saved[k] = v.detach().clone()
+    return into
 
 
 def _load_gblr_state(layers: Mapping[str, nn.Module], state: dict[str, dict[str, torch.Tensor]]) -> None:

@@ -540,3 +540,21 @@ def test_a_finished_distillation_lets_go_of_its_optimizer_state_and_teacher_outp
     out = subprocess.run([sys.executable, "-c", _FIRST_RUN.format(root=root)], capture_output=True, text=True,
                          check=True, cwd=root).stdout.split()
     assert out == ["0", "0"]
+
+
+def test_a_new_best_state_is_written_over_the_last_copy() -> None:
+    # Each saved state is as large as the trained content: a new best state taking a
+    # fresh copy held two at once, which raised the second run's peak above the first's.
+    from gblr_compress.distill import _gblr_state
+
+    _, student, _, _ = _tiny_case(0, 4, 2, 0.5)
+    layers = gblr_layers(student)
+    saved = _gblr_state(layers)
+    ptrs = {(n, k): t.data_ptr() for n, d in saved.items() for k, t in d.items()}
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.U.add_(1.0)
+    again = _gblr_state(layers, into=saved)
+    assert again is saved and {(n, k): t.data_ptr() for n, d in again.items() for k, t in d.items()} == ptrs
+    for n, layer in layers.items():
+        torch.testing.assert_close(again[n]["U"], layer.U.detach())
