@@ -246,7 +246,7 @@ def _dict_call(model: nn.Module) -> DictCall:
 
 def _load_any(p: Path, factory: str | None, warn: Callable[[str], None] | None,
               note: Callable[[str], None] | None) -> LoadedModel:
-    """:func:`load_model` before a dict-taking forward is wrapped."""
+    """:func:`load_model` before its attention is replaced and a dict-taking forward wrapped."""
     if p.is_dir():
         return _load_hf_dir(p, note)
     if p.suffix == ".safetensors":
