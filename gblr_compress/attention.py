@@ -42,9 +42,10 @@ class CalledAttention(nn.Module):
         self.batch_first, self.dropout = mha.batch_first, mha.dropout
         self._qkv_same_embed_dim = mha._qkv_same_embed_dim  # read by torch's transformer layers
         bias = mha.in_proj_bias is not None
-        self.q_proj = nn.Linear(e, e, bias=bias)
-        self.k_proj = nn.Linear(mha.kdim, e, bias=bias)
-        self.v_proj = nn.Linear(mha.vdim, e, bias=bias)
+        like = {"device": mha.out_proj.weight.device, "dtype": mha.out_proj.weight.dtype}
+        self.q_proj = nn.Linear(e, e, bias=bias, **like)
+        self.k_proj = nn.Linear(mha.kdim, e, bias=bias, **like)
+        self.v_proj = nn.Linear(mha.vdim, e, bias=bias, **like)
         with torch.no_grad():
             if mha._qkv_same_embed_dim:
                 weights = mha.in_proj_weight.chunk(3)
@@ -55,9 +56,6 @@ class CalledAttention(nn.Module):
                 lin.weight.copy_(w)
                 if b is not None:
                     lin.bias.copy_(b)
-        self.q_proj.to(mha.out_proj.weight.dtype)
-        self.k_proj.to(mha.out_proj.weight.dtype)
-        self.v_proj.to(mha.out_proj.weight.dtype)
         self.out_proj = mha.out_proj
         self.train(mha.training)
 
@@ -128,13 +126,11 @@ def call_attention_(model: nn.Module) -> int:
     """Replace, in place, every ``nn.MultiheadAttention`` of ``model`` (exactly that
     class: a subclass may change its forward) without ``bias_k`` / ``bias_v`` /
     ``add_zero_attn`` by a :class:`CalledAttention`; returns how many were replaced."""
+    # name "": the model itself is the attention, and nothing holds it to replace.
     targets = [(name, mod) for name, mod in model.named_modules()
-               if type(mod) is nn.MultiheadAttention and mod.bias_k is None and mod.bias_v is None
+               if name and type(mod) is nn.MultiheadAttention and mod.bias_k is None and mod.bias_v is None
                and not mod.add_zero_attn]
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if not name:  # the model itself is the attention: nothing holds it to replace
-            continue
-        setattr(parent, child, CalledAttention(mod))
-    return sum(1 for name, _ in targets if name)
+        setattr(model.get_submodule(parent_name), child, CalledAttention(mod))
+    return len(targets)

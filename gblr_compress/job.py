@@ -385,11 +385,10 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
         tokenizer = load_tokenizer(job.model)
     else:
         # A pickled model may carry its tokenizer (sentence-transformers does).
-        carried = carried_tokenizer(loaded.model)
-        if carried is None:
+        tokenizer = carried_tokenizer(loaded.model)
+        if tokenizer is None:
             raise InputError(f"{option} needs the model's tokenizer: give --tokenizer DIR "
                              "(a HuggingFace folder holding it)")
-        tokenizer = carried
 
     def batches_of(some: Sequence[str]) -> list[Batch]:
         return text_batches(some, tokenizer, loaded.model, job.max_length, job.batch_size)

@@ -417,9 +417,9 @@ def text_batches(
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     names = forward_inputs(model)
     if "input_ids" not in names:
-        # One argument is usually a dict of the token tensors (sentence-transformers'
-        # forward(features)): neither text nor --calib batches, which are passed as
-        # keyword arguments or positional tensors, can call it.
+        # A forward annotated as taking one dict (sentence-transformers') is wrapped at
+        # load time (adapter.DictCall); one argument here is a tensor or an unannotated
+        # dict, which a text batch (keyword token tensors) cannot call.
         hint = ("wrap it in a module whose forward(input_ids, attention_mask) calls it and returns the "
                 "output to keep, and save that" if len(names) == 1 else "give --calib FILE instead")
         raise InputError(

@@ -11,10 +11,10 @@ the dense model instead (:func:`gblr_compress.export.measure.onnx_fidelity`).
 Why 7 bits (``reduce_range``): on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI)
 onnxruntime multiplies uint8 activations by int8 weights with an instruction that adds
 pairs of products into int16 and saturates. Full-range weights overflow it wherever
-activations are large: all-mpnet-base-v2 quantized that way kept 0.017 mean token cosine
-to its float file on an AMD EPYC with AVX2 (one FFN layer alone: 0.58), and 0.843 with
-7-bit weights; all-MiniLM-L6-v2 kept 0.989 either way, at the same speed
-(benchmarks/README.md "int8 in 7 bits"). The machine that deploys the file is not the
+activations are large: all-mpnet-base-v2 quantized that way kept 0.028 mean token cosine
+to its float file on an AMD EPYC with AVX2 (one FFN layer alone: 0.58), and 0.837 with
+7-bit weights; all-MiniLM-L6-v2 kept 0.989 either way, at the same speed within the
+timing noise (benchmarks/int8_range.py; benchmarks/README.md "int8 in 7 bits"). The machine that deploys the file is not the
 one that made it, so the file must be safe on both.
 """
 
