@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DICT_KEYS", "DictCall", "find_tokenizer", "takes_one_dict"]
+__all__ = ["DICT_KEYS", "DictCall", "find_tokenizer", "from_sentence_transformers", "takes_one_dict"]
 
 # The token tensors a DictCall can pass, in its forward's order.
 DICT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -47,13 +47,18 @@ def takes_one_dict(model: nn.Module) -> bool:
         return False
     if len(params) != 1:
         return False
-    if any(c.__module__.split(".")[0] == "sentence_transformers" for c in type(model).__mro__):
+    if from_sentence_transformers(model):
         return True
     ann = params[0].annotation
     if ann is inspect.Parameter.empty:
         return False
     text = ann if isinstance(ann, str) else (ann.__name__ if isinstance(ann, type) else repr(ann))
     return bool(_DICT_ANNOTATION.match(text.strip()))
+
+
+def from_sentence_transformers(model: nn.Module) -> bool:
+    """Whether ``model``'s class (or a base class) comes from sentence-transformers."""
+    return any(c.__module__.split(".")[0] == "sentence_transformers" for c in type(model).__mro__)
 
 
 def find_tokenizer(model: nn.Module) -> Any | None:
@@ -78,6 +83,11 @@ class DictCall(nn.Module):
         model: the wrapped model (its layers are named ``model.<name>`` here).
         input_names: the keys the forward passes (a subset of :data:`DICT_KEYS`, in
             that order): the tokenizer's ``model_input_names`` where known.
+        pooled_outputs: outputs pooled from the others, which the distillation's output
+            term leaves out (:func:`~gblr_compress.distill.output_term`): a
+            sentence-transformers model's ``sentence_embedding``, pooled from its
+            ``token_embeddings`` (all-MiniLM-L6-v2 pickled that way, budget 0.8 from 256
+            hand-written sentences: news cosine 0.9582 with it left out, 0.9569 compared).
     """
 
     def __init__(self, model: nn.Module, input_names: tuple[str, ...] = ("input_ids", "attention_mask")) -> None:
@@ -86,6 +96,7 @@ class DictCall(nn.Module):
             raise ValueError(f"input_names must hold input_ids and only {DICT_KEYS}, got {input_names}")
         self.model = model
         self.input_names = tuple(k for k in DICT_KEYS if k in input_names)
+        self.pooled_outputs: tuple[str, ...] = ("sentence_embedding",) if from_sentence_transformers(model) else ()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> Any:

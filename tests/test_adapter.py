@@ -57,6 +57,20 @@ def test_dict_call_passes_named_tensors_and_returns_what_the_model_added() -> No
         DictCall(inner, ("attention_mask",))
 
 
+def test_a_sentence_transformers_embedding_is_left_out_of_the_output_term() -> None:
+    from gblr_compress.distill import output_term
+
+    torch.manual_seed(0)
+    plain = DictCall(DictEncoder().eval())
+    st_class = type("SentenceTransformer", (DictEncoder,), {"__module__": "sentence_transformers.model"})
+    st = DictCall(st_class().eval())
+    ids = torch.randint(0, 64, (2, 5))
+    out = st(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert st.pooled_outputs == ("sentence_embedding",) and plain.pooled_outputs == ()
+    assert list(output_term(out, st)) == ["token_embeddings"]
+    assert list(output_term(out, plain)) == ["token_embeddings", "sentence_embedding"]  # its outputs are its own
+
+
 def test_find_tokenizer_on_the_model_or_a_submodule() -> None:
     class Tok:  # what calibration reads of a HuggingFace tokenizer
         model_input_names = ["input_ids", "attention_mask"]
