@@ -90,6 +90,10 @@ class DictCall(nn.Module):
             hand-written sentences: news cosine 0.9582 with it left out, 0.9569 compared).
     """
 
+    # The model's layers are named "model.<name>"; --include / --exclude patterns written
+    # for the model itself match them without it (swap.find_linears).
+    wrapped_prefix = "model."
+
     def __init__(self, model: nn.Module, input_names: tuple[str, ...] = ("input_ids", "attention_mask")) -> None:
         super().__init__()
         if "input_ids" not in input_names or not set(input_names) <= set(DICT_KEYS):

@@ -375,7 +375,7 @@ def _load_hf_dir(p: Path, note: Callable[[str], None] | None = None) -> LoadedMo
         how = " + ".join(chain.modes) + (" pooling, normalized" if chain.normalize else " pooling")
         note(f"{p} is a sentence-transformers folder: {base} with its {how}; the graph returns {base}'s "
              "outputs and sentence_embedding (what SentenceTransformer.encode gives), and its layers are named "
-             "model.<name>")
+             "model.<name> (--include / --exclude patterns match them with or without the prefix)")
     return loaded
 
 

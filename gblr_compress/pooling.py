@@ -142,6 +142,9 @@ class SentencePooling(nn.Module):
     """
 
     pooled_outputs = ("sentence_embedding",)
+    # The base model's layers are named "model.<name>"; --include / --exclude patterns
+    # written for the plain folder match them without it (swap.find_linears).
+    wrapped_prefix = "model."
 
     def __init__(self, model: nn.Module, modes: Sequence[str], normalize: bool) -> None:
         super().__init__()

@@ -58,6 +58,11 @@ def find_linears(
 ) -> list[str]:
     """Dotted names of the linear-like modules selected by the glob patterns.
 
+    A model that wraps the one the user brought at load time (a sentence-transformers
+    folder's pooling, a one-dict forward) names the wrapped model's layers with a prefix
+    (its ``wrapped_prefix``, ``"model."``); a pattern then matches a name with or without
+    it, so ``encoder.layer.*`` selects what it selects in the plain folder.
+
     Args:
         model: the model to search.
         include: keep only names matching one of these globs (default: all).
@@ -69,13 +74,19 @@ def find_linears(
     Example:
         >>> find_linears(model, include=["encoder.*"], exclude=["*.o"])
     """
+    prefix = str(getattr(model, "wrapped_prefix", "") or "")
+
+    def matches(name: str, patterns: Sequence[str]) -> bool:
+        bare = name[len(prefix):] if prefix and name.startswith(prefix) else None
+        return any(fnmatchcase(name, p) or (bare is not None and fnmatchcase(bare, p)) for p in patterns)
+
     names = []
     for name, module in model.named_modules():
         if not name or not is_linear_like(module):
             continue
-        if include and not any(fnmatchcase(name, p) for p in include):
+        if include and not matches(name, include):
             continue
-        if exclude and any(fnmatchcase(name, p) for p in exclude):
+        if exclude and matches(name, exclude):
             continue
         names.append(name)
     return names

@@ -128,15 +128,17 @@ def test_a_sentence_transformers_folder_keeps_its_pooling_through_the_command(st
     assert isinstance(loaded.model, SentencePooling) and "sentence-transformers folder" in notes[0]
     before = {p.name: p.read_bytes() for p in st_folder.rglob("*") if p.is_file()}
     out = tmp_path / "st.onnx"
+    # A pattern written for the plain folder still selects the encoder's layers.
     result = CliRunner().invoke(main, [str(st_folder), "--steps", "4", "--budget", "0.5", "--quiet",
                                        "--calib-text", str(st_folder.parent / "calib.txt"), "--max-length", "16",
-                                       "--batch-size", "8", "-o", str(out)])
+                                       "--batch-size", "8", "--include", "encoder.layer.*", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "is a sentence-transformers folder: BertModel with its mean pooling, normalized" in result.output
     assert {p.name: p.read_bytes() for p in st_folder.rglob("*") if p.is_file()} == before  # untouched
     report = json.loads((tmp_path / "st.report.json").read_text())
     layers = {l["name"]: l for l in report["layers"]}
     assert sum(l["status"] == "compressed" for l in layers.values()) >= 1 and report["parity"]["ok"]
+    assert all(name.startswith("model.encoder.layer.") for name in layers)  # the pooler was not included
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     # The base model's outputs as the plain folder gives them, and the embedding.
     assert [o.name for o in sess.get_outputs()] == ["last_hidden_state", "pooler_output", "sentence_embedding"]
@@ -168,6 +170,20 @@ def test_the_output_term_leaves_out_what_a_model_declares_pooled() -> None:
     moved = {**out, "sentence_embedding": -out["sentence_embedding"]}
     assert output_loss(output_term(moved, wrapped), output_term(out, wrapped)).item() == 0.0
     assert output_loss(moved, out).item() > 0.0
+
+
+def test_layer_patterns_match_with_or_without_the_wrappers_prefix() -> None:
+    from gblr_compress.adapter import DictCall
+    from gblr_compress.swap import find_linears
+    from tests.cli_models import DictEncoder
+
+    wrapped = SentencePooling(_NoTypes(), ("mean",), normalize=False)
+    assert find_linears(wrapped, include=["fc"]) == find_linears(wrapped, include=["model.fc"]) == ["model.fc"]
+    assert find_linears(wrapped, exclude=["fc"]) == [] and find_linears(wrapped, include=["emb*"]) == []
+    call = DictCall(DictEncoder())
+    assert find_linears(call, include=["fc1"]) == ["model.fc1"]
+    assert find_linears(call, exclude=["fc*"]) == []
+    assert find_linears(nn.Sequential(_NoTypes()), include=["fc"]) == []  # no prefix declared: names as they are
 
 
 def test_a_chain_not_computed_here_loads_the_base_model_with_a_note(st_folder, tmp_path) -> None:
