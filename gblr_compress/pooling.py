@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gblr_compress.adapter import DICT_KEYS
+
 __all__ = ["POOLING_MODES", "SentenceChain", "SentencePooling", "pool", "read_sentence_chain"]
 
 # The pooling modes this module computes, in the order sentence-transformers
@@ -36,8 +38,6 @@ _CONFIG_KEYS = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens
 # Modes sentence-transformers has that are not computed here.
 _OTHER_MODES = ("pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
 _ST = "sentence_transformers.models."
-# Token inputs the wrapper passes on, in its forward's order.
-_TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass(frozen=True)
@@ -157,8 +157,8 @@ class SentencePooling(nn.Module):
         try:
             takes = set(inspect.signature(model.forward).parameters)
         except (TypeError, ValueError):
-            takes = set(_TOKEN_INPUTS)
-        self.input_names = tuple(k for k in _TOKEN_INPUTS if k == "input_ids" or k in takes)
+            takes = set(DICT_KEYS)
+        self.input_names = tuple(k for k in DICT_KEYS if k == "input_ids" or k in takes)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

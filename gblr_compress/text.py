@@ -32,6 +32,7 @@ from torch import nn
 from gblr_compress.adapter import DictCall, find_tokenizer
 from gblr_compress.checkpoint import short_reason
 from gblr_compress.errors import InputError
+from gblr_compress.pooling import SentencePooling
 
 __all__ = [
     "COPY_LENGTH_CHOICES",
@@ -360,8 +361,9 @@ def _special_id(folder: Path, tok: Any, key: str) -> int | None:
 
 def forward_inputs(model: nn.Module) -> list[str]:
     """Names of the keyword arguments ``model.forward`` takes (``**kwargs`` not included);
-    for a :class:`~gblr_compress.adapter.DictCall`, the keys its model reads."""
-    if isinstance(model, DictCall):
+    for a load-time wrapper (:class:`~gblr_compress.adapter.DictCall`,
+    :class:`~gblr_compress.pooling.SentencePooling`), the token inputs its model reads."""
+    if isinstance(model, (DictCall, SentencePooling)):
         return list(model.input_names)
     try:
         params = inspect.signature(model.forward).parameters.values()

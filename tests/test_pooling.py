@@ -17,6 +17,7 @@ from torch import nn
 from gblr_compress.checkpoint import load_model
 from gblr_compress.cli import main
 from gblr_compress.pooling import SentenceChain, SentencePooling, pool, read_sentence_chain
+from gblr_compress.text import forward_inputs
 
 ST = "sentence_transformers.models."
 
@@ -80,6 +81,7 @@ def test_the_wrapper_passes_what_the_base_takes_and_normalizes() -> None:
     base = _NoTypes()
     wrapped = SentencePooling(base, ("mean",), normalize=True)
     assert wrapped.input_names == ("input_ids", "attention_mask")
+    assert forward_inputs(wrapped) == ["input_ids", "attention_mask"]  # what text batches carry
     ids = torch.randint(0, 20, (3, 6))
     mask = torch.ones(3, 6, dtype=torch.long)
     mask[0, 4:] = 0
