@@ -565,6 +565,15 @@ def wordnet_examples() -> list[str]:
     return parse_wordnet(line for f in files for line in f.read_text(encoding="utf-8", errors="replace").splitlines())
 
 
+def general_english(count: int = 2000) -> list[str]:
+    """The package's general English sentences (``gblr_compress/data/general_english.txt``,
+    read by :func:`gblr_compress.text.general_texts`): ``count`` WordNet usage examples
+    evenly spaced over the even positions of ``wordnet.txt``, so none is among the odd
+    positions the MiniLM suite scores its ``wordnet`` source on."""
+    even = wordnet_examples()[0::2]
+    return even[:: max(1, len(even) // count)][:count]
+
+
 def wordnet_spread(count: int) -> list[str]:
     """``count`` WordNet usage examples, evenly spaced over every part of speech (the
     ``--heldout`` text of a third source in ``deploy_bench`` / ``target_gap``)."""
@@ -588,10 +597,22 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--all", action="store_true", help="models and text (the default)")
     what.add_argument("--models", action="store_true", help="only the model folders")
     what.add_argument("--text", action="store_true", help="only the sentence files")
+    what.add_argument("--general-text", action="store_true",
+                      help="only rewrite the package's general English sentences (gblr_compress/data/)")
     ap.add_argument("--out", type=Path, help="cache folder (sets GBLR_BENCH_CACHE; default ~/.cache/gblr-compress-bench)")
     args = ap.parse_args(argv)
     if args.out is not None:
         os.environ["GBLR_BENCH_CACHE"] = str(args.out)
+    if args.general_text:
+        try:
+            lines = general_english()
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        path = Path(__file__).resolve().parents[1] / "gblr_compress" / "data" / "general_english.txt"
+        _write_lines(path, lines)
+        print(f"{len(lines):7d} sentences  {path}")
+        return 0
     do_models, do_text = not args.text, not args.models
     root = cache_dir()
     print(f"cache: {root}")

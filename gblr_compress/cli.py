@@ -303,6 +303,11 @@ def _config(build: Callable[[], Any]) -> Any:
                    "across texts (never held out). Templated or narrow calibration text then carries further to "
                    "text unlike it.  [default: up to 2, keeping the training texts within 1,000; 0 for a causal LM "
                    "and for --target-fidelity's shift probe, which is reordered text]")
+@click.option("--general-text", default=None, type=click.IntRange(0, 2000), metavar="N",
+              help="With --calib-text: train also on N general English sentences shipped with the package "
+                   "(WordNet usage examples; never held out), so a narrow calibration file carries further to "
+                   "text unlike it. 0 for a model that serves other languages or text unlike sentences.  "
+                   "[default: as many as bring the training texts to 2,000; 0 for a causal LM]")
 @click.option("--vocab-share", default=0.0, show_default=True, type=click.FloatRange(0, 1), metavar="R",
               help="Share of the words in each reordered copy replaced by words drawn from the tokenizer's "
                    "vocabulary (0: the copies keep the calibration text's words). Widens what the statistics "
@@ -375,7 +380,7 @@ def _config(build: Callable[[], Any]) -> Any:
 def compress_cmd(model: str, budget: float | None, target_fidelity: float | None, allow_dense: bool,
                  quantize: str | None, int8_tolerance: float, export_dtype: str, output: str, factory: str | None, calib: str | None,
                  calib_text: str | None, heldout: str | None, tokenizer: str | None, shift_probe: bool,
-                 reorder_copies: int | None, vocab_share: float, copy_lengths: str, max_length: int, batch_size: int | None,
+                 reorder_copies: int | None, general_text: int | None, vocab_share: float, copy_lengths: str, max_length: int, batch_size: int | None,
                  input_spec: str | None, steps: int | None, lr: float, loss: str, augment: float, seed: int,
                  data_free: bool, no_prune: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
                  time_budget: float | None, compress_tied: bool, teacher_cache_mb: float, activation_mb: float,
@@ -425,7 +430,7 @@ def compress_cmd(model: str, budget: float | None, target_fidelity: float | None
     ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
               calib_text=calib_text, heldout=heldout, tokenizer=tokenizer, shift_probe=shift_probe,
-              reorder_copies=reorder_copies, vocab_share=vocab_share, copy_lengths=copy_lengths, max_length=max_length, batch_size=batch_size,
+              reorder_copies=reorder_copies, general_text=general_text, vocab_share=vocab_share, copy_lengths=copy_lengths, max_length=max_length, batch_size=batch_size,
               max_memory_gb=max_memory, quantize=quantize, int8_tolerance=int8_tolerance, export_dtype=export_dtype,
               trust_checkpoint=trust_checkpoint, min_fidelity=min_fidelity,
               force=force, report=report, opset=opset, verify=not no_verify, config=config)

@@ -301,6 +301,7 @@ def prepare(
     share_teacher: bool = False,
     held: Sequence[Batch] | None = None,
     extra_fit: Sequence[Batch] = (),
+    distill_fit: Sequence[Batch] = (),
 ) -> Prepared:
     """The budget-independent first half of :func:`compress`: copies of the model, the
     target layers, the layers left dense, the fit / held-out split and the statistics.
@@ -318,6 +319,11 @@ def prepare(
     ``extra_fit``: batches that only train (statistics and distillation), added after
     the split so none is ever held out: the job's reordered copies of the fit texts
     (:attr:`~gblr_compress.job.Job.reorder_copies`).
+
+    ``distill_fit``: batches that only train the distillation, added after the
+    statistics: the package's general English sentences
+    (:attr:`~gblr_compress.job.Job.general_text`), which would otherwise also move the
+    init's statistics and with them its choice of forms.
 
     Raises:
         InputError: no Linear layers to compress, or none that may be compressed.
@@ -353,6 +359,8 @@ def prepare(
     # The statistics do not depend on the budget, only on the data and the settings.
     init_cfg = _init_config(config, False, bool(fit))
     stats = collect_stats(dense, init_cfg, fit or None, heldout or None, usable, progress)
+    if fit:
+        fit += [move_batch(b, device) for b in distill_fit]
     return Prepared(teacher, dense, usable, left_dense, fit, heldout, stats, t_start)
 
 
@@ -364,6 +372,7 @@ def compress(
     share_teacher: bool = False,
     held: Sequence[Batch] | None = None,
     extra_fit: Sequence[Batch] = (),
+    distill_fit: Sequence[Batch] = (),
 ) -> CompressResult:
     """Compress the Linear layers of ``model`` to the global budget (the model's values
     are not modified; with ``share_teacher`` it serves as the teacher, see :func:`prepare`).
@@ -377,7 +386,7 @@ def compress(
         calib: calibration batches (each one forward call's input). Without them the
             init is data-free and there is no distillation.
         progress: gets a :class:`~gblr_compress.progress.ProgressEvent` per unit of work.
-        share_teacher, held, extra_fit: see :func:`prepare`.
+        share_teacher, held, extra_fit, distill_fit: see :func:`prepare`.
 
     Returns:
         A :class:`CompressResult` whose ``model`` is the frozen student.
@@ -387,7 +396,8 @@ def compress(
         >>> sum(r.cost for r in result.records.values()) <= result.max_cost
         True
     """
-    return compress_prepared(prepare(model, config, calib, progress, share_teacher, held, extra_fit), config, progress,
+    return compress_prepared(prepare(model, config, calib, progress, share_teacher, held, extra_fit,
+                                     distill_fit), config, progress,
                              release_stats=True)
 
 

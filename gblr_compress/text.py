@@ -44,6 +44,9 @@ __all__ = [
     "carried_tokenizer",
     "copy_varies",
     "forward_inputs",
+    "GENERAL_TEXTS",
+    "general_texts",
+    "looks_english",
     "is_causal_lm",
     "load_tokenizer",
     "mix_vocabulary",
@@ -62,6 +65,10 @@ _INSTALL = "pip install transformers tokenizers"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TEXT_SUFFIXES = (".txt", *JSONL_SUFFIXES)
 TABLE_SUFFIXES = (".csv", ".tsv")  # refused: their lines are rows of columns, not texts
+# The general English sentences shipped in the package (data/general_english.txt,
+# WordNet 3.0 usage examples under its license, data/WORDNET_LICENSE.txt).
+_GENERAL_FILE = Path(__file__).resolve().parent / "data" / "general_english.txt"
+GENERAL_TEXTS = 2000
 
 
 def read_texts(path: str | os.PathLike) -> list[str]:
@@ -126,6 +133,44 @@ class TextTokenizer:
     vocab_size: int
     source: str
     words: tuple[str, ...] = ()
+
+
+def general_texts(count: int, seed: int = 0) -> list[str]:
+    """``count`` of the package's general English sentences (at most
+    :data:`GENERAL_TEXTS`), a seeded sample in the file's order: short everyday
+    sentences over the whole vocabulary of WordNet's usage examples, which train beside
+    a narrow calibration file (:attr:`~gblr_compress.job.Job.general_text`).
+
+    Raises:
+        InputError: ``count`` is negative or above what the package ships, or the file
+            is missing from the installation.
+    """
+    if count < 0 or count > GENERAL_TEXTS:
+        raise InputError(f"--general-text must be in [0, {GENERAL_TEXTS}] (the sentences the package ships), "
+                         f"got {count}")
+    if count == 0:
+        return []
+    try:
+        lines = [s for s in _GENERAL_FILE.read_text(encoding="utf-8").splitlines() if s.strip()]
+    except OSError as exc:
+        raise InputError(f"the package's general English sentences are missing ({_GENERAL_FILE}): "
+                         f"{short_reason(exc)}; reinstall gblr-compress or pass --general-text 0") from None
+    picked = sorted(torch.randperm(len(lines), generator=torch.Generator().manual_seed(seed))[:count].tolist())
+    return [lines[i] for i in picked]
+
+
+# Function words of English: a text holding one of them is taken for English text.
+_ENGLISH_WORDS = frozenset("the a an of and to in is are was it that for on with as this by".split())
+
+
+def looks_english(texts: Sequence[str]) -> bool:
+    """Whether at least half of ``texts`` hold a common English function word, the test
+    the automatic :attr:`~gblr_compress.job.Job.general_text` makes before adding English
+    sentences to calibration text (another language, code or tabular text gets none)."""
+    if not texts:
+        return False
+    hits = sum(1 for t in texts if _ENGLISH_WORDS.intersection(w.strip(".,;:!?\"'()").lower() for w in t.split()))
+    return 2 * hits >= len(texts)
 
 
 def reorder_words(texts: Sequence[str], seed: int = 0, counts: Sequence[int] | None = None) -> list[str]:

@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from gblr_compress.cli import main
+from gblr_compress.errors import InputError
 from tests.cli_models import DictEncoder, SentenceWrapper, TiedLM
 
 pytest.importorskip("tokenizers")
@@ -313,6 +314,7 @@ def test_reordered_copies_of_the_training_texts_train_and_are_never_held_out(wor
     from gblr_compress.pipeline import CompressConfig, prepare
 
     def inputs_of(**kw):
+        kw.setdefault("general_text", 0)  # the general English sentences have a test of their own
         return load_inputs(Job(model=str(work["wrapper"]), output=str(tmp_path / "x.onnx"),
                                calib_text=str(work["txt"]), tokenizer=str(work["tok"]), max_length=16, batch_size=8,
                                trust_checkpoint=True, **kw))
@@ -374,3 +376,68 @@ def test_reordered_copies_of_the_training_texts_train_and_are_never_held_out(wor
         source = json.loads((tmp_path / f"c{copies}{lengths}.report.json").read_text())["source"]
         assert source["reorder_copies"] == copies and source["vocab_share"] == share
         assert source["copy_lengths"] == lengths and source["varied_copies"] == varied
+
+
+def test_general_english_sentences_train_beside_a_small_file_and_are_never_held_out(work, tmp_path) -> None:
+    # --calib-text: the package's general English sentences fill the training texts up to
+    # 2,000; they train the distillation only (never held out, never in the statistics).
+    from gblr_compress import text as T
+    from gblr_compress.job import GENERAL_FILL, Job, general_text_count, load_inputs
+    from gblr_compress.pipeline import CompressConfig, prepare
+
+    def inputs_of(**kw):
+        return load_inputs(Job(model=str(work["wrapper"]), output=str(tmp_path / "x.onnx"),
+                               calib_text=str(work["txt"]), tokenizer=str(work["tok"]), max_length=16, batch_size=8,
+                               trust_checkpoint=True, **kw))
+
+    shipped = T.general_texts(T.GENERAL_TEXTS)
+    assert len(shipped) == T.GENERAL_TEXTS == 2000 and len(set(shipped)) == 2000
+    assert T.general_texts(5, seed=1) == T.general_texts(5, seed=1) != T.general_texts(5, seed=2)
+    assert set(T.general_texts(300)) <= set(shipped) and T.general_texts(0) == []
+    for bad in (-1, 2001):
+        with pytest.raises(InputError, match="--general-text must be in"):
+            T.general_texts(bad)
+    # The auto rule: up to 2,000 training texts, none for a causal LM nor for texts that
+    # are not English; asked for, as asked.
+    assert GENERAL_FILL == 2000
+    english = ["The cat sat on the mat."]
+    assert [general_text_count(None, english * n, False) for n in (72, 1999, 2000, 5000)] == [1928, 1, 0, 0]
+    assert general_text_count(None, english * 72, True) == 0 and general_text_count(7, english * 72, True) == 7
+    other = ["Die Katze sitzt auf der Matte.", "def f(x): return x + 1", "SELECT id FROM t;"]
+    assert not T.looks_english(other) and general_text_count(None, other, False) == 0
+    assert T.looks_english(other[:1] + english) and not T.looks_english([])
+    assert general_text_count(5, other, False) == 5
+    inputs, alone = inputs_of(reorder_copies=0, general_text=40), inputs_of(reorder_copies=0, general_text=0)
+    assert inputs.general_texts == 40 and alone.general_texts == 0 and alone.general == []
+    assert inputs.extra == alone.extra == []  # not among the batches the statistics see
+    tok = T.load_tokenizer(work["tok"])
+    want = T.text_batches(T.general_texts(40), tok, inputs.loaded.model, 16, 8)
+    assert len(inputs.general) == len(want) == 5
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(inputs.general, want, strict=True))
+    # They train the distillation; the held-out share is the file's own last batches, and
+    # the init's statistics are those of the file's training texts alone.
+    prep = prepare(inputs.loaded.model, CompressConfig(budget=0.5), inputs.calib, held=inputs.held,
+                   extra_fit=inputs.extra, distill_fit=inputs.general)
+    bare = prepare(alone.loaded.model, CompressConfig(budget=0.5), alone.calib, held=alone.held)
+    assert len(prep.fit) == 9 + 5 and len(prep.held) == 3 and len(bare.fit) == 9
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(prep.held, inputs.calib[9:], strict=True))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(prep.fit[9:], want, strict=True))
+    for name, moment in bare.stats.moments.items():
+        assert moment.count == prep.stats.moments[name].count
+        assert torch.equal(moment.mean(), prep.stats.moments[name].mean())
+    # By default, after the two reordered copies of the 72 training texts.
+    default = inputs_of()
+    assert default.reorder_copies == 2 and default.general_texts == 1928
+    tail = T.text_batches(T.general_texts(1928), tok, default.loaded.model, 16, 8)
+    assert len(default.general) == len(tail) == math.ceil(1928 / 8)
+    assert len(default.extra) == len(inputs_of(general_text=0).extra)  # the copies, as without them
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(default.general, tail, strict=True))
+    # The command: its report counts them and a note says so; 0 turns them off.
+    for extra, count in (([], 1928), (["--general-text", "0"], 0)):
+        out = tmp_path / f"g{count}.onnx"
+        code, msg = _run([work["wrapper"], *FAST, "--calib-text", work["txt"], "--tokenizer", work["tok"],
+                          "--max-length", "16", "--batch-size", "8", "--trust-checkpoint", *extra, "-o", out])
+        assert code == 0, msg
+        report = json.loads((tmp_path / f"g{count}.report.json").read_text())
+        assert report["source"]["general_texts"] == count
+        assert any("general English sentences" in n for n in report["notes"]) == bool(count)
