@@ -26,13 +26,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import numpy as np
-import onnxruntime as ort
 import torch
 
 from benchmarks import assets
 from benchmarks.common import run_main
 from benchmarks.minilm.sources import bench_cache
+from benchmarks.models_bench import _embeddings_onnx, _tokenize, encoder_fidelity
 from gblr_compress.checkpoint import load_model
 
 COUNT = 300
@@ -46,34 +45,23 @@ def sources() -> dict[str, list[str]]:
     return {"news": news, "wiki": wiki[:: max(1, len(wiki) // COUNT)][:COUNT]}
 
 
-def score(onnx_path: Path, reference: Path, batch: int = 32) -> dict[str, tuple[float, float]]:
-    """``{source: (mean cosine, min cosine)}`` of the file's ``sentence_embedding`` vs dense."""
-    model = load_model(reference).model.eval()
+@torch.no_grad()
+def _dense_embeddings(model: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
+    """The dense model's ``sentence_embedding``, batched and tokenized like the file's."""
+    return torch.cat([model(**_tokenize(tokenizer, texts[i:i + 32]))["sentence_embedding"]
+                      for i in range(0, len(texts), 32)])
+
+
+def score(onnx_path: Path, reference: Path) -> dict[str, dict[str, float]]:
+    """``{source: encoder_fidelity}`` (mean / min cosine, nearest-neighbour agreement) of
+    the file's ``sentence_embedding`` against the dense model's."""
     from transformers import AutoTokenizer
 
+    model = load_model(reference).model.eval()
     tok = AutoTokenizer.from_pretrained(str(reference))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    if "sentence_embedding" not in names:
-        raise SystemExit(f"{onnx_path} has no sentence_embedding output ({', '.join(names)})")
-    wanted = [i.name for i in sess.get_inputs()]
-    out = {}
-    for label, texts in sources().items():
-        cos = []
-        for i in range(0, len(texts), batch):
-            feats = tok(texts[i:i + batch], padding=True, truncation=True, max_length=256, return_tensors="np")
-            feed = {k: v for k, v in feats.items() if k in wanted}
-            with torch.no_grad():
-                ref = model(**{k: torch.as_tensor(v) for k, v in feed.items()})["sentence_embedding"].numpy()
-            got = dict(zip(names, sess.run(None, {k: np.asarray(v, dtype=np.int64) for k, v in feed.items()})))
-            emb = got["sentence_embedding"]
-            cos.append((emb * ref).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref, axis=1))
-        c = np.concatenate(cos)
-        out[label] = (float(c.mean()), float(c.min()))
-    return out
+    return {label: encoder_fidelity(_dense_embeddings(model, tok, texts),
+                                    _embeddings_onnx(onnx_path, tok, texts, True, output="sentence_embedding"))
+            for label, texts in sources().items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     ref = args.reference or assets.minilm_st_dir()
     res = score(args.onnx, ref)
-    print(f"{args.onnx}  " + "  ".join(f"{k} {m:.4f} / {n:.3f}" for k, (m, n) in res.items()))
+    print(f"{args.onnx}  " + "  ".join(f"{k} {f['mean_cos']:.4f} / {f['min_cos']:.3f}" for k, f in res.items()))
     return 0
 
 
