@@ -44,7 +44,7 @@ from gblr_compress.adapter import DICT_KEYS, DictCall, find_tokenizer, takes_one
 from gblr_compress.attention import call_attention_
 from gblr_compress.batches import Batch, as_batch_list, check_batch, is_tensor_mapping
 from gblr_compress.errors import InputError
-from gblr_compress.pooling import SentenceChain, SentencePooling, read_sentence_chain
+from gblr_compress.pooling import SentenceChain, SentencePooling, read_sentence_chain, transformer_folder
 from gblr_compress.swap import find_linears
 
 __all__ = [
@@ -367,7 +367,7 @@ def _load_hf_dir(p: Path, note: Callable[[str], None] | None = None) -> LoadedMo
         if chain is not None and note is not None:
             note(f"{p} is a sentence-transformers folder, but {chain}: compressed as its base model, "
                  "whose graph returns token states without the sentence embedding")
-        return _load_hf_model(p, note)
+        return _load_hf_model(transformer_folder(p), note)
     loaded = _load_hf_model(chain.base, note)
     base = type(loaded.model).__name__
     loaded.model = SentencePooling(loaded.model, chain.modes, chain.normalize).eval()

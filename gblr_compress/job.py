@@ -60,6 +60,7 @@ from gblr_compress.numerics import (
     to_float32,
 )
 from gblr_compress.pipeline import CompressConfig, CompressResult, compress
+from gblr_compress.pooling import transformer_folder
 from gblr_compress.progress import Progress, ProgressEvent
 from gblr_compress.report import REPORT_METADATA_KEY, CompressionReport, LayerReport, report_to_dict, write_report
 from gblr_compress.swap import find_linears, linear_shape
@@ -415,7 +416,9 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
     if job.tokenizer is not None:
         tokenizer = load_tokenizer(job.tokenizer)
     elif Path(job.model).is_dir():
-        tokenizer = load_tokenizer(job.model)
+        # A sentence-transformers folder may keep its base model and tokenizer in a
+        # subfolder (``0_Transformer``), as older ones do.
+        tokenizer = load_tokenizer(transformer_folder(Path(job.model)))
     else:
         # A pickled model may carry its tokenizer (sentence-transformers does).
         tokenizer = carried_tokenizer(loaded.model)

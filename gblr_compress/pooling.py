@@ -28,7 +28,7 @@ from torch import nn
 
 from gblr_compress.adapter import DICT_KEYS
 
-__all__ = ["POOLING_MODES", "SentenceChain", "SentencePooling", "pool", "read_sentence_chain"]
+__all__ = ["POOLING_MODES", "SentenceChain", "SentencePooling", "pool", "read_sentence_chain", "transformer_folder"]
 
 # The pooling modes this module computes, in the order sentence-transformers
 # concatenates them when several are on (``Pooling.forward``).
@@ -55,20 +55,41 @@ class SentenceChain:
     normalize: bool
 
 
+def _modules(folder: Path) -> list[tuple[str, str]] | str | None:
+    """``(type, path)`` of each module ``folder/modules.json`` lists, in order; a one-line
+    reason when the file cannot be read; None when there is none."""
+    path = folder / "modules.json"
+    if not path.is_file():
+        return None
+    try:
+        modules = json.loads(path.read_text())
+        return [(str(m["type"]), str(m.get("path", ""))) for m in sorted(modules, key=lambda m: int(m["idx"]))]
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        return f"its modules.json cannot be read ({type(exc).__name__})"
+
+
+def transformer_folder(folder: Path) -> Path:
+    """The folder holding a sentence-transformers folder's base model and tokenizer:
+    the path its ``modules.json`` gives the ``Transformer`` module (``""`` in folders
+    saved by sentence-transformers 2 and later; ``0_Transformer`` in older ones and in
+    some hub copies), or ``folder`` itself for a plain HuggingFace folder or a
+    ``modules.json`` that names no such directory."""
+    kinds = _modules(folder)
+    if not isinstance(kinds, list) or not kinds or kinds[0][0] != f"{_ST}Transformer":
+        return folder
+    base = folder / kinds[0][1]
+    return base if base.is_dir() else folder
+
+
 def read_sentence_chain(folder: Path) -> SentenceChain | str | None:
     """The chain ``folder/modules.json`` declares: a :class:`SentenceChain`, or a
     one-line reason why it cannot be computed here (a ``Dense`` layer, a weighted-mean
     or last-token pooling, an unreadable file), or None when the folder has no
     ``modules.json`` naming a sentence-transformers ``Transformer`` followed by a
     ``Pooling`` (a plain HuggingFace folder)."""
-    path = folder / "modules.json"
-    if not path.is_file():
-        return None
-    try:
-        modules = json.loads(path.read_text())
-        kinds = [(str(m["type"]), str(m.get("path", ""))) for m in sorted(modules, key=lambda m: int(m["idx"]))]
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        return f"its modules.json cannot be read ({type(exc).__name__})"
+    kinds = _modules(folder)
+    if not isinstance(kinds, list):
+        return kinds
     if len(kinds) < 2 or kinds[0][0] != f"{_ST}Transformer" or kinds[1][0] != f"{_ST}Pooling":
         return None
     rest = [k for k, _ in kinds[2:]]
@@ -87,7 +108,7 @@ def read_sentence_chain(folder: Path) -> SentenceChain | str | None:
     modes = tuple(m for m in POOLING_MODES if config.get(_CONFIG_KEYS[m]))
     if not modes:
         return "its pooling config turns no pooling mode on"
-    return SentenceChain(folder / kinds[0][1], modes, bool(rest))
+    return SentenceChain(transformer_folder(folder), modes, bool(rest))
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, modes: Sequence[str]) -> torch.Tensor:

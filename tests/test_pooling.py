@@ -196,3 +196,42 @@ def test_a_chain_not_computed_here_loads_the_base_model_with_a_note(st_folder, t
     loaded = load_model(folder, note=notes.append)
     assert not isinstance(loaded.model, SentencePooling)
     assert any("chains Dense after the pooling" in n and "compressed as its base model" in n for n in notes)
+
+
+def _move_base_into_subfolder(folder: Path, sub: str = "0_Transformer") -> None:
+    """Older sentence-transformers folders keep the base model and its tokenizer in
+    ``0_Transformer/``, which ``modules.json`` names as the Transformer's path."""
+    (folder / sub).mkdir()
+    for p in list(folder.iterdir()):
+        if p.is_file() and p.name != "modules.json":
+            p.rename(folder / sub / p.name)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules[0]["path"] = sub
+    (folder / "modules.json").write_text(json.dumps(modules))
+
+
+def test_a_folder_with_its_base_model_in_a_subfolder_loads_and_tokenizes(st_folder, tmp_path) -> None:
+    from gblr_compress.pooling import transformer_folder
+
+    folder = tmp_path / "old"
+    shutil.copytree(st_folder, folder)
+    _move_base_into_subfolder(folder)
+    assert not (folder / "config.json").exists() and not (folder / "tokenizer.json").exists()
+    assert transformer_folder(folder) == folder / "0_Transformer" and transformer_folder(st_folder) == st_folder
+    assert read_sentence_chain(folder) == SentenceChain(folder / "0_Transformer", ("mean",), True)
+    out = tmp_path / "old.onnx"
+    result = CliRunner().invoke(main, [str(folder), "--steps", "0", "--budget", "0.5", "--quiet",
+                                       "--calib-text", str(st_folder.parent / "calib.txt"), "--max-length", "16",
+                                       "--batch-size", "8", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()][-1] == "sentence_embedding"
+    # A chain not computed here still finds its base model in the subfolder.
+    dense = tmp_path / "old_dense"
+    shutil.copytree(folder, dense)
+    modules = json.loads((dense / "modules.json").read_text())
+    modules[2] = {"idx": 2, "name": "2", "path": "2_Dense", "type": ST + "Dense"}
+    (dense / "modules.json").write_text(json.dumps(modules))
+    notes: list[str] = []
+    loaded = load_model(dense, note=notes.append)
+    assert type(loaded.model).__name__ == "BertModel" and any("compressed as its base model" in n for n in notes)
