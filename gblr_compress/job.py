@@ -451,7 +451,9 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
                 break
             data.copies += 1
             data.varied += varied
-        general = general_texts(general_text_count(job.general_text, fit, causal), job.config.seed)
+        # They train the distillation only: a run without one tokenizes none.
+        wanted = general_text_count(job.general_text, fit, causal) if job.config.distill.steps > 0 else 0
+        general = general_texts(wanted, job.config.seed)
         if general:
             try:
                 data.general = batches_of(general)

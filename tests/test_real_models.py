@@ -409,6 +409,12 @@ def test_general_english_sentences_train_beside_a_small_file_and_are_never_held_
     assert general_text_count(5, other, False) == 5
     inputs, alone = inputs_of(reorder_copies=0, general_text=40), inputs_of(reorder_copies=0, general_text=0)
     assert inputs.general_texts == 40 and alone.general_texts == 0 and alone.general == []
+    # Only the distillation trains on them: none without one, even when asked for.
+    from gblr_compress.distill import DistillConfig
+
+    for asked in (None, 40):
+        still = inputs_of(reorder_copies=0, general_text=asked, config=CompressConfig(distill=DistillConfig(steps=0)))
+        assert still.general_texts == 0 and still.general == []
     assert inputs.extra == alone.extra == []  # not among the batches the statistics see
     tok = T.load_tokenizer(work["tok"])
     want = T.text_batches(T.general_texts(40), tok, inputs.loaded.model, 16, 8)
