@@ -526,3 +526,88 @@ def test_the_split_with_the_lower_heldout_output_loss_is_kept() -> None:
     # On this model the alternative is worse at 0.2 (1 - cosine 0.087 vs 0.057) and
     # better at 0.7 (0.016 vs 0.022): the choice follows the held-out outputs both ways.
     assert seen == {False, True}
+
+
+def test_pruned_heads_give_way_to_low_rank_where_heldout_outputs_say_so() -> None:
+    """Each attention group the init prunes is checked against its low-rank form (kept by
+    the init at the same allocation) on the model's held-out outputs, and the low-rank
+    form is put back only where it is clearly better; the exact cost stays within the
+    budget either way."""
+    import copy
+
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    from gblr_compress.distill import agreement
+    from gblr_compress.init import allocate, collect_stats
+    from gblr_compress.pipeline import CompressConfig, _keep_better_heads
+    from gblr_compress.swap import replace_module
+    from tests.test_coupling import Wrapper
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16, attn_implementation="eager")
+    teacher = Wrapper(transformers.BertModel(cfg, add_pooling_layer=False)).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(8.0) if p.dim() == 2 else None
+    gen = torch.Generator().manual_seed(1)
+    fit = [torch.randint(0, 50, (4, 12), generator=gen) for _ in range(6)]
+    held = [torch.randint(0, 50, (4, 12), generator=gen) for _ in range(8)]
+    icfg = InitConfig(budget=0.5, prune_kinds=("attention",))
+    stats = collect_stats(teacher, icfg, fit, held)
+
+    def score(model: torch.nn.Module) -> float:
+        return 1.0 - agreement(model.eval(), teacher, held, logits=False)["cosine"]
+
+    def built(spoil: str | None):
+        student = copy.deepcopy(teacher)
+        init = init_layers_(student, icfg, stats, allocate(stats, icfg))
+        assert init.unpruned, "the init pruned no heads"
+        consumer = next(iter(init.unpruned))
+        if spoil == "pruned":  # the pruned window writes nothing: low rank is clearly better
+            with torch.no_grad():
+                for p in student.get_submodule(consumer).parameters():
+                    p.zero_()
+        elif spoil == "low rank":  # the low-rank form writes nothing: pruning stays
+            for n, (module, _) in init.unpruned[consumer].items():
+                zero = copy.deepcopy(module)
+                with torch.no_grad():
+                    for p in zero.parameters():
+                        p.zero_()
+                init.unpruned[consumer][n] = (zero, init.unpruned[consumer][n][1])
+        return student, init, consumer
+
+    assert InitConfig().head_check and not InitConfig(head_check=False, budget=0.5).head_check
+    for spoil in ("pruned", "low rank", "tight"):
+        student, init, consumer = built("pruned" if spoil == "tight" else spoil)
+        group = list(init.unpruned[consumer])
+        extra = sum(rec.exact_cost - init.layers[n].exact_cost for n, (_, rec) in init.unpruned[consumer].items())
+        if spoil == "tight":  # no budget left for a low-rank form that costs more than the pruned one
+            assert extra > 0, "the low-rank form costs no more than the pruned one here"
+            init.budget_cost = init.exact_cost
+        other = copy.deepcopy(student)
+        for n, (module, _) in init.unpruned[consumer].items():
+            replace_module(other, n, copy.deepcopy(module))
+        before, low = score(student), score(other)
+        restored = _keep_better_heads(student, teacher, init, held, CompressConfig(budget=0.5), None)
+        assert init.unpruned == {}
+        if spoil == "tight":
+            assert consumer not in restored and score(student) == pytest.approx(before, rel=1e-6)
+            assert all("not checked on held-out outputs" in init.layers[n].reason for n in group)
+        elif spoil == "pruned":
+            assert consumer in restored and low < before
+            assert score(student) <= low + 1e-6  # later groups may have been put back too
+            assert all(init.layers[n].status != "pruned" and "lost on held-out outputs" in init.layers[n].reason
+                       for n in group)
+        else:
+            assert consumer not in restored and score(student) == pytest.approx(before, rel=1e-6)
+            assert all(init.layers[n].status == "pruned" and "held on held-out outputs" in init.layers[n].reason
+                       for n in group)
+        assert init.exact_cost <= init.budget_cost
+        skipped = sum(r.dense_cost for r in init.layers.values() if r.status == "skipped")
+        pruned = sum(r.exact_cost for r in init.layers.values() if r.status == "pruned")
+        assert init.max_cost == init.budget_cost - skipped - pruned
+    # Off, the init keeps no low-rank forms for the check.
+    off = InitConfig(budget=0.5, prune_kinds=("attention",), head_check=False)
+    assert init_layers_(copy.deepcopy(teacher), off, stats, allocate(stats, off)).unpruned == {}

@@ -296,6 +296,9 @@ def init_layers_(
     for group in groups:
         built.update(choose_group_form(group, modules, low_rank, stats, allocation, cfg, orders=orders))
     _spend_unit_remainders(groups, modules, low_rank, built, stats, allocation, cfg, budget, orders)
+    if cfg.head_check:  # pruned heads are checked on held-out outputs against these
+        result.unpruned = {g.consumer: {n: low_rank[n] for n in g.layers} for g in groups
+                           if g.kind == "attention" and all(built[n][1].status == "pruned" for n in g.layers)}
     for name in names:
         module, rec = built[name]
         if rec.status != "skipped":
