@@ -307,8 +307,7 @@ def _config(build: Callable[[], Any]) -> Any:
               help="With --calib-text: train also on N general English sentences shipped with the package "
                    "(WordNet usage examples; never held out), so a narrow calibration file carries further to "
                    "text unlike it. 0 for a model that serves other languages or text unlike sentences.  "
-                   "[default: as many as bring the training texts to 2,000; 0 for a causal LM; none with --steps 0, "
-                   "since only the distillation trains on them]")
+                   "[default: as many as bring the training texts to 2,000; 0 for a causal LM]")
 @click.option("--vocab-share", default=0.0, show_default=True, type=click.FloatRange(0, 1), metavar="R",
               help="Share of the words in each reordered copy replaced by words drawn from the tokenizer's "
                    "vocabulary (0: the copies keep the calibration text's words). Widens what the statistics "

@@ -318,12 +318,14 @@ def prepare(
 
     ``extra_fit``: batches that only train (statistics and distillation), added after
     the split so none is ever held out: the job's reordered copies of the fit texts
-    (:attr:`~gblr_compress.job.Job.reorder_copies`).
+    (:attr:`~gblr_compress.job.Job.reorder_copies`) and the package's general English
+    sentences (:attr:`~gblr_compress.job.Job.general_text`).
 
     ``distill_fit``: batches that only train the distillation, added after the
-    statistics: the package's general English sentences
-    (:attr:`~gblr_compress.job.Job.general_text`), which would otherwise also move the
-    init's statistics and with them its choice of forms.
+    statistics, so the init's statistics and its choice of forms stay those of the
+    other batches. (The general English sentences trained this way until pruned heads
+    were checked on held-out outputs; all-mpnet-base-v2 at 0.8 then kept 0.899 news
+    cosine, 0.925 with them in the statistics.)
 
     Raises:
         InputError: no Linear layers to compress, or none that may be compressed.

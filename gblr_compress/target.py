@@ -190,7 +190,7 @@ def run_target(
     peaks, seconds = inputs.peaks, inputs.seconds
     t0 = time.perf_counter()
     prep = prepare(inputs.loaded.model, job.config, inputs.calib, peaks, share_teacher=True, held=inputs.held,
-                   extra_fit=inputs.extra, distill_fit=inputs.general)
+                   extra_fit=inputs.extra + inputs.general)
     if not prep.held:
         raise InputError("--target-fidelity needs held-out calibration data to measure fidelity on "
                          "(give more calibration batches)")

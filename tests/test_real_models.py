@@ -380,7 +380,7 @@ def test_reordered_copies_of_the_training_texts_train_and_are_never_held_out(wor
 
 def test_general_english_sentences_train_beside_a_small_file_and_are_never_held_out(work, tmp_path) -> None:
     # --calib-text: the package's general English sentences fill the training texts up to
-    # 2,000; they train the distillation only (never held out, never in the statistics).
+    # 2,000; they train (the init's statistics and the distillation) and are never held out.
     from gblr_compress import text as T
     from gblr_compress.job import GENERAL_FILL, Job, general_text_count, load_inputs
     from gblr_compress.pipeline import CompressConfig, prepare
@@ -409,28 +409,32 @@ def test_general_english_sentences_train_beside_a_small_file_and_are_never_held_
     assert general_text_count(5, other, False) == 5
     inputs, alone = inputs_of(reorder_copies=0, general_text=40), inputs_of(reorder_copies=0, general_text=0)
     assert inputs.general_texts == 40 and alone.general_texts == 0 and alone.general == []
-    # Only the distillation trains on them: none without one, even when asked for.
+    # The init's statistics use them too: a run without a distillation gets them as well.
     from gblr_compress.distill import DistillConfig
 
-    for asked in (None, 40):
-        still = inputs_of(reorder_copies=0, general_text=asked, config=CompressConfig(distill=DistillConfig(steps=0)))
-        assert still.general_texts == 0 and still.general == []
-    assert inputs.extra == alone.extra == []  # not among the batches the statistics see
+    still = inputs_of(reorder_copies=0, general_text=40, config=CompressConfig(distill=DistillConfig(steps=0)))
+    assert still.general_texts == 40 and len(still.general) == 5
+    assert inputs.extra == alone.extra == []  # kept apart from the reordered copies
     tok = T.load_tokenizer(work["tok"])
     want = T.text_batches(T.general_texts(40), tok, inputs.loaded.model, 16, 8)
     assert len(inputs.general) == len(want) == 5
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(inputs.general, want, strict=True))
-    # They train the distillation; the held-out share is the file's own last batches, and
-    # the init's statistics are those of the file's training texts alone.
+    # They train, as the job passes them: the held-out share is the file's own last
+    # batches, and the init's statistics see them beside the file's training texts.
     prep = prepare(inputs.loaded.model, CompressConfig(budget=0.5), inputs.calib, held=inputs.held,
-                   extra_fit=inputs.extra, distill_fit=inputs.general)
+                   extra_fit=inputs.extra + inputs.general)
     bare = prepare(alone.loaded.model, CompressConfig(budget=0.5), alone.calib, held=alone.held)
     assert len(prep.fit) == 9 + 5 and len(prep.held) == 3 and len(bare.fit) == 9
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(prep.held, inputs.calib[9:], strict=True))
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(prep.fit[9:], want, strict=True))
     for name, moment in bare.stats.moments.items():
-        assert moment.count == prep.stats.moments[name].count
-        assert torch.equal(moment.mean(), prep.stats.moments[name].mean())
+        assert moment.count < prep.stats.moments[name].count
+        assert torch.equal(bare.stats.holdout[name].mean(), prep.stats.holdout[name].mean())
+    # distill_fit keeps batches out of the statistics (the library's other way).
+    apart = prepare(inputs.loaded.model, CompressConfig(budget=0.5), inputs.calib, held=inputs.held,
+                    distill_fit=inputs.general)
+    assert len(apart.fit) == 9 + 5
+    assert all(m.count == apart.stats.moments[n].count for n, m in bare.stats.moments.items())
     # By default, after the two reordered copies of the 72 training texts.
     default = inputs_of()
     assert default.reorder_copies == 2 and default.general_texts == 1928
