@@ -301,7 +301,6 @@ def prepare(
     share_teacher: bool = False,
     held: Sequence[Batch] | None = None,
     extra_fit: Sequence[Batch] = (),
-    distill_fit: Sequence[Batch] = (),
 ) -> Prepared:
     """The budget-independent first half of :func:`compress`: copies of the model, the
     target layers, the layers left dense, the fit / held-out split and the statistics.
@@ -320,12 +319,6 @@ def prepare(
     the split so none is ever held out: the job's reordered copies of the fit texts
     (:attr:`~gblr_compress.job.Job.reorder_copies`) and the package's general English
     sentences (:attr:`~gblr_compress.job.Job.general_text`).
-
-    ``distill_fit``: batches that only train the distillation, added after the
-    statistics, so the init's statistics and its choice of forms stay those of the
-    other batches. (The general English sentences trained this way until pruned heads
-    were checked on held-out outputs; all-mpnet-base-v2 at 0.8 then kept 0.899 news
-    cosine, 0.925 with them in the statistics.)
 
     Raises:
         InputError: no Linear layers to compress, or none that may be compressed.
@@ -361,8 +354,6 @@ def prepare(
     # The statistics do not depend on the budget, only on the data and the settings.
     init_cfg = _init_config(config, False, bool(fit))
     stats = collect_stats(dense, init_cfg, fit or None, heldout or None, usable, progress)
-    if fit:
-        fit += [move_batch(b, device) for b in distill_fit]
     return Prepared(teacher, dense, usable, left_dense, fit, heldout, stats, t_start)
 
 
@@ -374,7 +365,6 @@ def compress(
     share_teacher: bool = False,
     held: Sequence[Batch] | None = None,
     extra_fit: Sequence[Batch] = (),
-    distill_fit: Sequence[Batch] = (),
 ) -> CompressResult:
     """Compress the Linear layers of ``model`` to the global budget (the model's values
     are not modified; with ``share_teacher`` it serves as the teacher, see :func:`prepare`).
@@ -388,7 +378,7 @@ def compress(
         calib: calibration batches (each one forward call's input). Without them the
             init is data-free and there is no distillation.
         progress: gets a :class:`~gblr_compress.progress.ProgressEvent` per unit of work.
-        share_teacher, held, extra_fit, distill_fit: see :func:`prepare`.
+        share_teacher, held, extra_fit: see :func:`prepare`.
 
     Returns:
         A :class:`CompressResult` whose ``model`` is the frozen student.
@@ -398,9 +388,8 @@ def compress(
         >>> sum(r.cost for r in result.records.values()) <= result.max_cost
         True
     """
-    return compress_prepared(prepare(model, config, calib, progress, share_teacher, held, extra_fit,
-                                     distill_fit), config, progress,
-                             release_stats=True)
+    return compress_prepared(prepare(model, config, calib, progress, share_teacher, held, extra_fit), config,
+                             progress, release_stats=True)
 
 
 def compress_prepared(prep: Prepared, config: CompressConfig, progress: Progress | None = None,
@@ -626,10 +615,9 @@ def _keep_better_heads(
             _add_reason(init, low_rank, f"held on held-out outputs ({what} {before:.4g} vs {after:.4g} low rank, "
                                         f"over {rows} rows)")
             continue
-        for n, (_, rec) in low_rank.items():
-            rec.reason = (f"{rec.reason}; kept low rank: the heads' pruned window lost on held-out outputs "
-                          f"({what} {before:.4g} vs {after:.4g} low rank, over {rows} rows)")
-            init.layers[n] = rec
+        init.layers.update({n: rec for n, (_, rec) in low_rank.items()})
+        _add_reason(init, low_rank, f"kept low rank: the heads' pruned window lost on held-out outputs "
+                                    f"({what} {before:.4g} vs {after:.4g} low rank, over {rows} rows)")
         current = trial
         restored.append(consumer)
     init.unpruned = {}

@@ -74,7 +74,11 @@ def transformer_folder(folder: Path) -> Path:
     saved by sentence-transformers 2 and later; ``0_Transformer`` in older ones and in
     some hub copies), or ``folder`` itself for a plain HuggingFace folder or a
     ``modules.json`` that names no such directory."""
-    kinds = _modules(folder)
+    return _base_folder(folder, _modules(folder))
+
+
+def _base_folder(folder: Path, kinds: list[tuple[str, str]] | str | None) -> Path:
+    """:func:`transformer_folder` from ``folder``'s modules (:func:`_modules`) already read."""
     if not isinstance(kinds, list) or not kinds or kinds[0][0] != f"{_ST}Transformer":
         return folder
     base = folder / kinds[0][1]
@@ -108,7 +112,7 @@ def read_sentence_chain(folder: Path) -> SentenceChain | str | None:
     modes = tuple(m for m in POOLING_MODES if config.get(_CONFIG_KEYS[m]))
     if not modes:
         return "its pooling config turns no pooling mode on"
-    return SentenceChain(transformer_folder(folder), modes, bool(rest))
+    return SentenceChain(_base_folder(folder, kinds), modes, bool(rest))
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, modes: Sequence[str]) -> torch.Tensor:

@@ -430,11 +430,6 @@ def test_general_english_sentences_train_beside_a_small_file_and_are_never_held_
     for name, moment in bare.stats.moments.items():
         assert moment.count < prep.stats.moments[name].count
         assert torch.equal(bare.stats.holdout[name].mean(), prep.stats.holdout[name].mean())
-    # distill_fit keeps batches out of the statistics (the library's other way).
-    apart = prepare(inputs.loaded.model, CompressConfig(budget=0.5), inputs.calib, held=inputs.held,
-                    distill_fit=inputs.general)
-    assert len(apart.fit) == 9 + 5
-    assert all(m.count == apart.stats.moments[n].count for n, m in bare.stats.moments.items())
     # By default, after the two reordered copies of the 72 training texts.
     default = inputs_of()
     assert default.reorder_copies == 2 and default.general_texts == 1928
