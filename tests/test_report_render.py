@@ -55,3 +55,23 @@ def test_write_pngs(tmp_path: Path) -> None:
         pytest.skip("matplotlib not installed")
     paths = write_pngs(make_report(), tmp_path / "png")
     assert [p.name for p in paths] == ["enc.fc1.png"] and paths[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_inspect_names_the_shared_prefix_once() -> None:
+    from dataclasses import replace
+
+    from gblr_compress.report.render import common_prefix
+
+    assert common_prefix(["model.0.enc.fc1", "model.0.head"]) == "model.0."
+    assert common_prefix(["enc.fc1", "head"]) == "" and common_prefix(["a.b.c"]) == ""
+    assert common_prefix(["m.a", "m.a.b"]) == "m."  # never a name shown empty
+    rep = make_report()
+    rep.layers = [replace(l, name=f"wrapper.model.{l.name}") for l in rep.layers]
+    console = Console(record=True, width=120, force_terminal=False)
+    render_inspect(rep, console, heatmaps=False)
+    out = console.export_text()
+    assert "names after 'wrapper.model.'" in out
+    row = next(l for l in out.splitlines() if l.strip().startswith("enc.fc1") and "24 x 40" in l)
+    assert "compressed" in row
+    # The lines below the table keep whole names.
+    assert "wrapper.model.head: skipped: too small to pay off" in out

@@ -35,6 +35,20 @@ def _ratio(a: int | None, b: int | None) -> str:
 _WRAPPING = {"layer": 16, "ranks": 8, "windows": 12}
 
 
+def common_prefix(names: list[str]) -> str:
+    """The longest dotted prefix every name in ``names`` continues (``"model.0.model."``
+    for a wrapped encoder's layers), or ``""`` when there are fewer than two names or
+    the prefix would leave one of them empty."""
+    if len(names) < 2:
+        return ""
+    parts = [n.split(".") for n in names]
+    k = 0
+    # Stop one short of the shortest name: a name is never shown empty.
+    while k < min(len(p) for p in parts) - 1 and len({p[k] for p in parts}) == 1:
+        k += 1
+    return ".".join(parts[0][:k]) + "." if k else ""
+
+
 def _table(console: Console, title: str, *columns: str) -> Table:
     # The title is printed as its own line: a table title wraps to the table's width.
     console.print(Text(title, style="bold"))
@@ -216,17 +230,21 @@ def render_inspect(report: CompressionReport, console: Console, heatmaps: bool =
     """
     src = report.source.get("model", "?")
     console.print(f"gblr-compress report v{report.version} (tool {report.tool_version}, {report.created}) for {src}")
+    # The table's narrowest column is the layer's name; the part every name shares (a
+    # wrapper's "model.0.model.") is said once in the title instead of on every row.
+    prefix = common_prefix([l.name for l in report.layers])
     t = _table(
         console,
-        "Layers (windows: rows x cols per block; err / svd: init held-out error / whitened SVD at equal cost; "
-        "sens.: weight in the budget split, largest = 1)", "layer", "m x n", "status", "blocks", "ranks", "windows",
+        (f"Layers ({'names after ' + repr(prefix) + '; ' if prefix else ''}windows: rows x cols per block; "
+         "err / svd: init held-out error / whitened SVD at equal cost; sens.: weight in the budget split, "
+         "largest = 1)"), "layer", "m x n", "status", "blocks", "ranks", "windows",
         "cost", "share", "err / svd", "sens.", "form",
     )
     top = max((l.sensitivity for l in report.layers if l.sensitivity), default=None)
     for l in report.layers:
         ranks, windows = _block_cols(l)
         t.add_row(
-            l.name,
+            l.name[len(prefix):],
             f"{l.out_features} x {l.in_features}",
             l.status,
             str(l.blocks) if l.compressed else "-",
