@@ -281,7 +281,13 @@ def _config(build: Callable[[], Any]) -> Any:
 @click.option("--factory", default=None, metavar="PKG.MODULE:FN",
               help="Builds the architecture for a state_dict / .safetensors MODEL (safe: nothing is unpickled).")
 @click.option("--calib", default=None, type=click.Path(path_type=str),
-              help="Calibration data: .pt or .npz with a tensor, tuple/dict of tensors, or a list of batches.")
+              help="Calibration data: .pt or .npz with a tensor, tuple/dict of tensors, or a list of batches. "
+                   "An encoder's token batches (input_ids) are decoded to text when its tokenizer is found "
+                   "(--tokenizer, the model folder, a pickled model's own, or the local folder its HuggingFace "
+                   "model was loaded from) and calibrate as --calib-text does.")
+@click.option("--keep-calib-tokens", is_flag=True, default=False,
+              help="Use --calib's token batches as given: no decoding to text, so no reordered copies and no "
+                   "general English sentences beside them.")
 @click.option("--calib-text", default=None, type=click.Path(path_type=str),
               help="Calibration texts: .txt (one per line) or .jsonl (a \"text\" field per line), tokenized "
                    "with the model folder's tokenizer (or --tokenizer).")
@@ -292,8 +298,9 @@ def _config(build: Callable[[], Any]) -> Any:
                    "of the calibration batches. Text from the source the model will serve, unlike the "
                    "calibration text, makes those figures say what users will see.")
 @click.option("--tokenizer", default=None, type=click.Path(path_type=str), metavar="DIR",
-              help="Folder holding the tokenizer for --calib-text and text --heldout (default: the model folder, "
-                   "or the tokenizer a pickled model carries, as sentence-transformers models do).")
+              help="Folder holding the tokenizer for --calib-text, text --heldout and decoding --calib's tokens "
+                   "(default: the model folder, the tokenizer a pickled model carries, as sentence-transformers "
+                   "models do, or the local folder a pickled HuggingFace model was loaded from).")
 @click.option("--shift-probe/--no-shift-probe", default=True, show_default=True,
               help="With --target-fidelity, --calib-text and no --heldout: also decide on the shift probe (the "
                    "held-out texts' words reordered across texts). Held-out texts share the calibration "
@@ -380,7 +387,7 @@ def _config(build: Callable[[], Any]) -> Any:
 def compress_cmd(model: str, budget: float | None, target_fidelity: float | None, allow_dense: bool,
                  quantize: str | None, int8_tolerance: float, export_dtype: str, output: str, factory: str | None, calib: str | None,
                  calib_text: str | None, heldout: str | None, tokenizer: str | None, shift_probe: bool,
-                 reorder_copies: int | None, general_text: int | None, vocab_share: float, copy_lengths: str, max_length: int, batch_size: int | None,
+                 reorder_copies: int | None, general_text: int | None, keep_calib_tokens: bool, vocab_share: float, copy_lengths: str, max_length: int, batch_size: int | None,
                  input_spec: str | None, steps: int | None, lr: float, loss: str, augment: float, seed: int,
                  data_free: bool, no_prune: bool, max_blocks: int, include: tuple[str, ...], exclude: tuple[str, ...],
                  time_budget: float | None, compress_tied: bool, teacher_cache_mb: float, activation_mb: float,
@@ -430,7 +437,7 @@ def compress_cmd(model: str, budget: float | None, target_fidelity: float | None
     ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
               calib_text=calib_text, heldout=heldout, tokenizer=tokenizer, shift_probe=shift_probe,
-              reorder_copies=reorder_copies, general_text=general_text, vocab_share=vocab_share, copy_lengths=copy_lengths, max_length=max_length, batch_size=batch_size,
+              reorder_copies=reorder_copies, general_text=general_text, keep_calib_tokens=keep_calib_tokens, vocab_share=vocab_share, copy_lengths=copy_lengths, max_length=max_length, batch_size=batch_size,
               max_memory_gb=max_memory, quantize=quantize, int8_tolerance=int8_tolerance, export_dtype=export_dtype,
               trust_checkpoint=trust_checkpoint, min_fidelity=min_fidelity,
               force=force, report=report, opset=opset, verify=not no_verify, config=config)

@@ -125,6 +125,7 @@ class TextTokenizer:
         vocab_size: number of ids the tokenizer can produce.
         source: the folder it came from (for messages).
         words: the whole words of its vocabulary (:func:`vocabulary_words`), sorted.
+        decode: ``decode(ids) -> text``, special tokens left out (None: not known).
     """
 
     encode: Any
@@ -133,6 +134,7 @@ class TextTokenizer:
     vocab_size: int
     source: str
     words: tuple[str, ...] = ()
+    decode: Any = None
 
 
 def general_texts(count: int, seed: int = 0) -> list[str]:
@@ -368,6 +370,7 @@ def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer:
         vocab_size=tok.get_vocab_size(),
         source=str(p),
         words=vocabulary_words(tok.get_vocab()),
+        decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True),
     )
 
 
@@ -389,7 +392,50 @@ def _from_transformers(tok: Any, source: str) -> TextTokenizer:
         vocab_size=len(tok),
         source=source,
         words=vocabulary_words(tok.get_vocab()),
+        decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True),
     )
+
+
+def named_tokenizer(model: nn.Module) -> TextTokenizer | None:
+    """The tokenizer saved in the local folder a HuggingFace model inside ``model`` was
+    loaded from (its ``config._name_or_path``: a whole-model pickle or a wrapper of one
+    remembers it), or None when no such folder exists here or it holds no tokenizer."""
+    for mod in model.modules():
+        name = getattr(getattr(mod, "config", None), "_name_or_path", None)
+        if not isinstance(name, str) or not name:
+            continue
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            continue
+        try:
+            return load_tokenizer(folder)
+        except InputError:
+            continue
+    return None
+
+
+def decode_token_batches(batches: Sequence[Any], tokenizer: TextTokenizer) -> list[str] | None:
+    """The texts of token batches (dicts whose ``input_ids`` are a 2-D integer tensor;
+    ``attention_mask`` where given says which positions count): one text per row,
+    special tokens left out, empty rows dropped. None when a batch is not such a dict,
+    an id is outside the tokenizer's vocabulary, or the tokenizer cannot decode."""
+    if tokenizer.decode is None or not batches:
+        return None
+    texts = []
+    for batch in batches:
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            return None
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= tokenizer.vocab_size):
+            return None
+        mask = batch.get("attention_mask")
+        for i, row in enumerate(ids.tolist()):
+            if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+                row = [t for t, m in zip(row, mask[i].tolist()) if m]
+            text = " ".join(str(tokenizer.decode(row)).split())
+            if text:
+                texts.append(text)
+    return texts or None
 
 
 def _special_id(folder: Path, tok: Any, key: str) -> int | None:

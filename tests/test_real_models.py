@@ -446,3 +446,58 @@ def test_general_english_sentences_train_beside_a_small_file_and_are_never_held_
         report = json.loads((tmp_path / f"g{count}.report.json").read_text())
         assert report["source"]["general_texts"] == count
         assert any("general English sentences" in n for n in report["notes"]) == bool(count)
+
+
+def test_token_calibration_is_decoded_to_text_when_the_tokenizer_is_found(work, tmp_path) -> None:
+    # --calib's token batches of an encoder, decoded with the tokenizer found, calibrate
+    # as --calib-text does: reordered copies and general English sentences beside them.
+    from gblr_compress import text as T
+    from gblr_compress.job import Job, load_inputs
+
+    tok = T.load_tokenizer(work["tok"])
+    texts = T.read_texts(work["txt"])
+    wrapper = torch.load(work["wrapper"], weights_only=False)
+    batches = T.text_batches(texts, tok, wrapper, 16, 8)
+    assert sorted(T.decode_token_batches(batches, tok)) == sorted(texts)  # batched by length
+    # Padding is left out by the mask, special tokens by the decoder; what is no token
+    # batch, or holds ids outside the vocabulary, is not decoded.
+    assert T.decode_token_batches([{"input_ids": torch.tensor([[2, 5, 3, 0]]),
+                                    "attention_mask": torch.tensor([[1, 1, 1, 0]])}], tok) == [tok.decode([5])]
+    for bad in ([torch.ones(2, 3, dtype=torch.long)], [{"input_ids": torch.ones(2, 3)}],
+                [{"input_ids": torch.tensor([[tok.vocab_size]])}], [{"input_ids": torch.tensor([[0]])}], []):
+        assert T.decode_token_batches(bad, tok) is None
+    # The tokenizer in the local folder a HuggingFace model was loaded from.
+    holder = torch.nn.Module()
+    holder.inner = torch.nn.Module()
+    holder.inner.config = type("Config", (), {"_name_or_path": str(work["tok"])})()
+    assert T.named_tokenizer(holder).source == str(work["tok"])
+    holder.inner.config._name_or_path = str(tmp_path / "gone")
+    assert T.named_tokenizer(holder) is None and T.named_tokenizer(wrapper) is None
+
+    calib = tmp_path / "calib.pt"
+    torch.save(batches, calib)
+
+    def inputs_of(**kw):
+        return load_inputs(Job(model=str(work["wrapper"]), output=str(tmp_path / "x.onnx"), calib=str(calib),
+                               max_length=16, batch_size=8, trust_checkpoint=True, **kw))
+
+    decoded = inputs_of(tokenizer=str(work["tok"]))
+    (tmp_path / "decoded.txt").write_text("\n".join(T.decode_token_batches(batches, tok)) + "\n")
+    text = load_inputs(Job(model=str(work["wrapper"]), output=str(tmp_path / "x.onnx"),
+                           calib_text=str(tmp_path / "decoded.txt"),
+                           tokenizer=str(work["tok"]), max_length=16, batch_size=8, trust_checkpoint=True))
+    assert "decoded to 96 texts" in decoded.decoded and str(work["tok"]) in decoded.decoded
+    assert decoded.general_texts == text.general_texts > 0 and decoded.reorder_copies == text.reorder_copies == 2
+    for a, b in ((decoded.calib, text.calib), (decoded.extra, text.extra), (decoded.general, text.general)):
+        assert len(a) == len(b) and all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
+    # Kept as given: asked for, or no tokenizer found (this wrapper carries none).
+    for kept in (inputs_of(tokenizer=str(work["tok"]), keep_calib_tokens=True), inputs_of()):
+        assert kept.decoded is None and kept.general_texts == 0 and kept.extra == []
+        assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(kept.calib, batches, strict=True))
+    # The command's report says so.
+    out = tmp_path / "d.onnx"
+    code, msg = _run([work["wrapper"], *FAST, "--calib", calib, "--tokenizer", work["tok"], "--max-length", "16",
+                      "--batch-size", "8", "--trust-checkpoint", "-o", out])
+    assert code == 0, msg
+    report = json.loads((tmp_path / "d.report.json").read_text())
+    assert any("decoded to 96 texts" in n for n in report["notes"]) and report["source"]["general_texts"] > 0
