@@ -283,8 +283,8 @@ def _config(build: Callable[[], Any]) -> Any:
 @click.option("--calib", default=None, type=click.Path(path_type=str),
               help="Calibration data: .pt or .npz with a tensor, tuple/dict of tensors, or a list of batches. "
                    "An encoder's token batches (input_ids) are decoded to text when its tokenizer is found "
-                   "(--tokenizer, the model folder, a pickled model's own, or the local folder its HuggingFace "
-                   "model was loaded from) and calibrate as --calib-text does.")
+                   "(--tokenizer, the model folder, a pickled model's own, or that of the local folder or cached Hub "
+                   "model its HuggingFace model was loaded from) and calibrate as --calib-text does.")
 @click.option("--keep-calib-tokens", is_flag=True, default=False,
               help="Use --calib's token batches as given: no decoding to text, so no reordered copies and no "
                    "general English sentences beside them.")
@@ -300,7 +300,8 @@ def _config(build: Callable[[], Any]) -> Any:
 @click.option("--tokenizer", default=None, type=click.Path(path_type=str), metavar="DIR",
               help="Folder holding the tokenizer for --calib-text, text --heldout and decoding --calib's tokens "
                    "(default: the model folder, the tokenizer a pickled model carries, as sentence-transformers "
-                   "models do, or the local folder a pickled HuggingFace model was loaded from).")
+                   "models do, or that of the local folder or cached Hub model a pickled HuggingFace model was "
+                   "loaded from).")
 @click.option("--shift-probe/--no-shift-probe", default=True, show_default=True,
               help="With --target-fidelity, --calib-text and no --heldout: also decide on the shift probe (the "
                    "held-out texts' words reordered across texts). Held-out texts share the calibration "

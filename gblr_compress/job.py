@@ -187,7 +187,8 @@ class Job:
         keep_calib_tokens: use ``calib``'s token batches as given. Off (the default), an
             encoder's token batches are decoded to text with the tokenizer that
             ``calib_text`` would use (found without ``tokenizer`` too: carried by the
-            model, or in the local folder its HuggingFace model was loaded from) and
+            model, or that of the folder or cached Hub model its HuggingFace model was
+            loaded from) and
             calibrate as ``calib_text`` does, with reordered copies and general English
             sentences beside them (:func:`_decoded_calibration`).
         config: the compression settings.
@@ -406,8 +407,9 @@ def split_texts(texts: Sequence[str], batches: Sequence[Batch], holdout_fraction
 
 def _text_tokenizer(job: Job, loaded: LoadedModel) -> TextTokenizer | None:
     """The tokenizer that text calibration uses: ``--tokenizer``, else the model
-    folder's, else one the pickled model carries, else the one in the local folder a
-    HuggingFace model inside it was loaded from; None when there is none."""
+    folder's, else one the pickled model carries, else the one of the local folder or
+    cached Hub model a HuggingFace model inside it was loaded from
+    (:func:`~gblr_compress.text.named_tokenizer`); None when there is none."""
     from gblr_compress.text import carried_tokenizer, load_tokenizer, named_tokenizer
 
     if job.tokenizer is not None:

@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,22 +397,46 @@ def _from_transformers(tok: Any, source: str) -> TextTokenizer:
     )
 
 
-def named_tokenizer(model: nn.Module) -> TextTokenizer | None:
-    """The tokenizer saved in the local folder a HuggingFace model inside ``model`` was
-    loaded from (its ``config._name_or_path``: a whole-model pickle or a wrapper of one
-    remembers it), or None when no such folder exists here or it holds no tokenizer."""
+# A HuggingFace Hub model id ("sentence-transformers/all-MiniLM-L6-v2", "gpt2").
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def named_tokenizer(model: nn.Module, cache_dir: str | os.PathLike | None = None) -> TextTokenizer | None:
+    """The tokenizer of the name a HuggingFace model inside ``model`` was loaded by (its
+    ``config._name_or_path``, which a whole-model pickle or a wrapper of one remembers):
+    saved in that local folder, or, for a Hub model id, in the local HuggingFace cache
+    (``cache_dir``, default: the usual one; local files only, nothing is downloaded).
+    None when neither holds one."""
     for mod in model.modules():
         name = getattr(getattr(mod, "config", None), "_name_or_path", None)
         if not isinstance(name, str) or not name:
             continue
         folder = Path(name).expanduser()
-        if not folder.is_dir():
-            continue
-        try:
-            return load_tokenizer(folder)
-        except InputError:
-            continue
+        if folder.is_dir():
+            try:
+                return load_tokenizer(folder)
+            except InputError:
+                continue
+        elif _HUB_ID.match(name):
+            tok = _cached_tokenizer(name, cache_dir)
+            if tok is not None:
+                return tok
     return None
+
+
+def _cached_tokenizer(name: str, cache_dir: str | os.PathLike | None) -> TextTokenizer | None:
+    """The tokenizer of Hub model ``name`` in the local HuggingFace cache, or None."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(
+            name, local_files_only=True, trust_remote_code=False,
+            cache_dir=None if cache_dir is None else str(cache_dir))
+    except Exception:  # not in the cache (OSError), or a tokenizer that cannot load here
+        return None
+    return _from_transformers(tok, f"{name} in the local HuggingFace cache")
 
 
 def decode_token_batches(batches: Sequence[Any], tokenizer: TextTokenizer) -> list[str] | None:

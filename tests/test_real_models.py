@@ -473,6 +473,19 @@ def test_token_calibration_is_decoded_to_text_when_the_tokenizer_is_found(work, 
     assert T.named_tokenizer(holder).source == str(work["tok"])
     holder.inner.config._name_or_path = str(tmp_path / "gone")
     assert T.named_tokenizer(holder) is None and T.named_tokenizer(wrapper) is None
+    # A Hub model id: the tokenizer in the local HuggingFace cache (local files only).
+    pytest.importorskip("transformers")
+    snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("abc123")
+    for f in work["tok"].iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    holder.inner.config._name_or_path = "acme/tiny"
+    cached = T.named_tokenizer(holder, cache_dir=tmp_path / "hub")
+    assert cached.source == "acme/tiny in the local HuggingFace cache" and cached.vocab_size == tok.vocab_size
+    holder.inner.config._name_or_path = "acme/elsewhere"
+    assert T.named_tokenizer(holder, cache_dir=tmp_path / "hub") is None
 
     calib = tmp_path / "calib.pt"
     torch.save(batches, calib)
