@@ -439,14 +439,21 @@ def _cached_tokenizer(name: str, cache_dir: str | os.PathLike | None) -> TextTok
     return _from_transformers(tok, f"{name} in the local HuggingFace cache")
 
 
+# Decoded rows must tokenize back to their ids, or the text is not what the batches
+# hold (a sentence pair's two segments read as one text, another tokenizer's ids).
+DECODE_MATCH = 0.9
+
+
 def decode_token_batches(batches: Sequence[Any], tokenizer: TextTokenizer) -> list[str] | None:
     """The texts of token batches (dicts whose ``input_ids`` are a 2-D integer tensor;
     ``attention_mask`` where given says which positions count): one text per row,
     special tokens left out, empty rows dropped. None when a batch is not such a dict,
-    an id is outside the tokenizer's vocabulary, or the tokenizer cannot decode."""
+    an id is outside the tokenizer's vocabulary, the tokenizer cannot decode, or fewer
+    than :data:`DECODE_MATCH` of the rows tokenize back to their own ids (with or
+    without the special tokens)."""
     if tokenizer.decode is None or not batches:
         return None
-    texts = []
+    texts, same, rows = [], 0, 0
     for batch in batches:
         ids = batch.get("input_ids") if isinstance(batch, dict) else None
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
@@ -458,9 +465,11 @@ def decode_token_batches(batches: Sequence[Any], tokenizer: TextTokenizer) -> li
             if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
                 row = [t for t, m in zip(row, mask[i].tolist()) if m]
             text = " ".join(str(tokenizer.decode(row)).split())
+            rows += 1
+            same += row in (list(tokenizer.encode(text, True)), list(tokenizer.encode(text, False)))
             if text:
                 texts.append(text)
-    return texts or None
+    return texts if texts and same >= DECODE_MATCH * rows else None
 
 
 def _special_id(folder: Path, tok: Any, key: str) -> int | None:

@@ -463,6 +463,12 @@ def test_token_calibration_is_decoded_to_text_when_the_tokenizer_is_found(work, 
     # batch, or holds ids outside the vocabulary, is not decoded.
     assert T.decode_token_batches([{"input_ids": torch.tensor([[2, 5, 3, 0]]),
                                     "attention_mask": torch.tensor([[1, 1, 1, 0]])}], tok) == [tok.decode([5])]
+    assert T.decode_token_batches([{"input_ids": torch.tensor([[5, 6]])}], tok) == [tok.decode([5, 6])]
+    # Rows that do not tokenize back to their ids are no text of this tokenizer's: a
+    # sentence pair's two segments, or ids a tokenizer never makes ([CLS] inside).
+    pair = torch.tensor([tok.encode("the cat", True) + tok.encode("a dog", True)[1:]])
+    assert T.decode_token_batches([{"input_ids": pair}], tok) is None
+    assert T.decode_token_batches([{"input_ids": torch.tensor([[5, 2, 6]])}], tok) is None
     for bad in ([torch.ones(2, 3, dtype=torch.long)], [{"input_ids": torch.ones(2, 3)}],
                 [{"input_ids": torch.tensor([[tok.vocab_size]])}], [{"input_ids": torch.tensor([[0]])}], []):
         assert T.decode_token_batches(bad, tok) is None
