@@ -52,9 +52,14 @@ from torch import nn
 
 from benchmarks import assets
 from benchmarks.common import run_main
-from benchmarks.minilm.model import SentenceEncoder
 from benchmarks.minilm.sources import calib_sentences, eval_set
-from benchmarks.models_bench import _embeddings_onnx, _embeddings_torch, _tokenize, encoder_fidelity
+from benchmarks.models_bench import (
+    _embeddings_onnx,
+    _embeddings_torch,
+    _tokenize,
+    encoder_fidelity,
+    pickled_minilm_wrapper,
+)
 from gblr_compress.export import export_onnx
 from gblr_compress.export.measure import latency
 from gblr_compress.export.quantize import quantize_int8
@@ -165,16 +170,10 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(2)
     add_anchor(args.anchor_budgets)
-    from transformers import AutoModel, AutoTokenizer
-
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        folder = assets.minilm_dir()
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        dense = SentenceEncoder(AutoModel.from_pretrained(str(folder), local_files_only=True)).eval()
-        wrapper = work / "minilm_wrapper.pt"
-        torch.save(dense, wrapper)
+        folder, tokenizer, dense, wrapper = pickled_minilm_wrapper(work)
         if args.calib_source == "wiki":
             calib_all, _ = assets.wiki_split()
         else:

@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -122,6 +123,20 @@ def speedup(dense: Path, compressed: Path, batch: dict[str, torch.Tensor], round
             times[key] = time.perf_counter() - t
         ratios.append(times["d"] / times["c"])
     return statistics.median(ratios)
+
+
+def pickled_minilm_wrapper(work: Path, name: str = "minilm_wrapper.pt") -> tuple[Path, Any, nn.Module, Path]:
+    """all-MiniLM-L6-v2's ``BertModel`` in the usual sentence-embedding wrapper, pickled
+    into ``work`` as a user pickles it: ``(its folder, its tokenizer, the dense wrapper,
+    the pickle's path)``."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = assets.minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    dense = SentenceEncoder(AutoModel.from_pretrained(str(folder), local_files_only=True)).eval()
+    path = work / name
+    torch.save(dense, path)
+    return folder, tokenizer, dense, path
 
 
 def _tokenize(tokenizer, texts: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:

@@ -2,8 +2,9 @@
 given as text (``--calib-text``), through the command, on the MiniLM sentence-embedding
 wrapper as a user pickles it.
 
-The wrapper (:class:`~benchmarks.minilm.model.SentenceEncoder` around the ``BertModel``
-of :func:`assets.minilm_dir`, so its ``config._name_or_path`` is that folder) and the
+The wrapper (:func:`~benchmarks.models_bench.pickled_minilm_wrapper`: the ``BertModel``
+of :func:`assets.minilm_dir` in a sentence-embedding wrapper, so its
+``config._name_or_path`` is that folder) and the
 calibration sentences (default: the MiniLM suite's 256 hand-written ones) saved as
 token batches of 32 rows, as a user tokenizes them. Per budget, the command runs on:
 
@@ -39,10 +40,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-from benchmarks import assets
 from benchmarks.common import run_main
-from benchmarks.minilm.model import SentenceEncoder
-from benchmarks.models_bench import _embeddings_onnx, _embeddings_torch, encoder_fidelity
+from benchmarks.models_bench import _embeddings_onnx, _embeddings_torch, encoder_fidelity, pickled_minilm_wrapper
 from benchmarks.st_score import sources
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,15 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-file", type=Path, default=ROOT / "benchmarks" / "minilm" / "data" / "calib.txt")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
-    from transformers import AutoModel, AutoTokenizer
-
     work = args.workdir or Path(tempfile.mkdtemp(prefix="token-calib-"))
     work.mkdir(parents=True, exist_ok=True)
-    folder = assets.minilm_dir()
-    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    dense = SentenceEncoder(AutoModel.from_pretrained(str(folder), local_files_only=True)).eval()
-    wrapper = work / "wrapper.pt"
-    torch.save(dense, wrapper)
+    folder, tok, dense, wrapper = pickled_minilm_wrapper(work, "wrapper.pt")
     texts = _texts(args.calib_file)
     calib_txt, calib_pt = work / "calib.txt", work / "calib.pt"
     calib_txt.write_text("\n".join(texts) + "\n", encoding="utf-8")
