@@ -431,9 +431,8 @@ def _cached_tokenizer(name: str, cache_dir: str | os.PathLike | None) -> TextTok
     except ImportError:
         return None
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(
-            name, local_files_only=True, trust_remote_code=False,
-            cache_dir=None if cache_dir is None else str(cache_dir))
+        where = None if cache_dir is None else str(cache_dir)
+        tok = transformers.AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False, cache_dir=where)
     except Exception:  # not in the cache (OSError), or a tokenizer that cannot load here
         return None
     return _from_transformers(tok, f"{name} in the local HuggingFace cache")
