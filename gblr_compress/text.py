@@ -463,9 +463,12 @@ def decode_token_batches(batches: Sequence[Any], tokenizer: TextTokenizer) -> li
         for i, row in enumerate(ids.tolist()):
             if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
                 row = [t for t, m in zip(row, mask[i].tolist()) if m]
-            text = " ".join(str(tokenizer.decode(row)).split())
+            try:
+                text = " ".join(str(tokenizer.decode(row)).split())
+                same += row in (list(tokenizer.encode(text, True)), list(tokenizer.encode(text, False)))
+            except Exception:  # a tokenizer that fails on these ids: the batches stay tokens
+                return None
             rows += 1
-            same += row in (list(tokenizer.encode(text, True)), list(tokenizer.encode(text, False)))
             if text:
                 texts.append(text)
     return texts if texts and same >= DECODE_MATCH * rows else None

@@ -469,6 +469,13 @@ def test_token_calibration_is_decoded_to_text_when_the_tokenizer_is_found(work, 
     pair = torch.tensor([tok.encode("the cat", True) + tok.encode("a dog", True)[1:]])
     assert T.decode_token_batches([{"input_ids": pair}], tok) is None
     assert T.decode_token_batches([{"input_ids": torch.tensor([[5, 2, 6]])}], tok) is None
+
+    def fails(ids):
+        raise ValueError("no such piece")
+
+    from dataclasses import replace
+
+    assert T.decode_token_batches(batches, replace(tok, decode=fails)) is None
     for bad in ([torch.ones(2, 3, dtype=torch.long)], [{"input_ids": torch.ones(2, 3)}],
                 [{"input_ids": torch.tensor([[tok.vocab_size]])}], [{"input_ids": torch.tensor([[0]])}], []):
         assert T.decode_token_batches(bad, tok) is None
