@@ -188,9 +188,8 @@ class Job:
             encoder's token batches are decoded to text with the tokenizer that
             ``calib_text`` would use (found without ``tokenizer`` too: carried by the
             model, or that of the folder or cached Hub model its HuggingFace model was
-            loaded from) and
-            calibrate as ``calib_text`` does, with reordered copies and general English
-            sentences beside them (:func:`_decoded_calibration`).
+            loaded from) and calibrate as ``calib_text`` does, with reordered copies and
+            general English sentences beside them (:func:`_decoded_calibration`).
         config: the compression settings.
     """
 
@@ -422,10 +421,19 @@ def _text_tokenizer(job: Job, loaded: LoadedModel) -> TextTokenizer | None:
     return carried_tokenizer(loaded.model) or named_tokenizer(loaded.model)
 
 
-def _decoded_calibration(job: Job, loaded: LoadedModel) -> tuple[list[str], str] | None:
-    """``--calib``'s token batches as texts, with the note that says so, when they can
-    be calibrated on as ``--calib-text`` would be: an encoder (not a causal LM), token
-    batches (``input_ids``), a tokenizer found (:func:`_text_tokenizer`) whose
+@dataclass
+class DecodedCalibration:
+    """``--calib``'s token batches as texts (:func:`_decoded_calibration`)."""
+
+    texts: list[str]
+    tokenizer: TextTokenizer  # the one that decoded them, and tokenizes them again
+    note: str  # the report's note saying so
+
+
+def _decoded_calibration(job: Job, loaded: LoadedModel, batches: Sequence[Batch]) -> DecodedCalibration | None:
+    """``--calib``'s token batches (``batches``, read once by the caller) as texts, when
+    they can be calibrated on as ``--calib-text`` would be: an encoder (not a causal LM),
+    token batches (``input_ids``), a tokenizer found (:func:`_text_tokenizer`) whose
     vocabulary holds every id, and ``job.keep_calib_tokens`` off. None otherwise: the
     batches are used as given.
 
@@ -436,9 +444,8 @@ def _decoded_calibration(job: Job, loaded: LoadedModel) -> tuple[list[str], str]
     given, 0.966 / 0.971 and 0.902 / 0.908 decoded (benchmarks/token_calib.py)."""
     from gblr_compress.text import decode_token_batches, is_causal_lm
 
-    if job.keep_calib_tokens or not job.calib or job.calib_text or is_causal_lm(loaded.model):
+    if job.keep_calib_tokens or is_causal_lm(loaded.model):
         return None
-    batches = load_calib(job.calib)
     if not any(isinstance(b, dict) and "input_ids" in b for b in batches):
         return None
     try:
@@ -451,13 +458,14 @@ def _decoded_calibration(job: Job, loaded: LoadedModel) -> tuple[list[str], str]
     note = (f"--calib's token batches were decoded to {len(texts)} texts with the tokenizer from "
             f"{tokenizer.source} and calibrate as --calib-text would (reordered copies, general English "
             "sentences); --keep-calib-tokens uses the batches as given")
-    return texts, note
+    return DecodedCalibration(texts, tokenizer, note)
 
 
 def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
                       option: str = "--calib-text", probe: bool = False, copies: bool = False,
-                      texts: Sequence[str] | None = None) -> TextData:
-    """Batches tokenized from ``texts``, else from ``path`` (default: ``job.calib_text``); with ``probe`` the
+                      decoded: DecodedCalibration | None = None) -> TextData:
+    """Batches tokenized from ``decoded``'s texts with its tokenizer, else from ``path``
+    (default: ``job.calib_text``) with :func:`_text_tokenizer`'s; with ``probe`` the
     shift probe's batches: the words of the texts in the held-out batches, reordered
     (None when they make no batch); with ``copies`` the reordered copies of the texts
     the run trains on (:func:`split_texts`), a ``job.vocab_share`` of their words drawn
@@ -473,8 +481,10 @@ def _text_calibration(job: Job, loaded: LoadedModel, path: str | None = None,
         text_row_sources,
     )
 
-    texts = list(texts) if texts is not None else read_texts(job.calib_text if path is None else path)
-    tokenizer = _text_tokenizer(job, loaded)
+    if decoded is not None:
+        texts, tokenizer = decoded.texts, decoded.tokenizer
+    else:
+        texts, tokenizer = read_texts(job.calib_text if path is None else path), _text_tokenizer(job, loaded)
     if tokenizer is None:
         raise InputError(f"{option} needs the model's tokenizer: give --tokenizer DIR "
                          "(a HuggingFace folder holding it)")
@@ -778,12 +788,12 @@ def load_inputs(job: Job, progress: Progress | None = None,
 
     if job.copy_lengths not in COPY_LENGTH_CHOICES:
         raise InputError(f"--copy-lengths must be one of {', '.join(COPY_LENGTH_CHOICES)}, got {job.copy_lengths!r}")
-    decoded = _decoded_calibration(job, loaded)  # the report's notes say so
+    given = load_calib(job.calib) if job.calib else None  # read once: decoded, or used as given
+    decoded = None if given is None else _decoded_calibration(job, loaded, given)  # the report's notes say so
     if job.calib_text or decoded is not None:
         # Decoded token batches make no shift probe: the search that uses it turns the
         # reordered copies off for --calib-text only (target.search_job).
-        text = _text_calibration(job, loaded, probe=probe and shift_probing(job), copies=True,
-                                 texts=None if decoded is None else decoded[0])
+        text = _text_calibration(job, loaded, probe=probe and shift_probing(job), copies=True, decoded=decoded)
         calib, probe_batches, extra, copies, varied = text.batches, text.probe, text.extra, text.copies, text.varied
         general, general_count = text.general, text.general_texts
         synthetic = False
@@ -791,8 +801,10 @@ def load_inputs(job: Job, progress: Progress | None = None,
             _warn(f"only {text.texts} calibration texts: quality falls with fewer (all-MiniLM-L6-v2 at budget "
                   "0.5 kept mean cosine 0.778 from 64 sentences, 0.879 from 256); a few hundred or more "
                   "are recommended")
+    elif given is not None:
+        calib, synthetic = given, False
     else:
-        calib, synthetic = calibration_batches(job.calib, loaded, job.input_spec, job.synthetic_batches,
+        calib, synthetic = calibration_batches(None, loaded, job.input_spec, job.synthetic_batches,
                                                job.config.seed, warnings)
     if not calib:
         raise InputError("the calibration data holds no batches")
@@ -828,7 +840,7 @@ def load_inputs(job: Job, progress: Progress | None = None,
     peaks.close("load")
     return JobInputs(loaded, list(calib), synthetic, example, estimate, available, out, report_path,
                      peaks, t_start, seconds, warnings, cast, dtype, held, probe_batches, extra, copies, varied,
-                     general_count, general, None if decoded is None else decoded[1])
+                     general_count, general, None if decoded is None else decoded.note)
 
 
 def deploy_bench(job: Job, inputs: JobInputs, dense_cost: int, probe: bool = False) -> Bench:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from gblr_compress.adapter import DictCall, find_tokenizer
+from gblr_compress.batches import token_ids, token_mask
 from gblr_compress.checkpoint import short_reason
 from gblr_compress.errors import InputError
 from gblr_compress.pooling import SentencePooling
@@ -454,14 +455,14 @@ def decode_token_batches(batches: Sequence[Any], tokenizer: TextTokenizer) -> li
         return None
     texts, same, rows = [], 0, 0
     for batch in batches:
-        ids = batch.get("input_ids") if isinstance(batch, dict) else None
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        ids = token_ids(batch) if isinstance(batch, Mapping) else None
+        if ids is None:
             return None
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= tokenizer.vocab_size):
             return None
-        mask = batch.get("attention_mask")
+        mask = token_mask(batch)
         for i, row in enumerate(ids.tolist()):
-            if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+            if mask is not None and mask.shape == ids.shape:
                 row = [t for t, m in zip(row, mask[i].tolist()) if m]
             try:
                 text = " ".join(str(tokenizer.decode(row)).split())
