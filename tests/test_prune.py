@@ -469,6 +469,27 @@ def test_moments_carry_the_mean_input() -> None:
     assert Moment(torch.eye(2), 3).first() is None
 
 
+def _scaled_bert() -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
+    """A 2-layer BERT wrapper with weights 8x the init's (so that pruning visibly changes
+    its outputs), with 6 fit and 8 held-out batches of random tokens."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    from tests.test_coupling import Wrapper
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16, attn_implementation="eager")
+    teacher = Wrapper(transformers.BertModel(cfg, add_pooling_layer=False)).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(8.0) if p.dim() == 2 else None
+    gen = torch.Generator().manual_seed(1)
+    fit = [torch.randint(0, 50, (4, 12), generator=gen) for _ in range(6)]
+    held = [torch.randint(0, 50, (4, 12), generator=gen) for _ in range(8)]
+    return teacher, fit, held
+
+
 def test_the_split_with_the_lower_heldout_output_loss_is_kept() -> None:
     """The init's spectra-based split and the unit-split alternative are compared on the
     model's held-out outputs (1 - cosine, the report's fidelity, row by row), the
@@ -478,24 +499,14 @@ def test_the_split_with_the_lower_heldout_output_loss_is_kept() -> None:
 
     import pytest
 
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from gblr_compress.distill import agreement
     from gblr_compress.init import allocate, collect_stats
     from gblr_compress.init.model import unit_split_alternative
     from gblr_compress.pipeline import CompressConfig, _keep_better_split
     from gblr_compress.swap import replace_module
-    from tests.test_coupling import Wrapper
 
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=16, attn_implementation="eager")
-    teacher = Wrapper(transformers.BertModel(cfg, add_pooling_layer=False)).eval()
-    with torch.no_grad():  # larger weights than the init, so that pruning visibly changes outputs
-        for p in teacher.parameters():
-            p.mul_(8.0) if p.dim() == 2 else None
-    gen = torch.Generator().manual_seed(1)
-    fit = [torch.randint(0, 50, (4, 12), generator=gen) for _ in range(6)]
-    held = [torch.randint(0, 50, (4, 12), generator=gen) for _ in range(8)]
+    teacher, fit, held = _scaled_bert()
     config = CompressConfig(budget=0.3)
     seen = set()
     for budget in (0.2, 0.7):
@@ -537,23 +548,13 @@ def test_pruned_heads_give_way_to_low_rank_where_heldout_outputs_say_so() -> Non
 
     import pytest
 
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from gblr_compress.distill import agreement
     from gblr_compress.init import allocate, collect_stats
     from gblr_compress.pipeline import CompressConfig, _keep_better_heads
     from gblr_compress.swap import replace_module
-    from tests.test_coupling import Wrapper
 
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=16, attn_implementation="eager")
-    teacher = Wrapper(transformers.BertModel(cfg, add_pooling_layer=False)).eval()
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.mul_(8.0) if p.dim() == 2 else None
-    gen = torch.Generator().manual_seed(1)
-    fit = [torch.randint(0, 50, (4, 12), generator=gen) for _ in range(6)]
-    held = [torch.randint(0, 50, (4, 12), generator=gen) for _ in range(8)]
+    teacher, fit, held = _scaled_bert()
     icfg = InitConfig(budget=0.5, prune_kinds=("attention",))
     stats = collect_stats(teacher, icfg, fit, held)
 
@@ -611,3 +612,65 @@ def test_pruned_heads_give_way_to_low_rank_where_heldout_outputs_say_so() -> Non
     # Off, the init keeps no low-rank forms for the check.
     off = InitConfig(budget=0.5, prune_kinds=("attention",), head_check=False)
     assert init_layers_(copy.deepcopy(teacher), off, stats, allocate(stats, off)).unpruned == {}
+
+
+def test_other_groups_remainder_units_make_room_for_a_heads_low_rank_form() -> None:
+    """When the init's remainder rounding spent a pruned attention group's slack on other
+    groups' whole units, the head check gives those units back (last bought first) to
+    fit the group's low-rank form, judges both together on held-out outputs, and keeps
+    the units given back gone only when the low-rank heads are put back."""
+    import copy
+
+    import pytest
+
+    from gblr_compress.distill import agreement
+    from gblr_compress.init import allocate, collect_stats
+    from gblr_compress.pipeline import CompressConfig, _keep_better_heads
+
+    teacher, fit, held = _scaled_bert()
+    icfg = InitConfig(budget=0.8, prune_kinds=("attention", "ffn"))
+    stats = collect_stats(teacher, icfg, fit, held)
+
+    def score(model: torch.nn.Module) -> float:
+        return 1.0 - agreement(model.eval(), teacher, held, logits=False)["cosine"]
+
+    for spoil in ("pruned", "low rank"):
+        student = copy.deepcopy(teacher)
+        init = init_layers_(student, icfg, stats, allocate(stats, icfg))
+        # This split prunes both layers' heads and buys one FFN unit in each layer with
+        # the slack; layer 1's low-rank heads need more than what is left.
+        consumer = "inner.encoder.layer.1.attention.output.dense"
+        low_rank = init.unpruned[consumer]
+        extra = sum(rec.exact_cost - init.layers[n].exact_cost for n, (_, rec) in low_rank.items())
+        givers = [c for c, _ in init.remainders]
+        assert extra > init.budget_cost - init.exact_cost and len(givers) == 2, (extra, givers)
+        given = {c: dict(e) for c, e in init.remainders}
+        if spoil == "pruned":  # layer 1's pruned heads write nothing: low rank is clearly better
+            with torch.no_grad():
+                for p in student.get_submodule(consumer).parameters():
+                    p.zero_()
+        else:  # its low-rank form writes nothing: pruning and the units stay
+            for n, (module, rec) in list(low_rank.items()):
+                zero = copy.deepcopy(module)
+                with torch.no_grad():
+                    for p in zero.parameters():
+                        p.zero_()
+                low_rank[n] = (zero, rec)
+        ranks = {n: r.rank for n, r in init.layers.items()}
+        before = score(student)
+        restored = _keep_better_heads(student, teacher, init, held, CompressConfig(budget=0.8), None)
+        assert init.unpruned == {} and init.remainders == []
+        assert init.exact_cost <= init.budget_cost
+        moved = [c for c in givers if init.layers[c].rank == ranks[c] - 1]
+        if spoil == "pruned":
+            assert consumer in restored and score(student) < before
+            assert init.layers[consumer].status != "pruned" and "given back" in init.layers[consumer].reason
+            # enough units went back to pay for the low-rank heads, last bought first
+            assert moved and moved == givers[len(givers) - len(moved):]
+            for c in moved:
+                assert all(init.layers[n] is given[c][n][1] and student.get_submodule(n) is given[c][n][0]
+                           and "made room for the low-rank heads" in init.layers[n].reason for n in given[c])
+        else:
+            assert consumer not in restored and init.layers[consumer].status == "pruned"
+            assert moved == [] and score(student) == pytest.approx(before, rel=1e-6)
+            assert "given back" in init.layers[consumer].reason  # judged with the units gone

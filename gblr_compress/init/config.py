@@ -179,6 +179,11 @@ class InitResult:
         unpruned: for each attention group the init pruned (by its consumer's name),
             the group's low-rank layers ``{name: (module, record)}`` at the same
             allocation, for :attr:`InitConfig.head_check`; empty once that check ran.
+        remainders: the whole units the init bought with the run's slack (remainder
+            rounding), in the order bought, each as its group's consumer and the group's
+            layers before that unit ``{name: (module, record)}``: the head check gives
+            units back, last bought first, to make room for a low-rank form. Kept only
+            while ``unpruned`` is not empty.
     """
 
     layers: dict[str, LayerInit] = field(default_factory=dict)
@@ -187,6 +192,8 @@ class InitResult:
     seconds: float = 0.0
     data_free: bool = True
     unpruned: dict[str, dict[str, tuple[Any, LayerInit]]] = field(default_factory=dict, repr=False, compare=False)
+    remainders: list[tuple[str, dict[str, tuple[Any, LayerInit]]]] = field(default_factory=list, repr=False,
+                                                                           compare=False)
 
     @property
     def exact_cost(self) -> int:

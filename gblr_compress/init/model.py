@@ -295,10 +295,11 @@ def init_layers_(
     orders: dict[str, torch.Tensor] = {}  # each pruned group's unit order, by consumer
     for group in groups:
         built.update(choose_group_form(group, modules, low_rank, stats, allocation, cfg, orders=orders))
-    _spend_unit_remainders(groups, modules, low_rank, built, stats, allocation, cfg, budget, orders)
+    bought = _spend_unit_remainders(groups, modules, low_rank, built, stats, allocation, cfg, budget, orders)
     if cfg.head_check:  # pruned heads are checked on held-out outputs against these
         result.unpruned = {g.consumer: {n: low_rank[n] for n in g.layers} for g in groups
                            if g.kind == "attention" and all(built[n][1].status == "pruned" for n in g.layers)}
+        result.remainders = bought if result.unpruned else []
     for name in names:
         module, rec = built[name]
         if rec.status != "skipped":
@@ -394,9 +395,10 @@ def _spend_unit_remainders(
     cfg: InitConfig,
     budget: int,
     orders: dict[str, torch.Tensor],
-) -> None:
+) -> list[tuple[str, dict[str, tuple[nn.Module, LayerInit]]]]:
     """Give the budget that whole units leave unspent back to pruned groups, one unit at
-    a time, in ``built`` (in place).
+    a time, in ``built`` (in place). Returns the units bought, in order, each as its
+    group's consumer and the group's entries before it (:attr:`InitResult.remainders`).
 
     A pruned group keeps ``floor(allocation / unit cost)`` units, so up to one unit's
     cost of each group's share (a 384-wide head of all-MiniLM-L6-v2 costs 49,152, a
@@ -409,6 +411,7 @@ def _spend_unit_remainders(
     new selection.
     """
     slack = budget - sum(rec.exact_cost for _, rec in built.values())
+    bought: list[tuple[str, dict[str, tuple[nn.Module, LayerInit]]]] = []
     pending = []
     for group in groups:
         if not all(built[n][1].status == "pruned" for n in group.layers):
@@ -424,8 +427,10 @@ def _spend_unit_remainders(
         again = choose_group_form(group, modules, low_rank, stats, allocation, cfg,
                                   extra=(kept + 1) * per_unit - share, orders=orders)
         if again and all(rec.status == "pruned" and rec.rank == kept + 1 for _, rec in again.values()):
+            bought.append((group.consumer, {n: built[n] for n in group.layers}))
             built.update(again)
             slack -= per_unit
+    return bought
 
 
 def choose_group_form(
