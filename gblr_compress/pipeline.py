@@ -611,21 +611,18 @@ def _keep_better_heads(
         # A group's low-rank form has its allocation, but the init's remainder rounding
         # may have spent part of it on other groups' whole units: those give theirs back,
         # last bought first, until it fits.
-        room = init.budget_cost - init.exact_cost
-        room -= sum(rec.exact_cost - init.layers[n].exact_cost for n, (_, rec) in low_rank.items())
+        room = init.budget_cost - init.exact_cost - _cost_change(init, low_rank)
         givers: list[str] = []
-        back: dict[str, tuple[nn.Module, LayerInit]] = {}
         for other in reversed(list(bought)):
             if room >= 0:
                 break
-            before = bought[other]
-            room += sum(init.layers[n].exact_cost - rec.exact_cost for n, (_, rec) in before.items())
+            room -= _cost_change(init, bought[other])
             givers.append(other)
-            back.update(before)
         if room < 0:
             _add_reason(init, low_rank, "its low-rank form was not checked on held-out outputs (it does not fit "
                                         "the budget)")
             continue
+        back = {n: entry for other in givers for n, entry in bought[other].items()}
         trial_modules = {n: module for n, (module, _) in (low_rank | back).items()}
         kept = {n: student.get_submodule(n) for n in trial_modules}
         for n, module in trial_modules.items():
@@ -655,6 +652,12 @@ def _keep_better_heads(
     if init.exact_cost > init.budget_cost:  # the low-rank forms had the same allocation; a breach is a bug
         raise RuntimeError(f"the low-rank heads' cost {init.exact_cost} exceeds the budget's {init.budget_cost}")
     return restored
+
+
+def _cost_change(init: InitResult, entries: dict[str, tuple[Any, LayerInit]]) -> int:
+    """How much ``init``'s exact cost would change with ``entries`` (``{name: (module,
+    record)}``) in place of its records for those layers."""
+    return sum(rec.exact_cost - init.layers[n].exact_cost for n, (_, rec) in entries.items())
 
 
 def _add_reason(init: InitResult, group: dict[str, Any], note: str) -> None:

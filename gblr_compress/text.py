@@ -461,9 +461,10 @@ def decode_token_batches(batches: Sequence[Any], tokenizer: TextTokenizer) -> li
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= tokenizer.vocab_size):
             return None
         mask = token_mask(batch)
+        keep = mask.tolist() if mask is not None and mask.shape == ids.shape else None
         for i, row in enumerate(ids.tolist()):
-            if mask is not None and mask.shape == ids.shape:
-                row = [t for t, m in zip(row, mask[i].tolist()) if m]
+            if keep is not None:
+                row = [t for t, m in zip(row, keep[i]) if m]
             try:
                 text = " ".join(str(tokenizer.decode(row)).split())
                 same += row in (list(tokenizer.encode(text, True)), list(tokenizer.encode(text, False)))
