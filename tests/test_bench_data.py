@@ -182,3 +182,20 @@ def test_paired_comparison() -> None:
     assert (same.a_only, same.b_only, same.p_top1) == (0, 0, 1.0) and same.ci_mean_cos == (0.0, 0.0)
     # Sign test: 10 discordant queries all one way is p = 2 / 2^10; 5 to 5 is no evidence.
     assert mcnemar_p(10, 0) == pytest.approx(2 / 1024) and mcnemar_p(5, 5) == 1.0
+
+
+def test_template_text_is_one_family_for_calibration_and_others_for_evaluation(tmp_path) -> None:
+    """benchmarks/template_text.py: distinct sentences, the same for the same seed, and
+    no calibration sentence shares the evaluation templates' words or the suite's lines."""
+    from benchmarks.template_text import CALIB_COUNT, EVAL_COUNT, main, template_texts
+
+    calib, evaluation = template_texts()
+    assert (len(calib), len(set(calib)), len(evaluation), len(set(evaluation))) == (CALIB_COUNT,) * 2 + (EVAL_COUNT,) * 2
+    assert template_texts() == (calib, evaluation) and template_texts(seed=8) != (calib, evaluation)
+    assert all(" is " in s and s.endswith(".") for s in calib)  # one family: "<who> is <doing> <what> [where]."
+    words = {w.strip(".?").lower() for s in calib for w in s.split()}
+    assert not words & {"committee", "announced", "budget", "why", "report", "election", "honestly"}
+    assert not set(calib) & set(load_calib())
+    assert main(["--out", str(tmp_path)]) == 0
+    assert (tmp_path / "template_calib.txt").read_text(encoding="utf-8").splitlines() == calib
+    assert (tmp_path / "template_eval.txt").read_text(encoding="utf-8").splitlines() == evaluation
