@@ -338,8 +338,8 @@ def _config(build: Callable[[], Any]) -> Any:
                    "the calibration batches when there are more, the steps beyond 100 only while the "
                    "distillation stays within 3 minutes (timed on its first steps)]")
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Peak learning rate of the distilled content (a distillation that never beats the init "
-                   "on held-out data runs once more at a fifth of it).")
+              help="Peak learning rate of the distilled content (a distillation that has not beaten the "
+                   "init on held-out data by half its steps stops and runs once more at a fifth of it).")
 @click.option("--loss", type=click.Choice(["auto", "mse", "kl"]), default="auto", show_default=True,
               help="Distillation loss: auto = KL on a single 2-D output (logits), normalized MSE otherwise "
                    "(mse: the 2-D output is an embedding); padded positions are left out.")
@@ -434,7 +434,8 @@ def compress_cmd(model: str, budget: float | None, target_fidelity: float | None
                                                                           prune=not no_prune),
         distill=replace(default_distill(), lr=lr, loss=loss, teacher_cache_mb=teacher_cache_mb,
                         activation_mb=activation_mb,
-                        **({} if steps is None else {"steps": steps, "epochs": 0.0})),
+                        # --steps N is exactly N: a first run that gains nothing runs them all
+                        **({} if steps is None else {"steps": steps, "epochs": 0.0, "give_up": 0.0})),
     ))
     job = Job(model=model, output=output, factory=factory, calib=calib, input_spec=input_spec,
               calib_text=calib_text, heldout=heldout, tokenizer=tokenizer, shift_probe=shift_probe,

@@ -152,6 +152,13 @@ class DistillConfig:
             within this many seconds; ``steps`` themselves always run (unless a
             ``deadline`` cuts them). Keeps a large model's default run near its
             ``steps`` (MPNet-base: 3.8 s a step on 2 cores).
+        give_up: with held-out data, stop once this share of the steps has run and no
+            evaluation has beaten the state before training (0: never); the result's
+            ``gave_up`` says so and the student is left at its start, as a run that
+            never gains leaves it. For a run that a smaller step follows when it gains
+            nothing (:func:`~gblr_compress.pipeline.distill_and_recover`): the steps
+            after that point would be thrown away with it (the pipeline gives them to
+            the smaller step's run instead, ``DistillResult.unused``).
     """
 
     steps: int = 200
@@ -174,6 +181,7 @@ class DistillConfig:
     min_steps: int = 20
     epochs: float = 0.0
     extra_seconds: float = 180.0
+    give_up: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -206,6 +214,8 @@ class DistillConfig:
             raise ConfigError("activation_mb", f"must be >= 0, got {self.activation_mb}")
         if self.min_steps < 0:
             raise ConfigError("min_steps", f"must be >= 0, got {self.min_steps}")
+        if not 0.0 <= self.give_up < 1.0:
+            raise ConfigError("give_up", f"must be in [0, 1), got {self.give_up}")
 
     def planned_steps(self, batches: int) -> int:
         """Steps the loop plans over ``batches`` training batches before any timing
@@ -235,6 +245,9 @@ class DistillResult:
     estimate before the first step was low), None when it did not. ``retried`` says why
     the state kept comes from a second run at a smaller step (see
     :func:`~gblr_compress.pipeline.distill_and_recover`), None when there was none.
+    ``gave_up`` says why it stopped with no gain (``DistillConfig.give_up``: no held-out
+    evaluation beat the start by that share of the steps; ``steps`` is then the number
+    that ran and ``unused`` the number it had planned beyond them), None when it did not.
     """
 
     steps: int
@@ -247,6 +260,8 @@ class DistillResult:
     skipped: str | None = None
     cut: str | None = None
     retried: str | None = None
+    gave_up: str | None = None
+    unused: int = 0
 
 
 def gblr_layers(model: nn.Module) -> dict[str, GBLRLinear]:
@@ -976,6 +991,13 @@ def distill_(
                 result.stopped = _fault(done, None, held, heldout_before, checked)
                 if result.stopped:
                     break
+                if (config.give_up > 0 and held is not None and result.best_step == 0 and done < steps
+                        and done >= config.give_up * steps):
+                    # The steps left would be thrown away with the run (a smaller step
+                    # follows one that gains nothing), so they are not spent.
+                    result.gave_up = f"the held-out loss stayed above the start's for {done} of {steps} steps"
+                    result.unused = steps - done
+                    result.steps = steps = done  # the loop ends here, its progress complete
             if progress is not None:
                 progress(ProgressEvent(phase, done, steps, loss=loss.item(),
                                        cost=total_cost(layer_list), max_cost=max_cost, heldout=held))

@@ -165,10 +165,10 @@ def test_a_distillation_cut_after_its_timed_steps_runs_no_recovery(digits, monke
     assert any("stopped early" in n and "no recovery" in n for n in _distill_notes(result))
 
 
-def _retry_case(lr: float):
+def _retry_case(lr: float, give_up: float = 0.0, retry: bool = True):
     """A one-block encoder whose GBLR student distills 12 steps at ``lr`` (no recovery,
-    no augmentation); returns the distillation record and the phases of its progress
-    events."""
+    no augmentation; ``give_up`` and ``retry`` as in the configs); returns the
+    distillation record and the phases of its progress events."""
     from gblr_compress.budget import budget_cost
     from gblr_compress.distill import gblr_layers
     from gblr_compress.layer import GBLRLayerConfig, GBLRLinear
@@ -188,8 +188,8 @@ def _retry_case(lr: float):
         mask = torch.ones(4, 12, dtype=torch.long)
         mask[:, 9:] = torch.randint(0, 2, (4, 3), generator=gen)
         batches.append({"input_ids": ids, "attention_mask": mask})
-    cfg = CompressConfig(distill=DistillConfig(steps=12, eval_every=4, lr=lr), recover=RecoverConfig(steps=0),
-                         augment=0.0)
+    cfg = CompressConfig(distill=DistillConfig(steps=12, eval_every=4, lr=lr, give_up=give_up),
+                         recover=RecoverConfig(steps=0), augment=0.0, retry=retry)
     phases: list[str] = []
     distilled, _ = distill_and_recover(student, teacher, batches[:6], batches[6:], max_cost, cfg,
                                        progress=lambda event: phases.append(event.phase))
@@ -214,6 +214,69 @@ def test_a_distillation_that_never_beats_the_init_runs_again_at_a_fifth_of_the_s
     diverged, phases = _retry_case(0.5)
     assert diverged.stopped is not None and "diverged" in diverged.stopped
     assert diverged.retried is None and set(phases) == {"distill"}
+
+
+def test_a_first_distillation_that_has_not_gained_by_give_up_stops_and_the_smaller_step_runs() -> None:
+    from gblr_compress.pipeline import RETRY_GIVE_UP, default_distill
+
+    assert default_distill().give_up == RETRY_GIVE_UP == 0.5
+    small, _ = _retry_case(0.02)
+    # At 0.1 no evaluation beats the init: the evaluations at steps 4 and 8 are above it,
+    # and 8 >= half of 12, so the first run stops after 8 steps; the second run at 0.02
+    # gets its own 12 steps and the 4 the first gave up.
+    gave_up, phases = _retry_case(0.1, give_up=0.5)
+    assert phases == ["distill"] * 8 + ["retry"] * 16
+    assert gave_up.retried is not None
+    assert "stayed above the start's for 8 of 12 steps" in gave_up.retried and "retried at 0.02: kept step" in gave_up.retried
+    assert gave_up.gave_up is None and gave_up.steps == 16  # the record is the second run's
+    assert gave_up.heldout_after < gave_up.heldout_before
+    # A run that gains by then trains to its end, as before.
+    kept, phases = _retry_case(0.02, give_up=0.5)
+    assert kept.gave_up is None and kept.retried is None and phases == ["distill"] * 12
+    assert kept.heldout_after == pytest.approx(small.heldout_after, rel=1e-6)
+    # Without the second run the late steps are all the run has: it never gives up.
+    alone, phases = _retry_case(0.1, give_up=0.5, retry=False)
+    assert alone.gave_up is None and alone.retried is None and phases == ["distill"] * 12
+
+
+def test_distill_gives_up_only_with_held_out_data_and_leaves_the_start() -> None:
+    from dataclasses import replace
+
+    from torch import nn
+
+    from gblr_compress.distill import DistillConfig, distill_, gblr_layers
+    from gblr_compress.errors import ConfigError
+    from gblr_compress.layer import GBLRLayerConfig, GBLRLinear
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    batches = [torch.randn(8, 16) for _ in range(4)]
+
+    def student() -> nn.Module:
+        s = copy.deepcopy(teacher)
+        for name in ("0", "2"):
+            replace_module(s, name, GBLRLinear.from_linear(s.get_submodule(name), GBLRLayerConfig(1, 2)))
+        return s
+
+    before = {k: v.clone() for k, v in student().state_dict().items()}
+    s = student()
+    cost = sum(l.exact_cost() for l in gblr_layers(s).values())
+    # A large step: held-out loss 0.0164 at the start, 0.141 and 0.018 after 2 and 4
+    # steps, 0.015 after 6. Giving up at 0.4 of 10 steps stops after 4.
+    cfg = DistillConfig(steps=10, eval_every=2, lr=0.2, structure_lr=0.0, give_up=0.4)
+    r = distill_(s, teacher, batches[:3], cost, cfg, holdout=batches[3:])
+    assert r.gave_up == "the held-out loss stayed above the start's for 4 of 10 steps"
+    assert r.steps == 4 and r.unused == 6 and r.best_step == 0 and r.stopped is None
+    assert [h["step"] for h in r.history] == [0, 2, 4]
+    assert all(torch.equal(before[k], v) for k, v in s.state_dict().items())  # left at its start
+    # At 0.6 it reaches step 6, which beats the start: it trains to its end.
+    r = distill_(student(), teacher, batches[:3], cost, replace(cfg, give_up=0.6), holdout=batches[3:])
+    assert r.gave_up is None and r.unused == 0 and r.steps == 10 and r.best_step >= 6
+    # No held-out data: nothing to judge by, every step runs.
+    r = distill_(student(), teacher, batches[:3], cost, cfg)
+    assert r.gave_up is None and r.steps == 10
+    with pytest.raises(ConfigError):
+        DistillConfig(give_up=1.0)
 
 
 def _second_run_answers(monkeypatch, answer) -> None:
