@@ -805,7 +805,10 @@ def _retry_smaller_step(
         # news / Wikipedia cosine 0.968 / 0.974 vs 0.966 / 0.971; from the template
         # file 0.963 / 0.968 vs 0.961 / 0.967 (benchmarks/README.md, "The first
         # distillation gives up").
-        cfg = replace(cfg, steps=cfg.planned_steps(len(fit)) + first.unused, epochs=0.0)
+        # Its own plan is the first run's (the same batches, already trimmed to the
+        # time, see DistillConfig.extra_seconds), not planned_steps anew: MPNet-base's
+        # 100 steps would have become 5 passes over its batches, 355.
+        cfg = replace(cfg, steps=first.steps + 2 * first.unused, epochs=0.0)
     again = distill_(student, teacher, fit, max_cost, cfg, holdout=held,
                      progress=progress, phase="retry", deadline=deadline)
     if first.gave_up:

@@ -165,7 +165,7 @@ def test_a_distillation_cut_after_its_timed_steps_runs_no_recovery(digits, monke
     assert any("stopped early" in n and "no recovery" in n for n in _distill_notes(result))
 
 
-def _retry_case(lr: float, give_up: float = 0.0, retry: bool = True):
+def _retry_case(lr: float, give_up: float = 0.0, retry: bool = True, **distill):
     """A one-block encoder whose GBLR student distills 12 steps at ``lr`` (no recovery,
     no augmentation; ``give_up`` and ``retry`` as in the configs); returns the
     distillation record and the phases of its progress events."""
@@ -188,7 +188,7 @@ def _retry_case(lr: float, give_up: float = 0.0, retry: bool = True):
         mask = torch.ones(4, 12, dtype=torch.long)
         mask[:, 9:] = torch.randint(0, 2, (4, 3), generator=gen)
         batches.append({"input_ids": ids, "attention_mask": mask})
-    cfg = CompressConfig(distill=DistillConfig(steps=12, eval_every=4, lr=lr, give_up=give_up),
+    cfg = CompressConfig(distill=DistillConfig(steps=12, eval_every=4, lr=lr, give_up=give_up, **distill),
                          recover=RecoverConfig(steps=0), augment=0.0, retry=retry)
     phases: list[str] = []
     distilled, _ = distill_and_recover(student, teacher, batches[:6], batches[6:], max_cost, cfg,
@@ -230,6 +230,10 @@ def test_a_first_distillation_that_has_not_gained_by_give_up_stops_and_the_small
     assert "stayed above the start's for 8 of 12 steps" in gave_up.retried and "retried at 0.02: kept step" in gave_up.retried
     assert gave_up.gave_up is None and gave_up.steps == 16  # the record is the second run's
     assert gave_up.heldout_after < gave_up.heldout_before
+    # The second run's plan is the first one's as timed, not a new one: 5 passes over the
+    # 6 batches plan 30 steps, trimmed to the 12 that fit no extra seconds.
+    timed, phases = _retry_case(0.1, give_up=0.5, epochs=5.0, extra_seconds=0.0)
+    assert phases == ["distill"] * 8 + ["retry"] * 16 and timed.steps == 16
     # A run that gains by then trains to its end, as before.
     kept, phases = _retry_case(0.02, give_up=0.5)
     assert kept.gave_up is None and kept.retried is None and phases == ["distill"] * 12
