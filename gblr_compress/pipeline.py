@@ -770,8 +770,8 @@ def distill_and_recover(
 def _no_gain(result: DistillResult) -> bool:
     """Whether a distillation trained to its end (or gave up, ``DistillConfig.give_up``)
     and its best held-out state was still the one it started from (no evaluation after a
-    step beat it). One stopped on a
-    numerical fault is not run again: the report says why it stopped."""
+    step beat it). One stopped on a numerical fault is not run again: the report says
+    why it stopped."""
     return (result.steps > 0 and result.best_step == 0 and result.heldout_before is not None
             and not (result.skipped or result.cut or result.stopped))
 
@@ -798,16 +798,14 @@ def _retry_smaller_step(
     lr = dcfg.lr * RETRY_LR_FACTOR
     cfg = replace(dcfg, lr=lr, give_up=0.0)
     if first.unused:
-        # The steps the first run gave up go to this one (exactly that many more, as if
-        # --steps had said so), so the two take about the time the first alone had
-        # planned beside this one. MiniLM at 0.8 from 256 hand-written sentences, this
-        # run at 2e-4 for 555 steps instead of 370: held-out loss 0.0386 vs 0.0395,
-        # news / Wikipedia cosine 0.968 / 0.974 vs 0.966 / 0.971; from the template
-        # file 0.963 / 0.968 vs 0.961 / 0.967 (benchmarks/README.md, "The first
-        # distillation gives up").
-        # Its own plan is the first run's (the same batches, already trimmed to the
-        # time, see DistillConfig.extra_seconds), not planned_steps anew: MPNet-base's
-        # 100 steps would have become 5 passes over its batches, 355.
+        # This run plans the first run's steps (the same batches, already trimmed to the
+        # time, see DistillConfig.extra_seconds; planned_steps anew would turn
+        # MPNet-base's 100 into 5 passes over its batches, 355) plus the steps the first
+        # gave up, exactly, so the two take about the time they took before. MiniLM at
+        # 0.8 from 256 hand-written sentences, this run at 2e-4 for 555 steps instead of
+        # 370: held-out loss 0.0386 vs 0.0395, news / Wikipedia cosine 0.968 / 0.974 vs
+        # 0.966 / 0.971; from the template file 0.963 / 0.968 vs 0.961 / 0.967
+        # (benchmarks/README.md, "The first distillation gives up").
         cfg = replace(cfg, steps=first.steps + 2 * first.unused, epochs=0.0)
     again = distill_(student, teacher, fit, max_cost, cfg, holdout=held,
                      progress=progress, phase="retry", deadline=deadline)
