@@ -157,8 +157,7 @@ class DistillConfig:
             ``gave_up`` says so and the student is left at its start, as a run that
             never gains leaves it. For a run that a smaller step follows when it gains
             nothing (:func:`~gblr_compress.pipeline.distill_and_recover`): the steps
-            after that point would be thrown away with it (the pipeline gives them to
-            the smaller step's run instead, ``DistillResult.unused``).
+            after that point would be thrown away with it.
     """
 
     steps: int = 200
@@ -247,7 +246,7 @@ class DistillResult:
     :func:`~gblr_compress.pipeline.distill_and_recover`), None when there was none.
     ``gave_up`` says why it stopped with no gain (``DistillConfig.give_up``: no held-out
     evaluation beat the start by that share of the steps; ``steps`` is then the number
-    that ran and ``unused`` the number it had planned beyond them), None when it did not.
+    that ran), None when it did not.
     """
 
     steps: int
@@ -261,7 +260,6 @@ class DistillResult:
     cut: str | None = None
     retried: str | None = None
     gave_up: str | None = None
-    unused: int = 0
 
 
 def gblr_layers(model: nn.Module) -> dict[str, GBLRLinear]:
@@ -996,7 +994,6 @@ def distill_(
                     # The steps left would be thrown away with the run (a smaller step
                     # follows one that gains nothing), so they are not spent.
                     result.gave_up = f"the held-out loss stayed above the start's for {done} of {steps} steps"
-                    result.unused = steps - done
                     result.steps = steps = done  # the loop ends here, its progress complete
             if progress is not None:
                 progress(ProgressEvent(phase, done, steps, loss=loss.item(),

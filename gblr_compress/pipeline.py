@@ -65,8 +65,7 @@ RETRY_LR_FACTOR = 0.2
 # the init its steps were all thrown away: all-MiniLM-L6-v2 at budget 0.8 from 256
 # sentences of one template family, its held-out loss at lr 1e-3 read 3.8x the init's
 # after half the steps and 1.10x at the end; MPNet-base at 0.8, 2.6x and 2.2x
-# (benchmarks/README.md, "The first distillation gives up"). The steps it gives up go
-# to the smaller step's run (_retry_smaller_step).
+# (benchmarks/README.md, "The first distillation gives up").
 RETRY_GIVE_UP = 0.5
 
 
@@ -792,21 +791,13 @@ def _retry_smaller_step(
     -> 0.958 / 0.958 / 0.972 (benchmarks/README.md). The decision uses only the run's
     held-out batches, and costs a second distillation only where the first gained
     nothing (and the first stops where it has gained nothing by ``dcfg.give_up`` of its
-    steps; this run then gets the steps it gave up on top of its own). The second run
-    never gives up: its late steps are the last ones there are.
+    steps). The second run never gives up: its late steps are the last ones there are.
     """
     lr = dcfg.lr * RETRY_LR_FACTOR
+    # Not given the steps the first run gave up: on MPNet-base at 0.8 a second run of
+    # 140 steps instead of 100 kept its last step and lost (held-out cosine 0.930 vs
+    # 0.937, news 0.915 vs 0.928) where MiniLM gained 0.001 (benchmarks/README.md).
     cfg = replace(dcfg, lr=lr, give_up=0.0)
-    if first.unused:
-        # This run plans the first run's steps (the same batches, already trimmed to the
-        # time, see DistillConfig.extra_seconds; planned_steps anew would turn
-        # MPNet-base's 100 into 5 passes over its batches, 355) plus the steps the first
-        # gave up, exactly, so the two take about the time they took before. MiniLM at
-        # 0.8 from 256 hand-written sentences, this run at 2e-4 for 555 steps instead of
-        # 370: held-out loss 0.0386 vs 0.0395, news / Wikipedia cosine 0.968 / 0.974 vs
-        # 0.966 / 0.971; from the template file 0.963 / 0.968 vs 0.961 / 0.967
-        # (benchmarks/README.md, "The first distillation gives up").
-        cfg = replace(cfg, steps=first.steps + 2 * first.unused, epochs=0.0)
     again = distill_(student, teacher, fit, max_cost, cfg, holdout=held,
                      progress=progress, phase="retry", deadline=deadline)
     if first.gave_up:
