@@ -246,7 +246,10 @@ class DistillResult:
     :func:`~gblr_compress.pipeline.distill_and_recover`), None when there was none.
     ``gave_up`` says why it stopped with no gain (``DistillConfig.give_up``: no held-out
     evaluation beat the start by that share of the steps; ``steps`` is then the number
-    that ran), None when it did not.
+    that ran), None when it did not. ``timed`` says how many of the data-scaled steps
+    (``DistillConfig.epochs``) the measured step time kept within
+    ``DistillConfig.extra_seconds`` when it kept fewer than planned, None otherwise: that
+    count, unlike everything else in a run, follows how fast the machine ran.
     """
 
     steps: int
@@ -260,6 +263,7 @@ class DistillResult:
     cut: str | None = None
     retried: str | None = None
     gave_up: str | None = None
+    timed: str | None = None
 
 
 def gblr_layers(model: nn.Module) -> dict[str, GBLRLinear]:
@@ -967,6 +971,10 @@ def distill_(
                 if steps > config.steps:  # the data-scaled extra steps, within extra_seconds
                     extra_left = start + config.extra_seconds - time.perf_counter() - t_eval
                     fits = max(config.steps, min(steps, done + int(max(0.0, extra_left) / per_step)))
+                    if fits < steps:
+                        result.timed = (f"{fits} of the {steps} steps planned ({config.epochs:g} passes over "
+                                        f"{len(calib)} batches) fit {config.extra_seconds:g} s at the measured "
+                                        f"step time ({per_step:.2f} s)")
                 if deadline is not None:
                     fits = min(fits, done + int(max(0.0, deadline - time.perf_counter() - t_eval) / per_step))
                 if fits < min(config.min_steps, config.steps):

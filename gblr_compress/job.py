@@ -645,7 +645,8 @@ def _general_notes(count: int) -> list[str]:
 
 def _distill_notes(result: CompressResult) -> list[str]:
     """One line per distillation phase that stopped on a numerical fault, did not train
-    for want of time, or ran again at a smaller step."""
+    for want of time, ran again at a smaller step, or ran as many of its data-scaled
+    steps as the measured step time allowed."""
     notes = []
     for label, record in (("distillation", result.distill), ("recovery", result.recovery)):
         if record is not None and record.skipped:
@@ -658,6 +659,9 @@ def _distill_notes(result: CompressResult) -> list[str]:
             notes.append(f"{label} stopped: {record.stopped}; restored the best state (step {record.best_step})")
         if record is not None and record.retried:
             notes.append(f"{label}: {record.retried}")
+        if record is not None and record.timed:
+            notes.append(f"{label}: {record.timed}; that count follows the machine's speed, so a busier "
+                         "machine runs fewer steps and writes another file (--steps N runs exactly N)")
     return notes
 
 

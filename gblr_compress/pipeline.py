@@ -808,6 +808,7 @@ def _retry_smaller_step(
         first.retried = why + f"a second run at {lr:g} did not fit the time budget ({again.skipped})"
         return first
     again.seconds += first.seconds
+    again.timed = again.timed or first.timed  # the first run's step count followed the clock too
     again.retried = why + f"retried at {lr:g}: " + (f"kept step {again.best_step}" if again.best_step > 0
                                                     else "kept the init")
     return again

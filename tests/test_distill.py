@@ -254,7 +254,7 @@ def test_epochs_scale_steps_with_the_data_within_extra_seconds() -> None:
     assert DistillConfig(steps=10, epochs=5.0).planned_steps(1) == 10
     assert DistillConfig(steps=10).planned_steps(6) == 10
     assert DistillConfig(steps=0, epochs=5.0).planned_steps(6) == 0
-    runs = {}
+    runs, timed = {}, {}
     for extra_seconds in (0.0, 1e6):
         student = copy.deepcopy(teacher)
         _swap_from_linear(student, groups=2, rank=2)
@@ -263,9 +263,14 @@ def test_epochs_scale_steps_with_the_data_within_extra_seconds() -> None:
         result = distill_(student, teacher, calib, max_cost,
                           DistillConfig(steps=10, epochs=5.0, extra_seconds=extra_seconds), progress=seen.append)
         runs[extra_seconds] = (result.steps, seen[-1].done, seen[-1].total)
+        timed[extra_seconds] = result.timed
     # No time for extra steps: the configured steps still all run; with time, the plan.
     assert runs[0.0] == (10, 10, 10)
     assert runs[1e6] == (30, 30, 30)
+    # The record says when the clock trimmed the plan (the one count that follows the
+    # machine's speed), and nothing when the plan ran whole.
+    assert timed[0.0] is not None and timed[0.0].startswith("10 of the 30 steps planned (5 passes over 6 batches)")
+    assert timed[1e6] is None
     with pytest.raises(ConfigError):
         DistillConfig(epochs=-1.0)
 

@@ -234,6 +234,14 @@ def test_a_first_distillation_that_has_not_gained_by_give_up_stops_and_the_small
     # trimmed to the 12 that fit no extra seconds, so the first run stops after 8.
     timed, phases = _retry_case(0.1, give_up=0.5, epochs=5.0, extra_seconds=0.0)
     assert phases == ["distill"] * 8 + ["retry"] * 12 and timed.steps == 12
+    # That count followed the clock, and the report's notes say so, with the way to fix it.
+    from types import SimpleNamespace
+
+    from gblr_compress.job import _distill_notes
+
+    assert timed.timed is not None and timed.timed.startswith("12 of the 30 steps planned")
+    notes = _distill_notes(SimpleNamespace(distill=timed, recovery=None))
+    assert any("12 of the 30 steps planned" in n and "--steps N runs exactly N" in n for n in notes)
     # A run that gains by then trains to its end, as before.
     kept, phases = _retry_case(0.02, give_up=0.5)
     assert kept.gave_up is None and kept.retried is None and phases == ["distill"] * 12
