@@ -974,7 +974,7 @@ def distill_(
                     if fits < steps:
                         result.timed = (f"{fits} of the {steps} steps planned ({config.epochs:g} passes over "
                                         f"{len(calib)} batches) fit {config.extra_seconds:g} s at the measured "
-                                        f"step time ({per_step:.2f} s)")
+                                        f"step time ({per_step:.2f} s; at least {config.steps} run)")
                 if deadline is not None:
                     fits = min(fits, done + int(max(0.0, deadline - time.perf_counter() - t_eval) / per_step))
                 if fits < min(config.min_steps, config.steps):

@@ -660,8 +660,8 @@ def _distill_notes(result: CompressResult) -> list[str]:
         if record is not None and record.retried:
             notes.append(f"{label}: {record.retried}")
         if record is not None and record.timed:
-            notes.append(f"{label}: {record.timed}; that count follows the machine's speed, so a busier "
-                         "machine runs fewer steps and writes another file (--steps N runs exactly N)")
+            notes.append(f"{label}: {record.timed}; that count follows the machine's speed, so another run "
+                         "may run another number of steps and write another file (--steps N runs exactly N)")
     return notes
 
 
