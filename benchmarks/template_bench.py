@@ -45,9 +45,9 @@ from benchmarks.minilm.sources import bench_cache
 from benchmarks.models_bench import encoder_fidelity, run_command
 from benchmarks.prune_anchor import compressible_linears, consumer_moments, linear_cost, prune_anchor_
 from benchmarks.st_score import _dense_embeddings, score, sources
-from benchmarks.template_text import template_texts
+from benchmarks.template_text import write_files
 from gblr_compress.checkpoint import load_model
-from gblr_compress.text import load_tokenizer, text_batches
+from gblr_compress.text import load_tokenizer, read_texts, text_batches
 
 BUDGETS = [0.9, 0.8, 0.7, 0.6, 0.5, 0.3]
 
@@ -55,8 +55,7 @@ BUDGETS = [0.9, 0.8, 0.7, 0.6, 0.5, 0.3]
 def _texts(root: Path) -> dict[str, list[str]]:
     """The scored sentences: :func:`sources` and the other templates."""
     texts = sources()
-    texts["template_eval"] = [s for s in (root / "template_eval.txt").read_text(encoding="utf-8").splitlines()
-                              if s.strip()]
+    texts["template_eval"] = read_texts(root / "template_eval.txt")
     return texts
 
 
@@ -67,8 +66,8 @@ def anchor_rows(folder: Path, calib: Path, budgets: list[float], texts: dict[str
     dense = load_model(folder).model.eval()
     tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     refs = {k: _dense_embeddings(dense, tok, v) for k, v in texts.items()}
-    lines = [t for t in calib.read_text(encoding="utf-8").splitlines() if t.strip()]
-    batches = text_batches(lines, load_tokenizer(folder), dense, max_length=128, batch_size=32)
+    # Read and batched as the command reads and batches --calib-text.
+    batches = text_batches(read_texts(calib), load_tokenizer(folder), dense, max_length=128, batch_size=32)
     moments = consumer_moments(dense, batches)
     names = compressible_linears(dense)
     full = linear_cost(dense, names)
@@ -110,10 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     root = bench_cache()
-    if not (root / "template_eval.txt").exists():  # as benchmarks/template_text.py writes them
-        root.mkdir(parents=True, exist_ok=True)
-        for name, lines in zip(("template_calib.txt", "template_eval.txt"), template_texts()):
-            (root / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if not (root / "template_eval.txt").exists():
+        write_files(root)
     calib = args.calib or root / "template_calib.txt"
     folder = assets.minilm_st_dir()
     texts = _texts(root)

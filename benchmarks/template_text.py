@@ -88,16 +88,23 @@ def template_texts(seed: int = 7) -> tuple[list[str], list[str]]:
     return _distinct(_calib_sentence, CALIB_COUNT, rng), _distinct(_eval_sentence, EVAL_COUNT, rng)
 
 
+def write_files(out: Path) -> dict[Path, int]:
+    """Write ``template_calib.txt`` and ``template_eval.txt`` (:func:`template_texts`)
+    into ``out``; returns each path with its number of sentences."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, lines in zip(("template_calib.txt", "template_eval.txt"), template_texts()):
+        (out / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        written[out / name] = len(lines)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="folder to write the two files to (default: the asset cache)")
     args = ap.parse_args(argv)
-    out = args.out or bench_cache()
-    out.mkdir(parents=True, exist_ok=True)
-    calib, evaluation = template_texts()
-    for name, lines in (("template_calib.txt", calib), ("template_eval.txt", evaluation)):
-        (out / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-        print(f"{len(lines):4d} sentences  {out / name}")
+    for path, count in write_files(args.out or bench_cache()).items():
+        print(f"{count:4d} sentences  {path}")
     return 0
 
 

@@ -649,17 +649,19 @@ def _distill_notes(result: CompressResult) -> list[str]:
     steps as the measured step time allowed."""
     notes = []
     for label, record in (("distillation", result.distill), ("recovery", result.recovery)):
-        if record is not None and record.skipped:
+        if record is None:
+            continue
+        if record.skipped:
             notes.append(f"{label} skipped: {record.skipped}; the student is the init "
                          "(a longer --time-budget lets it run)")
-        if record is not None and record.cut:
+        if record.cut:
             notes.append(f"{label} stopped early: {record.cut}; kept its best held-out state (step "
                          f"{record.best_step}), and no recovery ran after it (a longer --time-budget lets it train)")
-        if record is not None and record.stopped:
+        if record.stopped:
             notes.append(f"{label} stopped: {record.stopped}; restored the best state (step {record.best_step})")
-        if record is not None and record.retried:
+        if record.retried:
             notes.append(f"{label}: {record.retried}")
-        if record is not None and record.timed:
+        if record.timed:
             notes.append(f"{label}: {record.timed}; that count follows the machine's speed, so another run "
                          "may run another number of steps and write another file (--steps N runs exactly N)")
     return notes
