@@ -93,6 +93,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-reorder", action="store_true",
                    help="generalization mode: no reordered copies for the gblr rows (the command's "
                         "--reorder-copies 0; by default they get the copies --calib-text adds)")
+    p.add_argument("--no-general-text", action="store_true",
+                   help="generalization mode: no general English sentences for the gblr and "
+                        "whitened-svd+distill rows (the command's --general-text 0; by default they get the "
+                        "command's default count, as --calib-text adds)")
     p.add_argument("--vocab-share", type=float, default=None,
                    help="generalization mode: share of the copies' words drawn from the tokenizer's vocabulary "
                         "(the command's --vocab-share; default: the command's default)")
@@ -268,7 +272,7 @@ def shift_main(args: argparse.Namespace, names: list[str], dense: nn.Module, tok
     rows, embs, dense_emb = run_shift(dense, tokenizer, build, plan, args.calib_sources, args.eval_sources,
                                       n_calib, args.eval_size, log=lambda m: print(m, flush=True),
                                       reorder=not args.no_reorder, vocab_share=args.vocab_share,
-                                      copy_lengths=args.copy_lengths)
+                                      copy_lengths=args.copy_lengths, general=not args.no_general_text)
     from minilm.sources import eval_set
 
     pairs_of = {es: eval_set(es, args.eval_size).pairs for es in args.eval_sources}

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     sentences = calib_sentences(args.calib_source, args.n_calib, args.eval_size)
     calib = make_batches(tokenizer, sentences, batch_size=32)
     copies = 0 if args.no_reorder else contenders.set_training_texts(calib, sentences, tokenizer, args.vocab_share,
-                                                                                  args.copy_lengths)
+                                                                                  args.copy_lengths)[0]
     print(f"all-MiniLM-L6-v2, budget {args.budget}, calibrated on {len(sentences)} {args.calib_source} "
           f"sentences + {copies} reordered copies; mean cosine vs dense on {', '.join(SOURCES)}", flush=True)
     for v in variants:

@@ -3,6 +3,7 @@ metrics, the shift tables (no real model loaded: fast)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,24 @@ def test_run_shift_scores_every_source_and_pairs_the_reference(cache: Path, monk
     assert [v["versus"] for v in versus] == ["prune-anchor", "prune-anchor"]
     assert all(v["by_eval"][es]["d_mean_cos"] > 0 for v in versus for es in ("wiki", "news"))
     assert "gblr-init vs prune-anchor" in render_paired(versus, ["wiki", "news"])
+
+
+def test_training_texts_add_the_commands_copies_and_general_sentences() -> None:
+    from benchmarks.minilm.contenders import _training_extra, set_training_texts
+    from benchmarks.minilm.model import make_batches
+    from gblr_compress.job import GENERAL_FILL
+    from gblr_compress.text import general_texts
+
+    sentences = [f"the cat number {i} sat on the mat and it was a dog" for i in range(40)]
+    calib = make_batches(_Tok(), sentences, batch_size=8)
+    copies, added = set_training_texts(calib, sentences, _Tok(), general=True)
+    fit = 32  # the last fifth of the 5 batches is held out
+    assert copies == 2 and added == GENERAL_FILL - fit
+    with_copies = sum(len(b["input_ids"]) for b in _training_extra(calib))
+    # The general sentences are the command's (same count, same seed), batched last.
+    tail = _training_extra(calib)[-math.ceil(added / 32):]
+    assert sum(len(b["input_ids"]) for b in tail) == added and with_copies > added
+    assert torch.equal(tail[0]["input_ids"], make_batches(_Tok(), general_texts(added, 0)[:32])[0]["input_ids"])
+    assert set_training_texts(calib, sentences, _Tok(), general=False) == (2, 0)
+    assert set_training_texts(calib, sentences, _Tok(), general=True, reorder=False) == (0, added)
+    assert sum(len(b["input_ids"]) for b in _training_extra(calib)) == added

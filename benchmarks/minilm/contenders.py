@@ -71,28 +71,36 @@ _EXTRA: dict[int, tuple[list[Batch], list[Batch]]] = {}
 
 
 def set_training_texts(calib: list[Batch], sentences: list[str], tokenizer: object,
-                       vocab_share: float | None = None, copy_lengths: str | None = None) -> int:
-    """Give the gblr rows calibrated on ``calib`` (made in order from ``sentences``,
-    :func:`~minilm.model.make_batches`) what the command adds with ``--calib-text``: the
-    default reordered copies of the training texts (those outside the held-out share),
-    ``vocab_share`` of their words (None: the command's default) drawn from the
-    tokenizer's vocabulary, at the lengths ``copy_lengths`` says (``--copy-lengths``;
-    None: the command's default). Returns the number of copies."""
-    from gblr_compress.job import COPY_LENGTHS, VOCAB_SHARE, reorder_copy_count, split_texts
+                       vocab_share: float | None = None, copy_lengths: str | None = None,
+                       general: bool = False, reorder: bool = True) -> tuple[int, int]:
+    """Give the gblr rows (and ``whitened-svd+distill``'s distillation) calibrated on
+    ``calib`` (made in order from ``sentences``, :func:`~minilm.model.make_batches`) what
+    the command adds with ``--calib-text``: the default reordered copies of the training
+    texts (those outside the held-out share), ``vocab_share`` of their words (None: the
+    command's default) drawn from the tokenizer's vocabulary, at the lengths
+    ``copy_lengths`` says (``--copy-lengths``; None: the command's default); with
+    ``general``, also the command's default count of the package's general English
+    sentences (``--general-text``; WordNet usage examples, disjoint from the ``wordnet``
+    source's scored sentences); ``reorder`` off: no copies (``--reorder-copies 0``).
+    Returns ``(copies, general sentences)``."""
+    from gblr_compress.job import COPY_LENGTHS, VOCAB_SHARE, general_text_count, reorder_copy_count, split_texts
     from gblr_compress.pipeline import CompressConfig
-    from gblr_compress.text import run_copy, vocabulary_words
+    from gblr_compress.text import general_texts, run_copy, vocabulary_words
 
     from .model import make_batches
 
     fit, _ = split_texts(sentences, calib, CompressConfig().holdout_fraction, list(range(len(sentences))))
-    copies = reorder_copy_count(None, len(fit), False)
+    copies = reorder_copy_count(None, len(fit), False) if reorder else 0
     words = vocabulary_words(tokenizer.get_vocab())
     share = VOCAB_SHARE if vocab_share is None else vocab_share
     lengths = COPY_LENGTHS if copy_lengths is None else copy_lengths
     texts = [run_copy(fit, words, share, SEED, k, lengths)[0] for k in range(copies)]
+    added = general_texts(general_text_count(None, fit, False), SEED) if general else []
+    if added:
+        texts.append(added)
     _EXTRA.clear()
     _EXTRA[id(calib)] = (calib, [b for t in texts for b in make_batches(tokenizer, t, batch_size=32)])
-    return copies
+    return copies, len(added)
 
 
 def _training_extra(calib: list[Batch]) -> list[Batch]:
@@ -271,16 +279,17 @@ def whitened_svd_distilled(dense: nn.Module, calib: list[Batch], budget: float) 
     """The whitened-SVD row's model, then the distillation ``gblr-calibrated`` gets
     (gblr-compress's own distillation phases, same defaults, held-out share and loss),
     structure fixed: separates what the structure buys from what the distillation buys."""
-    from gblr_compress.distill import DistillConfig
     from gblr_compress.freeze import freeze_
-    from gblr_compress.pipeline import CompressConfig, distill_and_recover, split_batches
+    from gblr_compress.pipeline import CompressConfig, default_distill, distill_and_recover, split_batches
     from gblr_compress.swap import replace_module
 
-    student = whitened_svd(dense, calib, budget)
+    extra = _training_extra(calib)  # the copies and general sentences gblr-calibrated trains on
+    student = whitened_svd(dense, [*calib, *extra], budget)  # statistics over them too, as the gblr init's
     for name in encoder_linears(dense):
         replace_module(student, name, _as_gblr(student.get_submodule(name)))
-    config = CompressConfig(budget=budget, distill=DistillConfig(steps=100, structure_lr=0.0), seed=SEED)
+    config = CompressConfig(budget=budget, distill=replace(default_distill(), structure_lr=0.0), seed=SEED)
     fit, held = split_batches(list(calib), config.holdout_fraction)
+    fit += extra
     max_cost = sum(student.get_submodule(n).exact_cost() for n in encoder_linears(dense))
     # The same targets gblr-calibrated distills on: the BertModel's outputs; and the same
     # seeding as compress(), so dropout draws do not depend on what ran before.

@@ -46,6 +46,7 @@ def run_shift(
     reorder: bool = True,
     vocab_share: float | None = None,
     copy_lengths: str | None = None,
+    general: bool = True,
 ) -> tuple[list[Scored], dict[tuple, torch.Tensor], dict[str, torch.Tensor]]:
     """Build and score every ``(contender, budget)`` of ``plan`` per calibration source.
 
@@ -62,6 +63,10 @@ def run_shift(
         vocab_share: the share of the copies' words drawn from the tokenizer's vocabulary
             (``--vocab-share``; None: the command's default).
         copy_lengths: the copies' lengths (``--copy-lengths``; None: the command's default).
+        general: the gblr rows (and ``whitened-svd+distill``'s) also train
+            on the command's default count of the package's general English sentences
+            (``--general-text``; WordNet usage examples, none of them among the
+            ``wordnet`` source's scored sentences, but from that source).
 
     Returns:
         ``(rows, embeddings keyed (calib, contender, budget, eval), dense embeddings per
@@ -75,10 +80,10 @@ def run_shift(
     for cs in calib_sources:
         sentences = calib_sentences(cs, n_calib, eval_size)
         calib = make_batches(tokenizer, sentences, batch_size=32)
-        copies = set_training_texts(calib, sentences, tokenizer, vocab_share, copy_lengths) if reorder else 0
+        copies, added = set_training_texts(calib, sentences, tokenizer, vocab_share, copy_lengths, general, reorder)
         log(f"calibration source {cs}: {len(sentences)} sentences, "
             f"{sum(int(b['attention_mask'].sum()) for b in calib):,} tokens, "
-            f"{copies} reordered copies for the gblr rows"
+            f"{copies} reordered copies and {added} general English sentences for the gblr rows"
             + (f" (vocabulary share {vocab_share})" if copies and vocab_share is not None else "")
             + (f" ({copy_lengths} lengths)" if copies and copy_lengths is not None else ""))
         for name, budget in plan:
