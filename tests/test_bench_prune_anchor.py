@@ -173,3 +173,25 @@ def test_uniform_split_prunes_every_group_alike() -> None:
     res = prune_anchor_(pruned, _batches(), target, split="uniform", forward=lambda b: pruned.model(**b))
     assert res.cost <= target
     assert max(res.kept.values()) - min(res.kept.values()) <= 1
+
+
+def test_the_minilm_anchor_with_texts_counts_the_batches_beside_the_calibration() -> None:
+    from benchmarks.minilm import contenders
+    from benchmarks.minilm.model import SentenceEncoder
+
+    dense, calib = SentenceEncoder(_bert()), _batches(4)
+    contenders._EXTRA.clear()
+    contenders._EXTRA[id(calib)] = (calib, [])  # nothing beside: the plain anchor's model
+    plain = contenders.prune_anchor(dense, calib, 0.5)
+    same = contenders.prune_anchor_texts(dense, calib, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), same.state_dict().values(), strict=True))
+    contenders._ANCHOR_MOMENTS.clear()
+    contenders._EXTRA[id(calib)] = (calib, _batches(8, seed=1))
+    moved = contenders.prune_anchor_texts(dense, calib, 0.5)
+    again = contenders.prune_anchor(dense, calib, 0.5)  # the plain anchor ignores the texts
+    assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), moved.state_dict().values(),
+                                                       strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), again.state_dict().values(),
+                                                 strict=True))
+    contenders._EXTRA.clear()
+    contenders._ANCHOR_MOMENTS.clear()

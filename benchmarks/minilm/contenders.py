@@ -212,8 +212,24 @@ def gblr_init(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
 
 
 # Moments of the dense model's consumers per calibration set: the anchor's statistics
-# depend on the data only, so every budget reuses one pass (keyed by the batch list).
-_ANCHOR_MOMENTS: dict[int, tuple[list[Batch], dict]] = {}
+# depend on the data only, so every budget reuses one pass (keyed by the batch list and
+# whether the training texts beside it count).
+_ANCHOR_MOMENTS: dict[tuple[int, bool], tuple[list[Batch], dict]] = {}
+
+
+def _anchor(dense: nn.Module, calib: list[Batch], budget: float, texts: bool) -> nn.Module:
+    from benchmarks.prune_anchor import consumer_moments, linear_cost, prune_anchor_
+
+    names = list(encoder_linears(dense))
+    key = (id(calib), texts)
+    if key not in _ANCHOR_MOMENTS or _ANCHOR_MOMENTS[key][0] is not calib:
+        for k in [k for k in _ANCHOR_MOMENTS if k[1] == texts]:
+            del _ANCHOR_MOMENTS[k]
+        seen = [*calib, *_training_extra(calib)] if texts else calib
+        _ANCHOR_MOMENTS[key] = (calib, consumer_moments(dense, seen))
+    student = copy.deepcopy(dense)
+    prune_anchor_(student, [], int(budget * linear_cost(dense, names)), moments=_ANCHOR_MOMENTS[key][1])
+    return student.eval()
 
 
 @register("prune-anchor")
@@ -221,16 +237,15 @@ def prune_anchor(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Modu
     """FFN units and heads pruned by output energy, each consumer refit by least
     squares (``benchmarks/prune_anchor.py``), no fine-tune; global split to the exact
     cost ``floor(B * dense cost)``."""
-    from benchmarks.prune_anchor import consumer_moments, linear_cost, prune_anchor_
+    return _anchor(dense, calib, budget, texts=False)
 
-    names = list(encoder_linears(dense))
-    key = id(calib)
-    if key not in _ANCHOR_MOMENTS or _ANCHOR_MOMENTS[key][0] is not calib:
-        _ANCHOR_MOMENTS.clear()
-        _ANCHOR_MOMENTS[key] = (calib, consumer_moments(dense, calib))
-    student = copy.deepcopy(dense)
-    prune_anchor_(student, [], int(budget * linear_cost(dense, names)), moments=_ANCHOR_MOMENTS[key][1])
-    return student.eval()
+
+@register("prune-anchor+texts")
+def prune_anchor_texts(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
+    """The anchor with its importance and refit statistics over the texts the gblr rows
+    train on (:func:`set_training_texts`: the reordered copies and the package's general
+    English sentences beside ``calib``): whether the command's lead is its data."""
+    return _anchor(dense, calib, budget, texts=True)
 
 
 @register("int8-dynamic")
