@@ -211,24 +211,22 @@ def gblr_init(dense: nn.Module, calib: list[Batch], budget: float) -> nn.Module:
     return _gblr(dense, calib, budget, data_free=False, distilled=False)
 
 
-# Moments of the dense model's consumers per calibration set: the anchor's statistics
-# depend on the data only, so every budget reuses one pass (keyed by the batch list and
-# whether the training texts beside it count).
-_ANCHOR_MOMENTS: dict[tuple[int, bool], tuple[list[Batch], dict]] = {}
+# Moments of the dense model's consumers, per flavour of the anchor (with or without the
+# training texts): the statistics depend on the data only, so every budget reuses one
+# pass while the batch lists it was made from are the same objects.
+_ANCHOR_MOMENTS: dict[bool, tuple[list[Batch], list[Batch] | None, dict]] = {}
 
 
 def _anchor(dense: nn.Module, calib: list[Batch], budget: float, texts: bool) -> nn.Module:
     from benchmarks.prune_anchor import consumer_moments, linear_cost, prune_anchor_
 
     names = list(encoder_linears(dense))
-    key = (id(calib), texts)
-    if key not in _ANCHOR_MOMENTS or _ANCHOR_MOMENTS[key][0] is not calib:
-        for k in [k for k in _ANCHOR_MOMENTS if k[1] == texts]:
-            del _ANCHOR_MOMENTS[k]
-        seen = [*calib, *_training_extra(calib)] if texts else calib
-        _ANCHOR_MOMENTS[key] = (calib, consumer_moments(dense, seen))
+    extra = _training_extra(calib) if texts else None
+    cached = _ANCHOR_MOMENTS.get(texts)
+    if cached is None or cached[0] is not calib or cached[1] is not extra:
+        cached = _ANCHOR_MOMENTS[texts] = (calib, extra, consumer_moments(dense, [*calib, *(extra or [])]))
     student = copy.deepcopy(dense)
-    prune_anchor_(student, [], int(budget * linear_cost(dense, names)), moments=_ANCHOR_MOMENTS[key][1])
+    prune_anchor_(student, [], int(budget * linear_cost(dense, names)), moments=cached[2])
     return student.eval()
 
 
